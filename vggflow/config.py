@@ -1,0 +1,318 @@
+"""The one configuration of vggflow: pydantic models, one section per pipeline step.
+
+A config is built from (later wins): the defaults below, a YAML file (``--config``),
+environment variables ``VGGFLOW__<SECTION>__<KEY>=value`` and ``--set section.key=value``
+overrides. Each task receives only its own section; the whole config is logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vggflow.errors import ConfigError
+
+#: VGG19's convolutional blocks, bottom to top; a stage unfreezes from one of them upwards.
+VGG19_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
+ENV_PREFIX = "VGGFLOW__"
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the images are and how they are split."""
+
+    dir: Path = Field(Path("data"), description="Folder of labelled images: DIR/<class>/<image>.")
+    dvc_file: Path = Field(Path("data.dvc"), description="DVC file tracking `dir` (its md5 is the data version).")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
+        return self
+
+
+class ValidationConfig(Section):
+    """Data validation: what is excluded, what is reported, what is fatal."""
+
+    min_side: int = Field(8, ge=1, description="Images with a smaller width or height are excluded.")
+    max_pixels: int = Field(50_000_000, ge=1, description="Images with more pixels are refused unread (decompression bombs).")
+    min_images_per_class: int = Field(3, ge=1, description="Classes with fewer usable images are an error...")
+    drop_small_classes: bool = Field(False, description="...or are excluded (with a warning) when this is true.")
+    near_duplicate_distance: int = Field(4, ge=0, le=64, description="Perceptual-hash Hamming distance reported as near-duplicate.")
+    workers: int = Field(0, ge=0, description="Decoding processes; 0 = one per CPU core.")
+    drift_threshold: float = Field(0.1, gt=0, description="Class-share or image-statistic change reported as drift.")
+
+
+class BackboneConfig(Section):
+    """The VGG19 convolutional base."""
+
+    weights: str = Field("imagenet", description="`imagenet` (Keras cache/download), a path to a .h5/.weights.h5 file, or `none`.")
+    allow_random_init: bool = Field(
+        False, description="Train on a randomly initialised base when `weights` cannot be obtained (or is `none`)."
+    )
+    image_size: int = Field(224, ge=32, le=1024, description="Square input side; VGG19 needs at least 32.")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be `imagenet`, `none` or a path to a weights file")
+        return value.strip()
+
+
+class FeaturesConfig(Section):
+    """Computing the frozen base's outputs once, cached on disk."""
+
+    batch_size: int = Field(32, ge=1, le=1024)
+    cache_dir: Path = Field(Path(".vggflow/cache"), description="Feature and backbone cache (safe to delete).")
+
+
+class HeadConfig(Section):
+    """Feature-extraction training: the new classification head on cached features."""
+
+    dense_units: int = Field(128, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    patience: int = Field(5, ge=1, description="Early stopping on validation loss.")
+
+
+StageUnfreeze = Literal["block1", "block2", "block3", "block4", "block5", "all"]
+
+
+class StageConfig(Section):
+    """One fine-tuning stage: unfreeze the base from `unfreeze_from` upwards and train."""
+
+    name: str | None = Field(None, description="Defaults to `unfreeze_from`; names the nested MLflow run.")
+    unfreeze_from: StageUnfreeze
+    learning_rate: float = Field(gt=0)
+    epochs: int = Field(5, ge=1)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.unfreeze_from
+
+
+def _default_stages() -> list[StageConfig]:
+    return [
+        StageConfig(unfreeze_from="block5", learning_rate=1e-4),
+        StageConfig(unfreeze_from="block4", learning_rate=1e-5),
+        StageConfig(unfreeze_from="all", learning_rate=1e-5),
+    ]
+
+
+class FinetuneConfig(Section):
+    """Staged unfreezing; each stage starts from the best weights so far."""
+
+    stages: list[StageConfig] = Field(default_factory=_default_stages)
+    batch_size: int = Field(32, ge=1)
+    patience: int = Field(2, ge=1, description="Early stopping on validation loss within a stage.")
+    selection_metric: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="Chooses the freeze configuration (head-only included)."
+    )
+    min_improvement: float = Field(
+        0.0, ge=0, description="A stage must beat the best so far by more than this, else later stages are skipped."
+    )
+    cache_frozen_prefix: bool = Field(
+        True, description="Train a stage on cached outputs of its frozen lower blocks instead of recomputing them."
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_stage_names(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        labels = [s.label for s in stages]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)} (set `name:`)")
+        if "head" in labels:
+            raise ValueError("`head` is reserved for the feature-extraction stage")
+        return stages
+
+
+class EvaluateConfig(Section):
+    """Test-split evaluation."""
+
+    batch_size: int = Field(32, ge=1)
+    worst_examples: int = Field(16, ge=0, description="Misclassified test images shown in the report grid.")
+
+
+class TrackingConfig(Section):
+    """MLflow tracking store; `MLFLOW_TRACKING_URI` overrides `uri`."""
+
+    uri: str = Field("sqlite:///mlflow/mlflow.db")
+    artifact_root: Path = Field(Path("mlflow/artifacts"), description="Artifact location of experiments created here.")
+    experiment: str = Field("vggflow")
+
+    @property
+    def effective_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.uri
+
+
+Metric = Literal["accuracy", "macro_f1"]
+
+
+class RegistryConfig(Section):
+    """Model registration and the champion/challenger promotion gate."""
+
+    model_name: str = Field("vgg19-classifier", min_length=1)
+    promote: bool = Field(True, description="False registers the version without touching aliases.")
+    primary_metric: Metric = "accuracy"
+    min_delta: float = Field(0.0, ge=0, description="Required improvement over the champion on the primary metric.")
+    thresholds: dict[Metric, float] = Field(
+        default_factory=lambda: {"accuracy": 0.5}, description="Absolute minimum test metrics."
+    )
+
+
+class ScheduleConfig(Section):
+    """Scheduled retraining (a Prefect deployment)."""
+
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    deployment_name: str = "nightly"
+
+
+class Config(BaseModel):
+    """The whole configuration."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = Field(42, description="Seeds the split, weight initialisation and training.")
+    work_dir: Path = Field(Path(".vggflow"), description="Reports, checkpoints and run state (safe to delete).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    def as_yaml(self) -> str:
+        """The effective config, as YAML (what gets logged)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat_params(self) -> dict[str, str]:
+        """The effective config flattened to ``section.key`` → string, for MLflow params."""
+        return {key: str(value) for key, value in _flatten(self.model_dump(mode="json")).items()}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, list):
+        out = {}
+        for index, value in enumerate(tree):
+            out.update(_flatten(value, f"{prefix}{index}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _parse_override(text: str, origin: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{origin}: expected section.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: cannot parse the value of {key!r}: {err}") from None
+    return key.strip().split("."), value
+
+
+def _apply_override(tree: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node: Any = tree
+    for depth, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{origin}: {'.'.join(path[: depth + 1])} is not an item of that list")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"{origin}: {'.'.join(path[: depth + 1])} is a value, not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{origin}: {'.'.join(path)} is not an item of that list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; `vggflow config --show` prints every valid key)"
+        given = problem.get("input")
+        shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+        lines.append(f"  - {where}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Build the effective config.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: ``section.key=value`` strings (values parsed as YAML), applied last.
+        environ: environment to read ``VGGFLOW__SECTION__KEY`` overrides from (default: os.environ).
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown key or invalid value, naming the culprit.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    environ = os.environ if environ is None else environ
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            key_path, value = _parse_override(f"{dotted}={environ[name]}", f"environment variable {name}")
+            _apply_override(tree, key_path, value, f"environment variable {name}")
+    for text in overrides:
+        key_path, value = _parse_override(text, f"--set {text}")
+        _apply_override(tree, key_path, value, f"--set {text}")
+    if overrides or any(n.startswith(ENV_PREFIX) for n in environ):
+        source += " + overrides"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
