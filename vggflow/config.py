@@ -50,7 +50,10 @@ class ValidationConfig(Section):
     min_images_per_class: int = Field(3, ge=1, description="Classes with fewer usable images are an error...")
     drop_small_classes: bool = Field(False, description="...or are excluded (with a warning) when this is true.")
     near_duplicate_distance: int = Field(4, ge=0, le=64, description="Perceptual-hash Hamming distance reported as near-duplicate.")
-    workers: int = Field(0, ge=0, description="Decoding processes; 0 = one per CPU core.")
+    imbalance_warning_ratio: float = Field(
+        10.0, ge=1, description="Warn when the largest class has more than this many times the images of the smallest."
+    )
+    workers: int = Field(0, ge=0, description="Decoding processes; 0 = one per CPU core, 1 = no subprocesses.")
     drift_threshold: float = Field(0.1, gt=0, description="Class-share or image-statistic change reported as drift.")
 
 
@@ -128,6 +131,7 @@ class FinetuneConfig(Section):
     cache_frozen_prefix: bool = Field(
         True, description="Train a stage on cached outputs of its frozen lower blocks instead of recomputing them."
     )
+    prefix_cache_max_gb: float = Field(8.0, ge=0, description="Larger frozen-prefix caches are not built.")
 
     @field_validator("stages")
     @classmethod

@@ -1,0 +1,42 @@
+# The README's quick start: `make demo` (train on the embedded demo data) and `make test`.
+# Both create/update .venv from the pinned lock (requirements.lock) — nothing is installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+UV_VERSION := 0.13.9
+
+.PHONY: install data demo test test-fast lock clean-runs
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-sync whenever the lock or the project metadata changes.
+$(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# Restore data/ from the DVC remote committed in this repo (dvc-remote/): works offline.
+data: install
+	$(BIN)/dvc pull --quiet
+
+demo: data
+	$(BIN)/vggflow train --config configs/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+# Regenerate the lock after changing dependencies in pyproject.toml.
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+# Forget local runs: tracking store, caches, checkpoints (the data and code are untouched).
+clean-runs:
+	rm -rf mlflow/mlflow.db mlflow/artifacts .vggflow

@@ -1,0 +1,145 @@
+"""The training flow: validate → train head → fine-tune stages → choose → evaluate → log → promote.
+
+Wiring only: every step is a task in ``tasks/``; this module decides the order, the cache keys
+(so re-runs and restarts reuse finished work) and the MLflow run that frames it all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel
+
+from tasks.evaluate import evaluate_task
+from tasks.features import extract_features_task, feature_cache_key
+from tasks.finetune import finetune_stage_task, plan_prefix_caches
+from tasks.preflight import preflight_task
+from tasks.promote import Decision, promote_if_better_task
+from tasks.register import log_model_task, log_results_task, model_card_task, register_task
+from tasks.select import choose_freeze_configuration
+from tasks.track import close_stage_run, end_run, open_stage_run, start_training_run_task
+from tasks.train_head import HEAD_STAGE, train_head_task
+from tasks.validate import data_version_task, fetch_champion_manifest_task, validate_data_task, validation_cache_key
+from vggflow.caching import stable_hash
+from vggflow.config import Config, load_config
+from vggflow.errors import DataError
+from vggflow.training import is_better
+
+
+class TrainingSummary(BaseModel):
+    """What a training run produced (printed at the end of `vggflow train`)."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    data_version: str
+    data_matches_dvc: bool | None
+    freeze_configuration: dict
+    stages: list[dict]
+    skipped_stages: list[str]
+    test_metrics: dict[str, float]
+    model_name: str
+    model_version: str
+    model_uri: str
+    decision: Decision
+    random_init: bool
+    weights_note: str
+    validation_summary: str
+    report_dir: str
+
+
+@flow(name="vggflow-train", log_prints=True)
+def train_flow(
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    data_dir: str | None = None,
+    promote: bool | None = None,
+) -> TrainingSummary:
+    """Train, evaluate, log and (maybe) promote a VGG19 classifier on a folder of images."""
+    cfg: Config = load_config(config_file, overrides or [])
+    if data_dir is not None:
+        cfg.data.dir = Path(data_dir)
+    if promote is not None:
+        cfg.registry.promote = promote
+    ready = preflight_task(cfg)
+    weights = ready.weights
+
+    previous_manifest = fetch_champion_manifest_task(cfg.registry.model_name, cfg.work_dir / "champion")
+    validated = validate_data_task(
+        cfg.data, cfg.validation, cfg.work_dir / "validation", previous_manifest,
+        cache_key=validation_cache_key(cfg.data, cfg.validation, previous_manifest),
+    )
+    if not validated.ok:
+        raise DataError(validated.summary)
+    data = data_version_task(cfg.data, validated.fingerprint)
+    run_id = start_training_run_task(
+        cfg, ready.experiment_id, Path(config_file) if config_file else None, data, weights.identity, weights.random_init, validated.files
+    )
+    try:
+        size, seed = cfg.backbone.image_size, cfg.seed
+        plan = plan_prefix_caches(cfg.finetune, size, validated.n_valid)
+        layers = sorted({layer for layer in plan.values() if layer})
+        features = extract_features_task(
+            validated.rows_file, cfg.data.dir, weights, size, cfg.features.batch_size, cfg.features.cache_dir,
+            validated.fingerprint, layers, validated.class_names,
+            cache_key=feature_cache_key(validated.fingerprint, weights.identity, size, layers),
+        )
+        key = stable_hash(features.key, cfg.head, seed, validated.class_names)
+        stage_run = open_stage_run(ready.experiment_id, run_id, HEAD_STAGE, None, cfg.head.learning_rate)
+        head = train_head_task(
+            features, weights, size, cfg.head, seed, cfg.work_dir / "checkpoints" / f"{key}.keras",
+            cache_key=key, stage_run_id=stage_run,
+        )
+        close_stage_run(stage_run, head)
+        results, best, skipped = [head], head, []
+        metric = cfg.finetune.selection_metric
+        shared = cfg.finetune.model_dump(exclude={"stages", "selection_metric", "min_improvement"})
+        for position, stage in enumerate(cfg.finetune.stages):
+            key = stable_hash(key, stage, shared, plan[stage.label])
+            stage_run = open_stage_run(ready.experiment_id, run_id, stage.label, stage.unfreeze_from, stage.learning_rate)
+            result = finetune_stage_task(
+                results[-1], stage, cfg.finetune, features, plan[stage.label], cfg.data.dir, size, seed,
+                cfg.work_dir / "checkpoints" / f"{key}.keras", cache_key=key, stage_run_id=stage_run,
+            )
+            close_stage_run(stage_run, result)
+            results.append(result)
+            if not is_better(result.metric(metric), best.metric(metric), metric, cfg.finetune.min_improvement):
+                skipped = [s.label for s in cfg.finetune.stages[position + 1 :]]
+                print(f"stage {stage.label} did not improve {metric} on {best.stage}: stopping (skipped: {', '.join(skipped) or 'none'})")
+                break
+            best = result
+        chosen = choose_freeze_configuration(results, metric)
+        report_dir = cfg.work_dir / "runs" / run_id
+        evaluation = evaluate_task(chosen.checkpoint, validated.rows_file, cfg.data.dir, validated.class_names, cfg.evaluate, report_dir)
+        log_results_task(run_id, results, chosen, evaluation, metric, skipped, report_dir)
+        model_uri = log_model_task(run_id, chosen.checkpoint, validated.class_names, size, report_dir)
+        version = register_task(model_uri, cfg.registry, run_id, chosen, evaluation)
+        decision = promote_if_better_task(
+            cfg.registry, version.version, evaluation.metrics, run_id, validated.rows_file, cfg.data.dir,
+            validated.class_names, cfg.evaluate.batch_size,
+        )
+        model_card_task(cfg, run_id, version, data, validated, weights, results, chosen, evaluation, decision, report_dir)
+    except BaseException:
+        end_run(run_id, "FAILED")
+        raise
+    end_run(run_id, "FINISHED")
+    return TrainingSummary(
+        run_id=run_id,
+        experiment_id=ready.experiment_id,
+        tracking_uri=ready.tracking_uri,
+        data_version=data.md5,
+        data_matches_dvc=data.matches,
+        freeze_configuration=chosen.freeze_configuration(),
+        stages=[{"stage": r.stage, "val_accuracy": r.best_val_accuracy, "val_loss": r.best_val_loss, "epochs": r.epochs_run} for r in results],
+        skipped_stages=skipped,
+        test_metrics={k: evaluation.metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1")},
+        model_name=version.name,
+        model_version=version.version,
+        model_uri=model_uri,
+        decision=decision,
+        random_init=weights.random_init,
+        weights_note=weights.note,
+        validation_summary=validated.summary,
+        report_dir=str(report_dir),
+    )

@@ -1,0 +1,278 @@
+"""Step 2a: run the frozen VGG19 base once over every usable image and cache its outputs.
+
+The seed's Example 1 re-runs the frozen base on every image in every epoch; its output never
+changes, so we compute it once per (dataset, backbone, image size) and train the head on it.
+The same pass also stores each fine-tuning stage's frozen-prefix output (e.g. ``block4_pool``
+for a ``block5`` stage) so stages do not recompute their frozen lower blocks every epoch.
+
+Cache layout: ``<cache_dir>/features/<key>/<layer>.npy`` plus ``meta.json`` (shapes, sha256 of
+every array, the row order). ``meta.json`` is written last, atomically: an entry without it,
+or whose checksums do not match, is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+from vggflow.files import atomic_write_text, file_sha256
+
+META_FILE = "meta.json"
+
+
+class FeatureSet(BaseModel):
+    """Reference to cached base outputs, aligned with ``rows`` (the usable manifest rows)."""
+
+    directory: Path
+    key: str
+    layers: list[str]
+    rows_file: Path
+    class_names: list[str]
+    n_images: int
+    seconds: float = 0.0
+
+
+def feature_cache_key(fingerprint: str, weights_identity: str, image_size: int, layers: list[str]) -> str:
+    """Cache key: the dataset fingerprint + backbone weights + input size (+ which layers)."""
+    text = json.dumps([fingerprint, weights_identity, image_size, sorted(layers)])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def layer_cache_dir(cache_dir: Path, fingerprint: str, weights_identity: str, image_size: int) -> Path:
+    """One folder per dataset/backbone/size; each layer is a file in it, computed when first needed."""
+    text = json.dumps([fingerprint, weights_identity, image_size])
+    return Path(cache_dir) / "features" / hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def read_meta(directory: Path) -> dict:
+    """The meta of a cache folder, or {} when absent/unreadable."""
+    try:
+        return json.loads((directory / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def verified_layers(directory: Path, rows: pd.DataFrame) -> set[str]:
+    """Layers whose arrays exist, match their recorded checksum and the current row order.
+
+    A truncated or corrupted array (checksum mismatch) is treated as missing, so it is rebuilt.
+    """
+    meta = read_meta(directory)
+    if meta.get("paths_sha256") != _paths_digest(rows):
+        return set()
+    good = set()
+    for name, info in meta.get("layers", {}).items():
+        path = directory / info["file"]
+        if path.is_file() and path.stat().st_size == info["bytes"] and file_sha256(path) == info["sha256"]:
+            good.add(name)
+    return good
+
+
+def _paths_digest(rows: pd.DataFrame) -> str:
+    return hashlib.sha256("\n".join(rows["path"] + "\t" + rows["label"]).encode()).hexdigest()
+
+
+def extract_features(
+    rows: pd.DataFrame,
+    data_dir: Path,
+    base,  # keras.Model: annotated loosely so this module imports without TensorFlow
+    layers: list[str],
+    image_size: int,
+    batch_size: int,
+    directory: Path,
+    progress=None,
+) -> dict[str, Path]:
+    """Compute the named base layers' outputs for ``rows`` into ``directory``.
+
+    Images stream from disk (``tf.data``); outputs are written batch by batch into memory-mapped
+    ``.npy`` files, so memory does not grow with the dataset.
+
+    Args:
+        rows: usable manifest rows (``path`` relative to ``data_dir``, ``label``), in cache order.
+        data_dir: dataset root.
+        base: the VGG19 conv base (frozen).
+        layers: the layers to compute (``avg_pool`` for pooled features, or prefix layer names).
+        image_size: square input side.
+        batch_size: images per forward pass.
+        directory: the cache folder (see :func:`layer_cache_dir`).
+        progress: optional ``callable(done, total)`` for progress reporting.
+
+    Returns:
+        Layer name → ``.npy`` path.
+    """
+    import tensorflow as tf
+
+    from vggflow.datasets import image_dataset
+    from vggflow.model import feature_extractor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    missing = sorted(set(layers))
+    if missing:
+        extractor = feature_extractor(base, missing, image_size)
+        # A compiled forward loop: on these CPUs `model.predict` intermittently used one core.
+        forward = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+        total = len(rows)
+        arrays = {}
+        temps = {}
+        for name in missing:
+            shape = (total, *extractor.output[name].shape[1:])
+            temps[name] = directory / f".{name}.{os.getpid()}.tmp.npy"
+            arrays[name] = np.lib.format.open_memmap(temps[name], mode="w+", dtype=np.float32, shape=shape)
+        paths = [Path(data_dir) / p for p in rows["path"]]
+        done = 0
+        for batch in image_dataset(paths, None, image_size, batch_size):
+            outputs = forward(batch)
+            n = int(batch.shape[0])
+            for name in missing:
+                arrays[name][done : done + n] = outputs[name].numpy()
+            done += n
+            if progress:
+                progress(done, total)
+        meta = read_meta(directory) if read_meta(directory).get("paths_sha256") == _paths_digest(rows) else {}
+        meta.setdefault("layers", {})
+        for name in missing:
+            arrays[name].flush()
+            del arrays[name]
+            final = directory / f"{name}.npy"
+            os.replace(temps[name], final)
+            meta["layers"][name] = {
+                "file": final.name,
+                "shape": list(np.load(final, mmap_mode="r").shape),
+                "bytes": final.stat().st_size,
+                "sha256": file_sha256(final),
+            }
+        meta["paths_sha256"] = _paths_digest(rows)
+        meta["n_images"] = len(rows)
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
+    return {name: directory / f"{name}.npy" for name in missing}
+
+
+def load_layer(features: FeatureSet, layer: str, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A cached layer's rows (memory-mapped) and their class indices, optionally for one split."""
+    rows = pd.read_csv(features.rows_file, keep_default_na=False)
+    array = np.load(features.directory / f"{layer}.npy", mmap_mode="r")
+    labels = rows["label"].map({name: i for i, name in enumerate(features.class_names)}).to_numpy()
+    if split is None:
+        return array, labels
+    mask = (rows["split"] == split).to_numpy()
+    index = np.flatnonzero(mask)
+    # Contiguous splits would allow a view; an index list copies only the selected rows lazily.
+    return _RowView(array, index), labels[mask]
+
+
+class _RowView:
+    """Rows ``index`` of a memory-mapped array, read only when sliced (keeps memory flat)."""
+
+    def __init__(self, array: np.ndarray, index: np.ndarray) -> None:
+        self.array, self.index = array, index
+        self.shape = (len(index), *array.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return np.asarray(self.array[self.index[rows]])
+
+
+def compute_features(
+    rows: pd.DataFrame,
+    data_dir: Path,
+    weights,
+    image_size: int,
+    batch_size: int,
+    cache_dir: Path,
+    fingerprint: str,
+    layers: list[str],
+    class_names: list[str],
+    progress=None,
+) -> FeatureSet:
+    """Load the base and make sure the wanted layers are cached; returns a reference to them."""
+    from vggflow.model import build_base
+
+    directory = layer_cache_dir(cache_dir, fingerprint, weights.identity, image_size)
+    started = time.perf_counter()
+    wanted = set(layers) | {"avg_pool"}
+    missing = sorted(wanted - verified_layers(directory, rows))
+    if missing:
+        extract_features(rows, data_dir, build_base(weights, image_size), missing, image_size, batch_size, directory, progress)
+    rows_file = directory / "rows.csv"
+    if not rows_file.exists():
+        atomic_write_text(rows_file, rows[["path", "label", "split"]].to_csv(index=False))
+    return FeatureSet(
+        directory=directory,
+        key=feature_cache_key(fingerprint, weights.identity, image_size, layers),
+        layers=sorted(wanted),
+        rows_file=rows_file,
+        class_names=class_names,
+        n_images=len(rows),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _outputs_valid(parameters: dict) -> bool:
+    rows = pd.read_csv(parameters["rows_file"], keep_default_na=False)
+    directory = layer_cache_dir(
+        parameters["cache_dir"], parameters["fingerprint"], parameters["weights"].identity, parameters["image_size"]
+    )
+    wanted = set(parameters["layers"]) | {"avg_pool"}
+    return (directory / "rows.csv").is_file() and wanted <= verified_layers(directory, rows)
+
+
+def progress_logger(label: str, every: float = 0.1):
+    """A ``progress(done, total)`` that logs about every 10%, not every batch."""
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    started = time.perf_counter()
+    state = {"next": every}
+
+    def progress(done: int, total: int) -> None:
+        if done >= total or done / total >= state["next"]:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            logger.info(f"{label}: {done}/{total} images ({rate:.1f} images/s)")
+            state["next"] = done / total + every
+
+    return progress
+
+
+@task(
+    name="extract-features",
+    cache_key_fn=key_when_valid("extract-features", _outputs_valid),
+    persist_result=True,
+    result_serializer="json",
+)
+def extract_features_task(
+    rows_file: Path,
+    data_dir: Path,
+    weights,
+    image_size: int,
+    batch_size: int,
+    cache_dir: Path,
+    fingerprint: str,
+    layers: list[str],
+    class_names: list[str],
+    cache_key: str,
+) -> FeatureSet:
+    """Prefect shell: cache the frozen base's outputs for the validated rows (keyed by data + backbone + size)."""
+    from tasks.preflight import check_disk_space, required_bytes
+
+    rows = pd.read_csv(rows_file, keep_default_na=False)
+    check_disk_space(Path(cache_dir), required_bytes(len(rows), _bytes_per_image(layers, image_size), 0))
+    return compute_features(
+        rows, data_dir, weights, image_size, batch_size, cache_dir, fingerprint, layers, class_names,
+        progress_logger("feature extraction"),
+    )
+
+
+def _bytes_per_image(layers: list[str], image_size: int) -> int:
+    from tasks.finetune import prefix_bytes
+
+    stage_of = {"input_layer": "block1", **{f"block{i}_pool": f"block{i + 1}" for i in range(1, 5)}}
+    return 2048 + sum(prefix_bytes(stage_of[name], image_size, 1) for name in layers if name in stage_of)

@@ -1,0 +1,186 @@
+"""Step 7: the champion/challenger promotion gate, with MLflow registry aliases.
+
+Like TFX's Evaluator "blessing": a candidate passes when it meets absolute thresholds and beats
+the current ``@champion`` by at least ``min_delta`` on the primary metric, the champion being
+re-evaluated on the candidate's own test split (its old logged number is not comparable when
+the data changed). Pass: ``champion`` moves to the candidate, the old champion becomes
+``previous``. Fail: the candidate becomes ``challenger`` with the reason as a tag.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.evaluate import score
+from vggflow.config import RegistryConfig
+
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+
+
+class Decision(BaseModel):
+    """The promotion decision, as logged, printed and tagged."""
+
+    promoted: bool
+    reason: str
+    model_name: str
+    candidate_version: str
+    champion_version: str | None = None
+    primary_metric: str
+    candidate_value: float
+    champion_value: float | None = None
+    delta: float | None = None
+    min_delta: float
+    thresholds: dict[str, float]
+    failed_thresholds: dict[str, float] = {}
+    aliases_changed: bool = False
+
+
+def decide(
+    candidate: dict[str, float],
+    champion: dict[str, float] | None,
+    cfg: RegistryConfig,
+    candidate_version: str,
+    champion_version: str | None,
+) -> Decision:
+    """Apply the gate (pure).
+
+    The candidate must meet every threshold; with a champion, it must also improve the primary
+    metric by more than zero and by at least ``min_delta`` (a tie keeps the champion).
+    """
+    metric = cfg.primary_metric
+    failed = {name: candidate.get(name, float("nan")) for name, minimum in cfg.thresholds.items() if not candidate.get(name, float("nan")) >= minimum}
+    thresholds_text = ", ".join(f"{name} {candidate.get(name, float('nan')):.4f} ≥ {minimum}" for name, minimum in cfg.thresholds.items())
+    common = dict(
+        model_name=cfg.model_name,
+        candidate_version=candidate_version,
+        champion_version=champion_version,
+        primary_metric=metric,
+        candidate_value=candidate[metric],
+        min_delta=cfg.min_delta,
+        thresholds=dict(cfg.thresholds),
+        failed_thresholds=failed,
+    )
+    if failed:
+        below = ", ".join(f"{name} {value:.4f} < {cfg.thresholds[name]}" for name, value in failed.items())
+        reason = f"below the absolute threshold(s): {below}"
+        if champion is not None:
+            delta = candidate[metric] - champion[metric]
+            return Decision(promoted=False, reason=reason, champion_value=champion[metric], delta=delta, **common)
+        return Decision(promoted=False, reason=reason + " (no champion yet)", **common)
+    if champion is None:
+        return Decision(promoted=True, reason=f"no champion yet; thresholds met ({thresholds_text or 'none set'})", **common)
+    delta = candidate[metric] - champion[metric]
+    if delta > 0 and delta >= cfg.min_delta:
+        reason = f"beats champion v{champion_version} on {metric}: {candidate[metric]:.4f} vs {champion[metric]:.4f} (Δ {delta:+.4f} ≥ {cfg.min_delta})"
+        return Decision(promoted=True, reason=reason, champion_value=champion[metric], delta=delta, **common)
+    reason = (
+        f"does not beat champion v{champion_version} on {metric}: {candidate[metric]:.4f} vs {champion[metric]:.4f} "
+        f"(Δ {delta:+.4f}, needs > 0 and ≥ {cfg.min_delta}), same test split"
+    )
+    return Decision(promoted=False, reason=reason, champion_value=champion[metric], delta=delta, **common)
+
+
+def current_champion(client, name: str):
+    """The ``@champion`` version of ``name``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def evaluate_registered(model_uri: str, test_rows: pd.DataFrame, data_dir: Path, class_names: list[str], batch_size: int) -> dict[str, float]:
+    """Score a registered model on test rows through its public pyfunc interface.
+
+    Labels are matched by name, so a champion trained on another class list is scored fairly
+    (a class it does not know is simply a wrong answer).
+    """
+    import mlflow
+
+    from vggflow.datasets import predict_in_batches
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    index = {name: i for i, name in enumerate(class_names)}
+
+    def predict(batch):
+        labels = model.predict(batch)["label"]
+        return labels.map(index).fillna(-1).astype(int).to_numpy()[:, None]
+
+    paths = [Path(data_dir) / p for p in test_rows["path"]]
+    predicted = predict_in_batches(predict, paths, batch_size)
+    y_true = test_rows["label"].map(index).to_numpy()
+    metrics, _ = score(y_true, predicted[:, 0] if len(predicted) else predicted, len(class_names))
+    return metrics
+
+
+def apply_decision(client, decision: Decision) -> None:
+    """Move aliases (pass) or mark the challenger (fail) and tag the version with the decision."""
+    name, version = decision.model_name, decision.candidate_version
+    if decision.promoted:
+        if decision.champion_version and decision.champion_version != version:
+            client.set_registered_model_alias(name, PREVIOUS, decision.champion_version)
+        client.set_registered_model_alias(name, CHAMPION, version)
+    else:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        client.set_model_version_tag(name, version, "vggflow.rejection_reason", decision.reason)
+    client.set_model_version_tag(name, version, "vggflow.promotion", "promoted" if decision.promoted else "rejected")
+
+
+def log_decision(client, run_id: str, decision: Decision) -> None:
+    """Log the decision to the training run: params, metrics and ``promotion/decision.json``."""
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    metrics = [Metric("promotion_candidate_value", decision.candidate_value, now, 0)]
+    if decision.champion_value is not None:
+        metrics.append(Metric("promotion_champion_value", decision.champion_value, now, 0))
+        metrics.append(Metric("promotion_delta", float(decision.delta), now, 0))
+    params = [
+        Param("promotion.promoted", str(decision.promoted)),
+        Param("promotion.champion_version", decision.champion_version or "none"),
+        Param("promotion.registered_version", decision.candidate_version),
+    ]
+    client.log_batch(run_id, metrics=metrics, params=params)
+    client.set_tag(run_id, "vggflow.promotion_reason", decision.reason)
+    client.log_dict(run_id, json.loads(decision.model_dump_json()), "promotion/decision.json")
+
+
+@task(name="promote-if-better", retries=2, retry_delay_seconds=5)
+def promote_if_better_task(
+    cfg: RegistryConfig,
+    candidate_version: str,
+    candidate_metrics: dict[str, float],
+    run_id: str,
+    rows_file: Path,
+    data_dir: Path,
+    class_names: list[str],
+    batch_size: int,
+) -> Decision:
+    """Prefect shell: re-evaluate the champion on the candidate's test split, decide, apply, log."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    champion = current_champion(client, cfg.model_name)
+    champion_metrics = None
+    if champion is not None and champion.version != candidate_version:
+        rows = pd.read_csv(rows_file, keep_default_na=False)
+        champion_metrics = evaluate_registered(
+            f"models:/{cfg.model_name}@{CHAMPION}", rows[rows["split"] == "test"], data_dir, class_names, batch_size
+        )
+    decision = decide(candidate_metrics, champion_metrics, cfg, candidate_version, champion.version if champion_metrics else None)
+    if cfg.promote:
+        apply_decision(client, decision)
+        decision = decision.model_copy(update={"aliases_changed": True})
+    else:
+        decision = decision.model_copy(
+            update={"reason": f"--no-promote: aliases untouched (the gate would have {'promoted' if decision.promoted else 'rejected'}: {decision.reason})", "promoted": False}
+        )
+    log_decision(client, run_id, decision)
+    return decision

@@ -1,0 +1,247 @@
+"""Step 6b: log the run's results and the model, and register it as a new version.
+
+The logged model is an MLflow pyfunc built from code (``vggflow/pyfunc_model.py``) around the
+chosen Keras classifier (``.keras`` file) and its class names: it takes raw RGB images and
+returns class names and probabilities, with no pickle and no vggflow import on the client.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.evaluate import Evaluation
+from vggflow.config import RegistryConfig
+from vggflow.files import atomic_write_text
+from vggflow.tracking import TAG_DATA_VERSION, TAG_FREEZE, TAG_RANDOM_INIT
+from vggflow.training import StageResult
+
+MODEL_CODE = Path(__file__).resolve().parent.parent / "vggflow" / "pyfunc_model.py"
+#: What the registered model needs at inference, pinned to the versions it was trained with.
+MODEL_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "pandas")
+
+
+class RegisteredVersion(BaseModel):
+    """A registered model version (a reference)."""
+
+    name: str
+    version: str
+    model_uri: str
+    run_id: str
+
+
+def metric_key(name: str) -> str:
+    """An MLflow-safe metric name (class names may hold any character)."""
+    return re.sub(r"[^0-9A-Za-z_\-./ ]", "_", name)
+
+
+def pinned_requirements() -> list[str]:
+    """Pinned pip requirements from the installed versions (inferring them costs ~20 s)."""
+    import importlib.metadata
+
+    return [f"{name}=={importlib.metadata.version(name)}" for name in MODEL_PACKAGES]
+
+
+def model_signature():
+    """Input: a batch of raw RGB images, uint8, any size (-1 = variable)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]))
+
+
+def log_results(
+    run_id: str,
+    stages: list[StageResult],
+    chosen: StageResult,
+    evaluation: Evaluation,
+    selection_metric: str,
+    skipped: list[str],
+    out_dir: Path,
+) -> None:
+    """Log the chosen freeze configuration, the stage comparison, test metrics and report files."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from tasks import report
+    from tasks.select import stage_table
+
+    client = MlflowClient()
+    freeze = chosen.freeze_configuration()
+    params = [Param(f"chosen.{key}", str(value)) for key, value in freeze.items()]
+    params.append(Param("stages_skipped", ",".join(skipped) or "none"))
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"test_{metric_key(k)}", float(v), now, 0) for k, v in evaluation.metrics.items()]
+    metrics += [
+        Metric("best_val_accuracy", chosen.best_val_accuracy, now, 0),
+        Metric("best_val_loss", chosen.best_val_loss, now, 0),
+    ]
+    client.log_batch(run_id, metrics=metrics, params=params)
+    client.set_tag(run_id, TAG_FREEZE, chosen.stage)
+    table = stage_table(stages, chosen)
+    client.log_dict(run_id, {"selection_metric": selection_metric, "chosen": freeze, "stages": table, "skipped": skipped}, "stages/stage_comparison.json")
+    history = pd.DataFrame([epoch | {"stage": s.stage} for s in stages for epoch in s.history])
+    if history.empty:
+        history = pd.DataFrame(columns=["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = report.plot_learning_curves(history, chosen.stage, out_dir / "learning_curves.png")
+    comparison = report.plot_stage_comparison(
+        pd.DataFrame(table).rename(columns={f"best_{selection_metric}": selection_metric}),
+        selection_metric,
+        chosen.stage,
+        out_dir / "stage_comparison.png",
+    )
+    client.log_artifact(run_id, str(curves), "stages")
+    client.log_artifact(run_id, str(comparison), "stages")
+    for path in evaluation.files.values():
+        client.log_artifact(run_id, str(path), "evaluation")
+
+
+def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_size: int, work_dir: Path) -> str:
+    """Log the chosen classifier as the run's pyfunc model; returns its ``models:/m-…`` URI."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    classes = atomic_write_text(
+        work_dir / "classes.json", json.dumps({"class_names": class_names, "image_size": image_size}, indent=1)
+    )
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={"classifier": str(checkpoint), "classes": str(classes)},
+            signature=model_signature(),
+            pip_requirements=pinned_requirements(),
+            metadata={"class_names": class_names, "image_size": image_size, "input": "uint8 RGB (N, H, W, 3)"},
+        )
+    # Leaving the `with` block marked the run FINISHED; it is still going (promotion follows).
+    MlflowClient().update_run(run_id, status="RUNNING")
+    return info.model_uri
+
+
+def register_version(model_uri: str, cfg: RegistryConfig, run_id: str, tags: dict[str, str]) -> RegisteredVersion:
+    """Register ``model_uri`` as a new version of ``cfg.model_name`` with its provenance tags."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
+    return RegisteredVersion(name=cfg.model_name, version=str(version.version), model_uri=model_uri, run_id=run_id)
+
+
+def version_tags(run_tags: dict[str, str], run_id: str, chosen: StageResult, evaluation: Evaluation) -> dict[str, str]:
+    """Tags of a registered version: data version, git commit, run id, freeze configuration, metrics."""
+    tags = {
+        TAG_DATA_VERSION: run_tags.get(TAG_DATA_VERSION, "unknown"),
+        "vggflow.git_commit": run_tags.get("mlflow.source.git.commit", "unknown"),
+        "vggflow.run_id": run_id,
+        TAG_FREEZE: json.dumps(chosen.freeze_configuration()),
+        TAG_RANDOM_INIT: run_tags.get(TAG_RANDOM_INIT, "unknown"),
+    }
+    for key in ("accuracy", "macro_f1"):
+        tags[f"vggflow.test_{key}"] = f"{evaluation.metrics[key]:.6f}"
+    return tags
+
+
+@task(name="log-results")
+def log_results_task(
+    run_id: str,
+    stages: list[StageResult],
+    chosen: StageResult,
+    evaluation: Evaluation,
+    selection_metric: str,
+    skipped: list[str],
+    out_dir: Path,
+) -> None:
+    """Prefect shell: log metrics, freeze configuration and report files to the parent run."""
+    log_results(run_id, stages, chosen, evaluation, selection_metric, skipped, out_dir)
+
+
+@task(name="log-model")
+def log_model_task(run_id: str, checkpoint: Path, class_names: list[str], image_size: int, work_dir: Path) -> str:
+    """Prefect shell: log the pyfunc model (not retried: a retry would log a second model)."""
+    return log_classifier(run_id, checkpoint, class_names, image_size, work_dir)
+
+
+@task(name="register-model", retries=3, retry_delay_seconds=5)
+def register_task(
+    model_uri: str, cfg: RegistryConfig, run_id: str, chosen: StageResult, evaluation: Evaluation
+) -> RegisteredVersion:
+    """Prefect shell: register a new version (registry I/O: retried)."""
+    from mlflow.tracking import MlflowClient
+
+    run_tags = MlflowClient().get_run(run_id).data.tags
+    return register_version(model_uri, cfg, run_id, version_tags(run_tags, run_id, chosen, evaluation))
+
+
+def describe_version(
+    cfg,
+    run_id: str,
+    version: RegisteredVersion,
+    data,
+    validated,
+    weights,
+    stages: list[StageResult],
+    chosen: StageResult,
+    evaluation: Evaluation,
+    decision,
+    out_dir: Path,
+) -> Path:
+    """Write the model card, log it to the run and set it as the version's description."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks import report
+    from vggflow.tracking import git_info
+
+    commit, dirty = git_info()
+    rows = pd.read_csv(validated.rows_file, keep_default_na=False)
+    counts = {label: group["split"].value_counts().to_dict() for label, group in rows.groupby("label", sort=True)}
+    per_class = pd.read_csv(evaluation.files["per_class_csv"], keep_default_na=False)
+    card = report.render_model_card(
+        report.ModelCardInfo(
+            model_name=version.name,
+            version=version.version,
+            run_id=run_id,
+            created=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            data_version=data.md5,
+            data_matches_dvc=data.matches,
+            class_counts=counts,
+            image_size=cfg.backbone.image_size,
+            backbone_weights=cfg.backbone.weights,
+            random_init=weights.random_init,
+            freeze_configuration=chosen.freeze_configuration(),
+            stage_results=[
+                {"stage": s.stage, "best_val_accuracy": s.best_val_accuracy, "best_val_loss": s.best_val_loss, "epochs": s.epochs_run}
+                for s in stages
+            ],
+            test_metrics={k: evaluation.metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")},
+            per_class=per_class,
+            promotion={
+                "decision": "promoted to @champion" if decision.promoted else ("not gated (--no-promote)" if not decision.aliases_changed else "rejected (@challenger)"),
+                "reason": decision.reason,
+                "metric": decision.primary_metric,
+                "candidate_metric": decision.candidate_value,
+                "champion_metric": decision.champion_value,
+                "delta": decision.delta,
+            },
+            config_yaml=cfg.as_yaml(),
+            git_commit=commit,
+            git_dirty=bool(dirty),
+        )
+    )
+    path = atomic_write_text(out_dir / "model_card.md", card)
+    client = MlflowClient()
+    client.log_artifact(run_id, str(path))
+    client.update_model_version(version.name, version.version, description=card)
+    return path
+
+
+@task(name="model-card", retries=2, retry_delay_seconds=5)
+def model_card_task(cfg, run_id, version, data, validated, weights, stages, chosen, evaluation, decision, out_dir: Path) -> Path:
+    """Prefect shell: the model card, as a run artifact and the version's description (registry I/O: retried)."""
+    return describe_version(cfg, run_id, version, data, validated, weights, stages, chosen, evaluation, decision, out_dir)

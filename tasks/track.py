@@ -1,0 +1,158 @@
+"""Step 6a: the MLflow runs — one parent run per flow run, one nested run per stage.
+
+The parent run records what makes a result reproducible before any training starts: the whole
+config (file and flattened params), data version and whether ``data/`` matches it, git commit
+and dirty flag, package versions, seed, backbone weights, and the validation report/manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from prefect import task
+
+from vggflow.config import Config
+from vggflow.tracking import TAG_DATA_VERSION, TAG_RANDOM_INIT, DataVersion, epoch_metrics, git_info, package_versions
+from vggflow.training import StageResult
+
+MAX_PARAMS_PER_BATCH = 100
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+
+
+def start_training_run(
+    cfg: Config,
+    experiment_id: str,
+    config_file: Path | None,
+    data: DataVersion,
+    weights_identity: str,
+    random_init: bool,
+    validation_files: dict[str, Path],
+    run_name: str | None = None,
+) -> str:
+    """Create the parent run and log everything known before training; returns its id."""
+    client = _client()
+    commit, dirty = git_info()
+    versions = package_versions()
+    tags = {
+        **data.as_tags(),
+        "mlflow.source.git.commit": commit,
+        "vggflow.git_dirty": "unknown" if dirty is None else str(dirty).lower(),
+        "vggflow.backbone_weights": weights_identity,
+        TAG_RANDOM_INIT: str(random_init).lower(),
+        "vggflow.host": socket.gethostname(),
+        "vggflow.pid": str(os.getpid()),
+        "vggflow.kind": "training",
+    }
+    flow_run_id = _prefect_flow_run_id()
+    if flow_run_id:
+        tags["vggflow.prefect_flow_run_id"] = flow_run_id
+    name = run_name or f"train-{data.md5.removesuffix('.dir')[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run_id = run.info.run_id
+    params = cfg.flat_params() | {
+        "data_version": data.md5,
+        "git_commit": commit,
+        "backbone.weights_identity": weights_identity,
+        "backbone.random_init": str(random_init),
+    }
+    params |= {f"package.{name}": version for name, version in versions.items()}
+    _log_params(client, run_id, params)
+    client.log_text(run_id, cfg.as_yaml(), "config/effective_config.yaml")
+    if config_file is not None:
+        client.log_text(run_id, Path(config_file).read_text(encoding="utf-8"), f"config/{Path(config_file).name}")
+    client.log_dict(run_id, versions, "environment/package_versions.json")
+    for path in validation_files.values():
+        client.log_artifact(run_id, str(path), "validation")
+    return run_id
+
+
+def _prefect_flow_run_id() -> str | None:
+    try:
+        from prefect.context import get_run_context
+
+        context = get_run_context()
+        flow_run = getattr(context, "flow_run", None) or getattr(getattr(context, "task_run", None), "flow_run_id", None)
+        return str(getattr(flow_run, "id", flow_run)) if flow_run else None
+    except Exception:  # outside a flow run
+        return None
+
+
+def open_stage_run(experiment_id: str, parent_run_id: str, stage: str, unfreeze_from: str | None, learning_rate: float) -> str:
+    """Create the nested run of a stage, named after its freeze configuration."""
+    client = _client()
+    run = client.create_run(
+        experiment_id,
+        run_name=f"stage-{stage}",
+        tags={"mlflow.parentRunId": parent_run_id, "vggflow.stage": stage, "vggflow.kind": "stage"},
+    )
+    _log_params(client, run.info.run_id, {"stage": stage, "unfreeze_from": unfreeze_from or "none", "learning_rate": learning_rate})
+    return run.info.run_id
+
+
+def close_stage_run(stage_run_id: str, result: StageResult) -> None:
+    """Log a finished stage's summary; replay its epochs when the stage came from the cache.
+
+    A cached stage (reused from an earlier, e.g. interrupted, run) trained under another run id:
+    its per-epoch history is copied here so every parent run shows all of its stages.
+    """
+    from mlflow.entities import Metric
+
+    client = _client()
+    if result.mlflow_run_id != stage_run_id:
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, value, now, int(epoch["epoch"]))
+            for epoch in result.history
+            for key, value in epoch_metrics(epoch).items()
+        ]
+        if metrics:
+            client.log_batch(stage_run_id, metrics=metrics)
+        client.set_tag(stage_run_id, "vggflow.reused_from_run", result.mlflow_run_id or "cache")
+    freeze = result.freeze_configuration()
+    _log_params(client, stage_run_id, {k: v for k, v in freeze.items() if k not in ("stage", "learning_rate", "unfreeze_from")})
+    summary = {
+        "best_val_accuracy": result.best_val_accuracy,
+        "best_val_loss": result.best_val_loss,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "stage_seconds": result.seconds,
+        "images_per_second": result.images_per_second,
+    }
+    client.log_batch(stage_run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()])
+    client.set_terminated(stage_run_id, "FINISHED")
+
+
+def end_run(run_id: str, status: str) -> None:
+    """Mark a run FINISHED, FAILED or KILLED."""
+    _client().set_terminated(run_id, status)
+
+
+@task(name="start-run")
+def start_training_run_task(
+    cfg: Config,
+    experiment_id: str,
+    config_file: Path | None,
+    data: DataVersion,
+    weights_identity: str,
+    random_init: bool,
+    validation_files: dict[str, Path],
+) -> str:
+    """Prefect shell: create the parent run (not retried: a retry could create a second run)."""
+    return start_training_run(cfg, experiment_id, config_file, data, weights_identity, random_init, validation_files)
+

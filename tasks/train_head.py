@@ -1,0 +1,108 @@
+"""Step 2b: feature-extraction training (the seed's Example 1) on cached base features.
+
+The classifier is the seed's: frozen VGG19 base → GlobalAveragePooling2D → Dense(128, relu) →
+Dense(n, softmax). Because the base is frozen and pooling has no weights, training the head on
+the cached pooled features is the same optimisation as the seed's ``fit`` through the frozen
+base, without running the base every epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from tasks.features import FeatureSet
+from vggflow.caching import key_when_valid
+from vggflow.config import HeadConfig
+from vggflow.training import StageResult, checkpoint_is_valid
+
+HEAD_STAGE = "head"
+
+
+def train_head(
+    features: FeatureSet,
+    weights,
+    image_size: int,
+    cfg: HeadConfig,
+    seed: int,
+    checkpoint: Path,
+    on_epoch=None,
+) -> StageResult:
+    """Build the classifier, train its head on cached pooled features, save it.
+
+    Args:
+        features: cached ``avg_pool`` features with their rows and class names.
+        weights: the resolved backbone weights (the base inside the saved classifier).
+        image_size: square input side of the classifier.
+        cfg: head architecture and training settings.
+        seed: makes initialisation and shuffling reproducible.
+        checkpoint: where the whole classifier (``.keras``) is saved.
+        on_epoch: optional ``callable(epoch, logs)``.
+    """
+    import keras
+
+    from tasks.features import load_layer
+    from vggflow.datasets import ArrayBatches
+    from vggflow.model import build_base, build_classifier, head_model, unfreeze_to
+    from vggflow.training import fit_stage, save_checkpoint
+
+    keras.utils.set_random_seed(seed)
+    model = build_classifier(build_base(weights, image_size), len(features.class_names), cfg, image_size)
+    freeze = unfreeze_to(model, None, HEAD_STAGE)
+    x_train, y_train = load_layer(features, "avg_pool", "train")
+    x_val, y_val = load_layer(features, "avg_pool", "val")
+    history, best_epoch, seconds = fit_stage(
+        head_model(model),
+        ArrayBatches(x_train, y_train, cfg.batch_size, shuffle=True, seed=seed),
+        ArrayBatches(x_val, y_val, cfg.batch_size, shuffle=False, seed=seed),
+        cfg.learning_rate,
+        cfg.epochs,
+        cfg.patience,
+        len(y_train),
+        on_epoch,
+    )
+    digest = save_checkpoint(model, checkpoint)
+    best = history[best_epoch] if history else {}
+    return StageResult(
+        stage=HEAD_STAGE,
+        unfreeze_from=None,
+        learning_rate=cfg.learning_rate,
+        checkpoint=checkpoint,
+        checkpoint_sha256=digest,
+        history=history,
+        best_epoch=best_epoch,
+        best_val_accuracy=best.get("val_accuracy", float("nan")),
+        best_val_loss=best.get("val_loss", float("nan")),
+        first_trainable_layer=freeze.first_trainable_layer,
+        trainable_layers=freeze.trainable_layers,
+        trainable_params=freeze.trainable_params,
+        epochs_run=len(history),
+        seconds=seconds,
+        images_per_second=len(y_train) * len(history) / seconds if seconds else 0.0,
+        prefix_cache="avg_pool",
+    )
+
+
+@task(
+    name="train-head",
+    cache_key_fn=key_when_valid("train-head", lambda p: checkpoint_is_valid(Path(p["checkpoint"]))),
+    persist_result=True,
+    result_serializer="json",
+)
+def train_head_task(
+    features: FeatureSet,
+    weights,
+    image_size: int,
+    cfg: HeadConfig,
+    seed: int,
+    checkpoint: Path,
+    cache_key: str,
+    stage_run_id: str | None = None,
+) -> StageResult:
+    """Prefect shell: train the head, logging each epoch to the stage's MLflow run."""
+    from vggflow.tracking import log_epoch
+
+    on_epoch = (lambda epoch, logs: log_epoch(stage_run_id, epoch, logs)) if stage_run_id else None
+    result = train_head(features, weights, image_size, cfg, seed, checkpoint, on_epoch)
+    return result.model_copy(update={"mlflow_run_id": stage_run_id})

@@ -1,0 +1,68 @@
+"""Cache keys for Prefect task caching.
+
+A cached task's outputs live at a path derived from its key, so the key function can check
+them before Prefect returns a cached result: when an output is missing or fails its checksum
+the key is withheld (None), the task runs again and rebuilds it. Keys are namespaced per task
+because Prefect's result store is shared by all tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot hash {type(value).__name__}")
+
+
+def stable_hash(*parts: Any, length: int = 24) -> str:
+    """A short, stable hex digest of JSON-able parts (pydantic models and paths allowed)."""
+    text = json.dumps(parts, default=_default, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def directory_fingerprint(root: Path) -> str:
+    """A cheap fingerprint of a folder tree from names, sizes and modification times.
+
+    Like DVC's own state database, it avoids reading file contents: a changed, added or removed
+    file changes it. Symlinks are fingerprinted by their target text, not followed.
+    """
+    entries = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            try:
+                info = path.lstat()
+            except OSError:
+                continue
+            target = os.readlink(path) if path.is_symlink() else ""
+            entries.append((str(path.relative_to(root)), info.st_size, info.st_mtime_ns, target))
+    return stable_hash(entries)
+
+
+def key_when_valid(task_name: str, outputs_valid: Callable[[dict[str, Any]], bool]):
+    """A Prefect ``cache_key_fn``: ``<task_name>-<parameters["cache_key"]>`` when the outputs check out.
+
+    Args:
+        task_name: namespace of the key in the shared result store.
+        outputs_valid: given the task's parameters, True when its on-disk outputs exist and are intact.
+    """
+
+    def cache_key_fn(context, parameters: dict[str, Any]) -> str | None:
+        key = parameters.get("cache_key")
+        if not key or not outputs_valid(parameters):
+            return None
+        return f"{task_name}-{key}"
+
+    return cache_key_fn

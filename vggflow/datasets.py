@@ -1,0 +1,113 @@
+"""Feeding images and cached arrays to Keras.
+
+Images stream from disk through ``tf.data`` (parallel decode with the shared Pillow decoder,
+the model's own resize, batching, prefetch) and are never all held in memory. Cached arrays
+(features, frozen-prefix outputs) are read from memory-mapped ``.npy`` files batch by batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from vggflow.images import load_rgb
+from vggflow.model import make_resizing
+
+
+def image_dataset(
+    paths: Sequence[str | Path],
+    labels: Sequence[int] | np.ndarray | None,
+    image_size: int,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """A batched dataset of ``(image_size, image_size, 3)`` float32 RGB images (0..255) [and labels].
+
+    Decoding uses :func:`vggflow.images.load_rgb` (every mode → RGB, by content) in parallel;
+    resizing uses the same Keras ``Resizing`` layer that the classifier carries, so an image
+    looks the same to training and to the registered model.
+    """
+    resize = make_resizing(image_size)
+    path_strings = [str(p) for p in paths]
+
+    def decode(path: tf.Tensor) -> tf.Tensor:
+        image = tf.numpy_function(lambda p: load_rgb(p.decode()), [path], tf.uint8, stateful=False)
+        image.set_shape([None, None, 3])
+        return resize(tf.cast(image, tf.float32)[tf.newaxis])[0]
+
+    items = tf.data.Dataset.from_tensor_slices(path_strings)
+    if labels is not None:
+        items = tf.data.Dataset.zip(items, tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.int32)))
+    if shuffle:
+        items = items.shuffle(len(path_strings), seed=seed, reshuffle_each_iteration=True)
+    if labels is None:
+        data = items.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        data = items.map(lambda p, y: (decode(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """Batches of rows of a (memory-mapped) array and their labels, reshuffled every epoch."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> None:
+        super().__init__()
+        self.x, self.y = x, np.asarray(y, dtype=np.int32)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = np.arange(len(self.y))
+        if shuffle:
+            self.rng.shuffle(self.order)
+
+    def __len__(self) -> int:
+        return max(1, -(-len(self.y) // self.batch_size))
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        # Sorted indices read a memory map sequentially; order within a batch does not matter.
+        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
+        return np.asarray(self.x[rows], dtype=np.float32), self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self.rng.shuffle(self.order)
+
+
+def predict_in_batches(
+    predict: Callable[[np.ndarray], np.ndarray],
+    paths: Sequence[str | Path],
+    batch_size: int,
+    max_pixels: int = 50_000_000,
+) -> np.ndarray:
+    """Class probabilities for image files, fed as raw uint8 RGB batches to ``predict``.
+
+    Images are grouped by size (a batch must share a shape) and handed over undecorated, as a
+    client of the registered model would: resizing and preprocessing are the model's job.
+    """
+    images = {}
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    out: list[np.ndarray | None] = [None] * len(paths)
+    for index, path in enumerate(paths):
+        images[index] = load_rgb(path, max_pixels)
+        by_shape.setdefault(images[index].shape, []).append(index)
+        if len(by_shape[images[index].shape]) == batch_size:
+            _flush(predict, by_shape.pop(images[index].shape), images, out)
+        elif len(images) >= 4 * batch_size:
+            # Many different sizes: flush everything rather than hold the whole set in memory.
+            for indices in by_shape.values():
+                _flush(predict, indices, images, out)
+            by_shape.clear()
+    for indices in by_shape.values():
+        _flush(predict, indices, images, out)
+    return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def _flush(predict, indices: list[int], images: dict, out: list) -> None:
+    batch = np.stack([images.pop(i) for i in indices])
+    for i, row in zip(indices, np.asarray(predict(batch))):
+        out[i] = row

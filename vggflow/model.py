@@ -1,0 +1,261 @@
+"""The VGG19 classifier: backbone weights, the model graph, freeze configurations.
+
+Shared by the feature-extraction, fine-tuning, evaluation and registration steps so they all
+build exactly the same graph. Importing this module imports Keras (slow): import it only where
+a model is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras.applications import vgg19
+from pydantic import BaseModel
+
+from vggflow.config import VGG19_BLOCKS, BackboneConfig, HeadConfig
+from vggflow.errors import BackboneError
+from vggflow.files import file_sha256
+
+IMAGENET_NOTOP_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+BASE_NAME = "vgg19"
+HEAD_LAYERS = ("head_dense", "head_dropout", "predictions")
+
+
+class ResolvedWeights(BaseModel):
+    """Where the backbone weights come from.
+
+    Attributes:
+        path: a weights file every step loads (the same file, so they all see the same base).
+        identity: a short stable id for cache keys and tags (e.g. ``imagenet:253f8cb5…``).
+        random_init: True when the base is randomly initialised (no pretrained weights).
+        note: human explanation, printed and logged (e.g. why random init was used).
+    """
+
+    path: Path
+    identity: str
+    random_init: bool
+    note: str
+
+
+def keras_cache_dir() -> Path:
+    """Keras's download cache (``$KERAS_HOME`` or ``~/.keras``) + ``models``."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+
+
+def _random_weights(cache_dir: Path, image_size: int, seed: int, note: str) -> ResolvedWeights:
+    """Create (once) and cache a seeded random initialisation so every step loads the same base."""
+    path = cache_dir / "backbones" / f"vgg19-random-seed{seed}.weights.h5"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keras.utils.set_random_seed(seed)
+        base = vgg19.VGG19(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.weights.h5")
+        base.save_weights(tmp)
+        os.replace(tmp, path)
+    return ResolvedWeights(path=path, identity=f"random-seed{seed}", random_init=True, note=note)
+
+
+def resolve_weights(cfg: BackboneConfig, cache_dir: Path, seed: int) -> ResolvedWeights:
+    """Find (or download) the backbone weights, or fail before any work is done.
+
+    Args:
+        cfg: the backbone section (``weights`` is ``imagenet``, ``none`` or a file path).
+        cache_dir: where a seeded random initialisation is cached.
+        seed: seeds a random initialisation.
+
+    Raises:
+        BackboneError: the weights cannot be obtained and random init is not allowed; the message
+            names the Keras cache path and the alternatives.
+    """
+    choice = cfg.weights
+    if choice.lower() == "none":
+        return _random_weights(cache_dir, cfg.image_size, seed, "backbone.weights is `none`: randomly initialised")
+    if choice.lower() == "imagenet":
+        expected = keras_cache_dir() / IMAGENET_NOTOP_FILE
+        try:
+            # The real loader: uses Keras's cache, downloads (and checks the hash) when missing.
+            vgg19.VGG19(include_top=False, weights="imagenet", input_shape=(32, 32, 3))
+        except Exception as err:  # Keras raises a bare Exception for fetch failures
+            problem = f"ImageNet weights for VGG19 are not in the Keras cache ({expected}) and could not be downloaded: {err}"
+            if cfg.allow_random_init:
+                return _random_weights(cache_dir, cfg.image_size, seed, f"{problem}. Using a random init (allowed by config).")
+            raise BackboneError(
+                f"{problem}\n"
+                "Fix one of:\n"
+                f"  - copy {IMAGENET_NOTOP_FILE} into {expected.parent} (or set KERAS_HOME),\n"
+                "  - set backbone.weights to the path of a local VGG19 weights file (--set backbone.weights=/path/file.h5),\n"
+                "  - for a pipeline test only: --set backbone.allow_random_init=true (or backbone.weights=none)."
+            ) from None
+        return ResolvedWeights(
+            path=expected, identity=f"imagenet:{file_sha256(expected)[:16]}", random_init=False, note=f"ImageNet weights from {expected}"
+        )
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        if cfg.allow_random_init:
+            return _random_weights(cache_dir, cfg.image_size, seed, f"weights file {path} not found; random init (allowed by config)")
+        raise BackboneError(
+            f"backbone.weights: weights file not found: {path}\n"
+            "Give the path of a VGG19 `include_top=False` weights file (.h5 or .weights.h5), `imagenet` or `none`."
+        )
+    try:
+        vgg19.VGG19(include_top=False, weights=str(path), input_shape=(32, 32, 3))
+    except Exception as err:
+        raise BackboneError(f"backbone.weights: {path} is not a loadable VGG19 (include_top=False) weights file: {err}") from None
+    return ResolvedWeights(path=path, identity=f"file:{file_sha256(path)[:16]}", random_init=False, note=f"weights from {path}")
+
+
+def build_base(weights: ResolvedWeights, image_size: int) -> keras.Model:
+    """The VGG19 convolutional base (``include_top=False``), loaded from ``weights.path``."""
+    return vgg19.VGG19(include_top=False, weights=str(weights.path), input_shape=(image_size, image_size, 3))
+
+
+def make_resizing(image_size: int) -> keras.layers.Layer:
+    """The one resize used by the data pipeline and inside the model (so they cannot differ)."""
+    return keras.layers.Resizing(image_size, image_size, interpolation="bilinear", antialias=True, name="resize")
+
+
+def build_classifier(base: keras.Model, n_classes: int, head: HeadConfig, image_size: int) -> keras.Model:
+    """Raw RGB images (any size, uint8 or float 0..255) → class probabilities.
+
+    The graph carries its own resize and VGG19's own ``preprocess_input`` (RGB→BGR, ImageNet mean
+    subtraction), so a client needs nothing else: VGG19 conv base → GlobalAveragePooling2D →
+    Dense(units, relu) → [Dropout] → Dense(n_classes, softmax), as in the seed's examples.
+    """
+    images = keras.Input(shape=(None, None, 3), name="image")
+    x = make_resizing(image_size)(images)
+    x = vgg19.preprocess_input(x)
+    x = base(x)
+    features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    outputs = _head(features, n_classes, head)
+    return keras.Model(images, outputs, name="vggflow_classifier")
+
+
+def _head(features: keras.KerasTensor, n_classes: int, head: HeadConfig) -> keras.KerasTensor:
+    x = keras.layers.Dense(head.dense_units, activation="relu", name="head_dense")(features)
+    if head.dropout > 0:
+        x = keras.layers.Dropout(head.dropout, name="head_dropout")(x)
+    return keras.layers.Dense(n_classes, activation="softmax", name="predictions")(x)
+
+
+def base_of(model: keras.Model) -> keras.Model:
+    """The nested VGG19 base of a classifier built by :func:`build_classifier`."""
+    return model.get_layer(BASE_NAME)
+
+
+def head_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The classifier's head layers, input to output."""
+    names = {layer.name for layer in model.layers}
+    return [model.get_layer(name) for name in HEAD_LAYERS if name in names]
+
+
+def head_model(model: keras.Model) -> keras.Model:
+    """A model over pooled base features that *shares* the classifier's head layers.
+
+    Training it trains the classifier's head: this is how the head learns from cached features.
+    """
+    features = keras.Input(shape=(base_of(model).output_shape[-1],), name="features")
+    x = features
+    for layer in head_layers(model):
+        x = layer(x)
+    return keras.Model(features, x, name="head")
+
+
+@dataclass(frozen=True)
+class FreezeInfo:
+    """A freeze configuration, as logged to MLflow."""
+
+    stage: str
+    first_trainable_layer: str
+    trainable_layers: int
+    trainable_params: int
+
+
+def first_layer_of(base: keras.Model, unfreeze_from: str) -> int:
+    """Index in ``base.layers`` of the first layer of a block (``all`` → the first conv layer)."""
+    block = "block1" if unfreeze_from == "all" else unfreeze_from
+    if block not in VGG19_BLOCKS:
+        raise ValueError(f"unknown block {unfreeze_from!r}; expected one of {VGG19_BLOCKS} or 'all'")
+    for index, layer in enumerate(base.layers):
+        if layer.name.startswith(f"{block}_"):
+            return index
+    raise ValueError(f"the base has no layer of {block}")
+
+
+def count_params(weights: list) -> int:
+    return int(sum(np.prod(w.shape) for w in weights))
+
+
+def unfreeze_to(model: keras.Model, unfreeze_from: str | None, stage: str) -> FreezeInfo:
+    """Freeze the base below ``unfreeze_from`` and make everything above (and the head) trainable.
+
+    Args:
+        model: a classifier from :func:`build_classifier`.
+        unfreeze_from: ``block1``..``block5``, ``all``, or None for head-only (base frozen).
+        stage: the stage name recorded in the returned info.
+    """
+    base = base_of(model)
+    base.trainable = True
+    start = len(base.layers) if unfreeze_from is None else first_layer_of(base, unfreeze_from)
+    for index, layer in enumerate(base.layers):
+        layer.trainable = index >= start
+    for layer in head_layers(model):
+        layer.trainable = True
+    trainable = [layer for layer in base.layers if layer.trainable and layer.weights] + [
+        layer for layer in head_layers(model) if layer.weights
+    ]
+    first = trainable[0].name if trainable else ""
+    return FreezeInfo(
+        stage=stage,
+        first_trainable_layer=first,
+        trainable_layers=len(trainable),
+        trainable_params=count_params(model.trainable_weights),
+    )
+
+
+def prefix_layer_name(base: keras.Model, unfreeze_from: str) -> str:
+    """The frozen part's last layer for a stage: its output is what the stage can cache."""
+    return base.layers[first_layer_of(base, unfreeze_from) - 1].name
+
+
+def suffix_model(model: keras.Model, unfreeze_from: str) -> keras.Model:
+    """A model from the frozen prefix's output to the probabilities, *sharing* the classifier's layers.
+
+    Training it on cached prefix outputs trains the classifier's upper blocks and head without
+    recomputing the frozen lower blocks every epoch.
+    """
+    base = base_of(model)
+    start = first_layer_of(base, unfreeze_from)
+    shape = base.layers[start - 1].output.shape[1:]
+    inputs = keras.Input(shape=shape, name=f"{base.layers[start - 1].name}_output")
+    x = inputs
+    for layer in base.layers[start:]:
+        x = layer(x)
+    x = model.get_layer("avg_pool")(x)
+    for layer in head_layers(model):
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"from_{unfreeze_from}")
+
+
+def feature_extractor(base: keras.Model, layer_names: list[str], image_size: int) -> keras.Model:
+    """Raw resized images → {layer name: output} for the frozen base, plus ``avg_pool`` features.
+
+    One forward pass yields the head's pooled features and every stage's cached prefix output.
+    """
+    images = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = vgg19.preprocess_input(images)
+    outputs: dict[str, keras.KerasTensor] = {}
+    for layer in base.layers[1:]:
+        x = layer(x)
+        if layer.name in layer_names:
+            outputs[layer.name] = x
+    if "input_layer" in layer_names:
+        outputs["input_layer"] = vgg19.preprocess_input(images)
+    outputs["avg_pool"] = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return keras.Model(images, outputs, name="feature_extractor")

@@ -1,0 +1,224 @@
+"""MLflow and provenance helpers: the store, the data version, the git commit, package versions.
+
+Nothing here runs on import; :func:`connect` sets the tracking URI when a command needs it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+from vggflow.config import TrackingConfig
+from vggflow.errors import TrackingError
+
+PACKAGES = ("tensorflow", "keras", "prefect", "mlflow", "dvc", "pandas", "numpy", "pillow", "scikit-learn", "pydantic")
+
+# Tags and params shared by runs, registry versions and the retraining flow.
+TAG_DATA_VERSION = "vggflow.data_version"
+TAG_RANDOM_INIT = "vggflow.random_init"
+TAG_FREEZE = "vggflow.freeze_configuration"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the cwd), else None."""
+    if not uri.startswith("sqlite:"):
+        return None
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def check_store(cfg: TrackingConfig) -> str:
+    """Fail early when the tracking store is unusable; returns the effective URI.
+
+    Checks a sqlite store's folder and file are writable (creating the folder), an HTTP server
+    answers ``/health`` within seconds, and the artifact folder is writable.
+
+    Raises:
+        TrackingError: naming the URI or path and what to do.
+    """
+    uri = cfg.effective_uri
+    db = sqlite_path(uri)
+    if db is not None:
+        folder = db.parent if str(db.parent) else Path(".")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"cannot create the tracking store folder {folder} ({uri}): {err.strerror}") from None
+        if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise TrackingError(
+                f"the MLflow tracking store {db} is not writable ({uri}).\n"
+                "Fix the permissions, or point MLFLOW_TRACKING_URI / tracking.uri at a writable store."
+            )
+    elif urlparse(uri).scheme in ("http", "https"):
+        import requests
+
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=5)
+            response.raise_for_status()
+        except requests.RequestException as err:
+            raise TrackingError(
+                f"the MLflow tracking server {uri} is not reachable: {err.__class__.__name__}.\n"
+                "Start it (`vggflow ui`), or unset MLFLOW_TRACKING_URI to use the local store."
+            ) from None
+    if db is not None or urlparse(uri).scheme in ("", "file"):
+        root = cfg.artifact_root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"cannot create the artifact folder {root}: {err.strerror}") from None
+        if not os.access(root, os.W_OK):
+            raise TrackingError(f"the MLflow artifact folder {root} is not writable; fix its permissions or set tracking.artifact_root")
+    return uri
+
+
+def connect(cfg: TrackingConfig):
+    """Point MLflow at the configured store and return ``(client, experiment_id)``.
+
+    The experiment is created with its artifacts under ``cfg.artifact_root`` when new.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = check_store(cfg)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            location = cfg.artifact_root.resolve().as_uri() if sqlite_path(uri) is not None else None
+            experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+    except Exception as err:  # MLflow raises several types for an unusable store
+        raise TrackingError(f"cannot use the MLflow tracking store {uri}: {err}") from None
+    return client, experiment_id
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """The data version: DVC's md5 of the tracked folder, and whether the folder matches it.
+
+    ``matches`` is None when the data folder is not the one tracked by the DVC file.
+    """
+
+    md5: str
+    matches: bool | None
+    tracked_path: str | None
+
+    def as_tags(self) -> dict[str, str]:
+        return {
+            TAG_DATA_VERSION: self.md5,
+            "vggflow.data_matches_dvc": "unknown" if self.matches is None else str(self.matches).lower(),
+        }
+
+
+def read_dvc_md5(dvc_file: Path) -> tuple[str, str] | None:
+    """(md5, tracked path) from a ``.dvc`` file, or None when it does not exist/parse."""
+    try:
+        out = yaml.safe_load(Path(dvc_file).read_text())["outs"][0]
+        return str(out["md5"]), str(out["path"])
+    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
+        return None
+
+
+def data_version(dvc_file: Path, data_dir: Path, fingerprint: str) -> DataVersion:
+    """Resolve the data version of ``data_dir``.
+
+    When ``data_dir`` is the folder tracked by ``dvc_file``, the version is DVC's md5 and
+    ``matches`` says whether the folder's content still equals it (DVC's own status check).
+    Otherwise the version is ``untracked-<fingerprint>`` (the validated dataset's hash).
+    """
+    tracked = read_dvc_md5(dvc_file)
+    if tracked is None:
+        return DataVersion(f"untracked-{fingerprint}", None, None)
+    md5, path = tracked
+    tracked_dir = (Path(dvc_file).parent / path).resolve()
+    if tracked_dir != Path(data_dir).resolve():
+        return DataVersion(f"untracked-{fingerprint}", None, str(tracked_dir))
+    return DataVersion(md5, dvc_status_clean(dvc_file), str(tracked_dir))
+
+
+def dvc_status_clean(dvc_file: Path) -> bool | None:
+    """Whether the DVC-tracked output of ``dvc_file`` matches its recorded md5 (None if DVC fails)."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(Path(dvc_file).resolve().parent)) as repo:
+            return not repo.status(targets=[str(Path(dvc_file).resolve())])
+    except Exception:  # a broken DVC setup must not stop training; the tag says "unknown"
+        return None
+
+
+def git_info(directory: Path | None = None) -> tuple[str, bool | None]:
+    """(commit sha or "unknown", dirty flag or None) of the repository containing ``directory``."""
+    cwd = str(directory or Path.cwd())
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+    return commit, dirty
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the stack (logged with every run, pinned in the model)."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def epoch_metrics(logs: dict[str, float]) -> dict[str, float]:
+    """Keras epoch logs → the metric names used in every run (``train_loss``, ``val_accuracy``…)."""
+    names = {"loss": "train_loss", "accuracy": "train_accuracy", "val_loss": "val_loss", "val_accuracy": "val_accuracy"}
+    return {names[key]: value for key, value in logs.items() if key in names}
+
+
+def log_epoch(run_id: str, epoch: int, logs: dict[str, float]) -> None:
+    """Log one epoch's metrics to ``run_id`` with ``step=epoch`` (current tracking URI)."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, epoch) for key, value in epoch_metrics(logs).items()]
+    if metrics:
+        MlflowClient().log_batch(run_id, metrics=metrics)
+
+
+def champion_manifest(model_name: str, dest: Path) -> Path | None:
+    """Download the data manifest of the run behind ``<model_name>@champion`` into ``dest``.
+
+    Returns None when there is no champion (first run) or its run has no manifest.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None
+    if not version.run_id:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    import mlflow.artifacts
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="validation/manifest.csv", dst_path=str(dest)))
+    except (MlflowException, OSError):
+        return None

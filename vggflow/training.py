@@ -1,0 +1,135 @@
+"""Training one stage: compile, fit with early stopping, keep the best weights, report.
+
+Shared by the feature-extraction (head) step and every fine-tuning stage so they train, stop
+and report the same way. Importing this module imports Keras.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from vggflow.files import atomic_write_text, file_sha256
+
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+class StageResult(BaseModel):
+    """What a finished stage leaves behind (a reference, not the model)."""
+
+    stage: str
+    unfreeze_from: str | None
+    learning_rate: float
+    checkpoint: Path
+    checkpoint_sha256: str
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_accuracy: float
+    best_val_loss: float
+    first_trainable_layer: str
+    trainable_layers: int
+    trainable_params: int
+    epochs_run: int
+    seconds: float
+    images_per_second: float
+    prefix_cache: str | None = None
+    mlflow_run_id: str | None = None
+
+    def metric(self, name: str) -> float:
+        """The stage's best ``val_accuracy`` or ``val_loss``."""
+        return self.best_val_accuracy if name == "val_accuracy" else self.best_val_loss
+
+    def freeze_configuration(self) -> dict[str, Any]:
+        """The freeze configuration as logged (params and the stage-comparison JSON)."""
+        return {
+            "stage": self.stage,
+            "unfreeze_from": self.unfreeze_from or "none (base frozen)",
+            "first_trainable_layer": self.first_trainable_layer,
+            "trainable_layers": self.trainable_layers,
+            "trainable_params": self.trainable_params,
+            "learning_rate": self.learning_rate,
+        }
+
+
+def is_better(candidate: float, best: float, metric: str, margin: float = 0.0) -> bool:
+    """Whether ``candidate`` beats ``best`` by more than ``margin`` (accuracy up, loss down)."""
+    if math.isnan(candidate):
+        return False
+    if metric == "val_loss":
+        return candidate < best - margin
+    return candidate > best + margin
+
+
+def fit_stage(
+    trainable,
+    train_data,
+    val_data,
+    learning_rate: float,
+    epochs: int,
+    patience: int,
+    n_train: int,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[list[dict[str, float]], int, float]:
+    """Compile ``trainable`` (a Keras model) and fit it with early stopping on validation loss.
+
+    The best epoch's weights are restored at the end (also when training ran to the last epoch),
+    so the model leaves this function in its best state.
+
+    Returns:
+        (per-epoch history, best epoch index, seconds spent fitting)
+    """
+    import keras
+
+    trainable.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    callbacks: list[keras.callbacks.Callback] = [stopper, keras.callbacks.TerminateOnNaN()]
+    if on_epoch:
+        # One report per epoch (MLflow metrics, a progress line), never per batch.
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch, _floats(logs))))
+    started = time.perf_counter()
+    fitted = trainable.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
+    seconds = time.perf_counter() - started
+    history = [
+        {key: float(fitted.history[key][epoch]) for key in HISTORY_KEYS if key in fitted.history}
+        | {"epoch": epoch}
+        for epoch in range(len(fitted.history.get("loss", [])))
+    ]
+    best_epoch = stopper.best_epoch if history else 0
+    return history, int(best_epoch), seconds
+
+
+def _floats(logs: dict | None) -> dict[str, float]:
+    return {key: float(value) for key, value in (logs or {}).items()}
+
+
+def save_checkpoint(model, path: Path) -> str:
+    """Save the whole classifier atomically, with a ``.sha256`` sidecar checked before reuse."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    model.save(tmp)
+    digest = file_sha256(tmp)
+    os.replace(tmp, path)
+    atomic_write_text(_sidecar(path), digest)
+    return digest
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def checkpoint_is_valid(path: Path) -> bool:
+    """True when the checkpoint exists and matches the checksum recorded when it was saved."""
+    try:
+        expected = _sidecar(path).read_text().strip()
+    except OSError:
+        return False
+    return path.is_file() and file_sha256(path) == expected
