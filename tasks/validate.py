@@ -846,7 +846,8 @@ def validate_dataset(
         "drift": drift,
         "data_dir": str(data_dir),
         "format_version": FORMAT_VERSION,
-        "settings": {"validation": cfg.model_dump(mode="json"),
+        # Without `workers`: how the work was spread must not change the report.
+        "settings": {"validation": cfg.model_dump(mode="json", exclude={"workers"}),
                      "val_fraction": data_cfg.val_fraction, "test_fraction": data_cfg.test_fraction},
     }
     return ValidationResult(manifest=manifest, report=report)
