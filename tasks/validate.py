@@ -8,7 +8,8 @@ bad file: only a missing or class-less ``DATA_DIR`` is a :class:`~vggflow.errors
 The report format, the issue kinds, the manifest columns, the split rule and the near-duplicate
 rule are documented in ``docs/validation.md``; keep the two in sync.
 
-Pure module: no MLflow, Prefect or TensorFlow; worker processes import only this module.
+Pure module: no MLflow, Prefect or TensorFlow. Decoding workers import this module, so pandas and
+pydantic are imported only where needed (a worker starts in ~0.4 s instead of ~2 s).
 """
 
 from __future__ import annotations
@@ -27,16 +28,19 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import imagehash
 import numpy as np
-import pandas as pd
 from PIL import Image
 
-from vggflow.config import DataConfig, ValidationConfig
 from vggflow.errors import DataError
 from vggflow.images import ImageDecodeError, open_image, to_rgb
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from vggflow.config import DataConfig, ValidationConfig
 
 #: Version of the report/manifest format documented in docs/validation.md.
 FORMAT_VERSION = 1
@@ -346,7 +350,8 @@ def _inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any]:
             return record
     # Box-downscaling first makes pHash ~3x cheaper and matches imagehash's own result in practice.
     thumb = rgb.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
-    record["phash"] = str(imagehash.phash(thumb))
+    # Hex of the 64 bits, row-major, most significant first: what str(ImageHash) gives, 10x faster.
+    record["phash"] = np.packbits(imagehash.phash(thumb).hash.ravel()).tobytes().hex()
     record["mean"] = round(float(np.asarray(thumb).mean()), 2)
     return record
 
@@ -740,21 +745,20 @@ def _compare_to_previous(
     if drift["missing_classes"]:
         warnings.append(f"drift: class(es) gone since the previous version: {_quote(drift['missing_classes'])}")
     stats: dict[str, Any] = {}
-    for column in ("width", "height"):
-        if column in previous.columns and len(current):
-            was = float(pd.to_numeric(previous[column], errors="coerce").median())
-            now_value = float(current[column].median())
-            change = (now_value - was) / was if was else 0.0
-            stats[f"median_{column}"] = {"previous": was, "current": now_value, "relative_change": round(change, 4)}
+    for column in ("width", "height", "mean"):
+        was, now_value = _median(previous, column), _median(current, column)
+        if was is None or now_value is None:
+            continue
+        if column == "mean":  # brightness: the change as a share of the 0..255 range
+            change = (now_value - was) / 255.0
+            stats["median_brightness"] = {"previous": round(was, 2), "current": round(now_value, 2), "change_of_255": round(change, 4)}
             if abs(change) > threshold:
-                warnings.append(f"drift: median {column} {was:g} -> {now_value:g} px ({change:+.0%})")
-    if "mean" in previous.columns and len(current):
-        was = float(pd.to_numeric(previous["mean"], errors="coerce").median())
-        now_value = float(current["mean"].median())
-        change = (now_value - was) / 255.0
-        stats["median_brightness"] = {"previous": round(was, 2), "current": round(now_value, 2), "change_of_255": round(change, 4)}
+                warnings.append(f"drift: median brightness {was:.1f} -> {now_value:.1f} (of 255)")
+            continue
+        change = (now_value - was) / was if was else 0.0
+        stats[f"median_{column}"] = {"previous": was, "current": now_value, "relative_change": round(change, 4)}
         if abs(change) > threshold:
-            warnings.append(f"drift: median brightness {was:.1f} -> {now_value:.1f} (of 255)")
+            warnings.append(f"drift: median {column} {was:g} -> {now_value:g} px ({change:+.0%})")
     for column in ("mode", "format"):
         if column in previous.columns and len(current):
             now_mix, before_mix = _shares(current[column]), _shares(previous[column])
@@ -769,6 +773,16 @@ def _compare_to_previous(
         drift["n_added"] = len(now_hashes - before_hashes)
         drift["n_removed"] = len(before_hashes - now_hashes)
     return drift, warnings
+
+
+def _median(frame: pd.DataFrame, column: str) -> float | None:
+    """Median of a numeric column, or None when missing or unreadable (an older manifest)."""
+    import pandas as pd
+
+    if column not in frame.columns or frame.empty:
+        return None
+    value = float(pd.to_numeric(frame[column], errors="coerce").median())
+    return None if value != value else value  # NaN
 
 
 def _mix(shares: dict[str, float]) -> str:
@@ -854,6 +868,8 @@ def validate_dataset(
 
 
 def _manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
     data = {column: [r[column] for r in rows] for column in MANIFEST_COLUMNS if column != "issues"}
     data["issues"] = [";".join(kind for kind, _ in r["_issues"]) for r in rows]
     frame = pd.DataFrame(data, columns=list(MANIFEST_COLUMNS))
@@ -862,6 +878,8 @@ def _manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a ``manifest.csv`` back with its dtypes (labels like ``1`` or ``NA`` stay strings)."""
+    import pandas as pd
+
     frame = pd.read_csv(
         path, dtype=MANIFEST_DTYPES, keep_default_na=False, na_values=[], encoding="utf-8", encoding_errors="surrogateescape"
     )
@@ -922,13 +940,20 @@ def write_validation_outputs(result: ValidationResult, out_dir: Path) -> dict[st
     }
 
 
+_STATUS_RANK = {"excluded": 0, "duplicate": 1, "-": 2, "ok": 3, "ignored": 4}
+
+
 def _top_kinds(report: dict[str, Any]) -> list[tuple[str, int, str]]:
-    """(kind, count, first path) for each issue kind, most frequent first."""
+    """(kind, count, first path) for each issue kind: what costs images first, then by count."""
     first: dict[str, str] = {}
     for issue in report["issues"]:
         first.setdefault(issue["kind"], issue["path"])
-    counts = report["summary"].get("issue_counts") or Counter(i["kind"] for i in report["issues"])
-    return [(kind, n, first[kind]) for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    counts = Counter(i["kind"] for i in report["issues"])
+
+    def rank(kind: str) -> int:
+        return _STATUS_RANK.get(ISSUE_KINDS.get(kind, ("-", ""))[0], 2)
+
+    return [(kind, n, first[kind]) for kind, n in sorted(counts.items(), key=lambda kv: (rank(kv[0]), -kv[1], kv[0]))]
 
 
 def _wrap(items: Sequence[str], width: int = 92, indent: str = "    ") -> list[str]:
@@ -956,20 +981,22 @@ def format_summary(result: ValidationResult, report_path: Path | str | None = No
     ratio = summary.get("imbalance_ratio")
     lines.append(f"  {len(classes)} classes" + (f", imbalance ratio {ratio:g}:" if ratio else ":"))
     items = [f"{label} {n:,}" for label, n in classes.items()]
-    if len(items) > 16:  # keep it to one screen: the smallest and largest classes matter most
+    if len(items) > 10:  # keep it to one screen: the smallest and largest classes matter most
         ordered = sorted(classes.items(), key=lambda kv: (kv[1], kv[0]))
-        items = [f"{k} {v:,}" for k, v in ordered[:6]] + [f"... {len(items) - 12} more ..."] + [f"{k} {v:,}" for k, v in ordered[-6:]]
-    lines.extend(_wrap(items)[:3])
+        items = [f"{k} {v:,}" for k, v in ordered[:4]] + [f"... {len(items) - 8} more ..."] + [f"{k} {v:,}" for k, v in ordered[-4:]]
+    lines.extend(_wrap(items)[:2])
     splits = summary.get("splits", {})
     if splits:
         lines.append("  splits: " + ", ".join(f"{name} {n:,}" for name, n in splits.items()))
     kinds = _top_kinds(report)
     if kinds:
         lines.append("  issues (kind: count, e.g. first path):")
-        for kind, n, path in kinds[:8]:
+        for kind, n, path in kinds[:7]:
             lines.append(f"    {kind:<20} {n:>6,}  e.g. {path}")
-        if len(kinds) > 8:
-            lines.append(f"    ... and {len(kinds) - 8} more kinds")
+        rest = _wrap([f"{kind} {n:,}" for kind, n, _ in kinds[7:]], indent="    also: ")
+        lines.extend(rest[:1] + [line.replace("    also: ", "          ", 1) for line in rest[1:2]])
+        if len(rest) > 2:
+            lines[-1] += ", ..."
     for label, messages in (("ERROR", result.errors), ("warning", report.get("warnings", []))):
         for message in messages[:3]:
             lines.append(f"  {label}: {message}")
