@@ -105,8 +105,8 @@ def build_dirty_corpus(root: Path) -> tuple[Path, dict[str, str], dict[str, int]
     # Usable but suspicious.
     pattern(15).save(cats / "really_a_png.jpg", format="PNG")
     expected["cats/really_a_png.jpg"] = "wrong_extension"
-    # 5% brighter and 12% smaller: pHash distance 2 (distinct patterns are >= 14 apart).
-    brighter = ImageEnhance.Brightness(pattern(1)).enhance(1.05).resize((56, 42), Image.Resampling.BICUBIC)
+    # 3% brighter and 25% larger: pHash distance 2 (distinct patterns are >= 14 apart).
+    brighter = ImageEnhance.Brightness(pattern(1)).enhance(1.03).resize((80, 60), Image.Resampling.BICUBIC)
     brighter.save(cats / "photo_edited.png")
     expected["cats/photo_edited.png"] = "near_duplicate"
     expected["cats/photo.jpg"] = "near_duplicate"
