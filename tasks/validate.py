@@ -107,7 +107,8 @@ OTHER_IMAGE_EXTENSIONS = frozenset(
     ".heic .heif .avif .jxl .jp2 .j2k .ico .icns .svg .psd .xcf .raw .cr2 .cr3 .nef .arw .dng .orf .rw2 "
     ".ppm .pgm .pbm .pnm .tga .pcx .dds .eps .exr .hdr".split()
 )
-JUNK_FILE_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r", "zone.identifier"})
+#: Lower-case names of OS litter files (plus ``._*`` AppleDouble files and ``*:Zone.Identifier`` streams).
+JUNK_FILE_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"})
 JUNK_DIR_NAMES = frozenset({"__macosx", "@eadir", "$recycle.bin", "system volume information"})
 
 #: Below this many files, decoding in-process beats paying for worker start-up (~1 s each).
@@ -118,7 +119,7 @@ THUMB_SIDE = 32
 MAX_QUOTED = 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: identity semantics, a DataFrame field is not hashable
 class ValidationResult:
     """What validation found: a manifest of every file and the JSON report."""
 
@@ -160,7 +161,7 @@ class _Scan:
 def _junk_kind(name: str) -> str:
     """``os_junk``, ``hidden`` or "" for a directory entry name."""
     lowered = name.lower()
-    if lowered in JUNK_FILE_NAMES or lowered in JUNK_DIR_NAMES or name == ".DS_Store" or name.startswith("._"):
+    if lowered in JUNK_FILE_NAMES or lowered in JUNK_DIR_NAMES or name.startswith("._") or lowered.endswith(":zone.identifier"):
         return "os_junk"
     if name.startswith("."):
         return "hidden"
@@ -1080,3 +1081,94 @@ def render_html(result: ValidationResult, max_issues: int = 2000) -> str:
         parts.append(f"<p>... {len(issues) - max_issues:,} more issues in report.json</p>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- Prefect task shells
+# (imported here, at the end, so the decoding workers above never pay for importing Prefect)
+
+from prefect import task  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from vggflow.caching import key_when_valid  # noqa: E402
+
+
+class ValidatedData(BaseModel):
+    """What the validation task hands to the rest of the flow (references, not data)."""
+
+    ok: bool
+    summary: str
+    fingerprint: str
+    class_names: list[str]
+    n_valid: int
+    rows_file: Path
+    files: dict[str, Path]
+
+
+def _validation_outputs_valid(parameters: dict[str, Any]) -> bool:
+    out_dir = Path(parameters["out_dir"]) / parameters["cache_key"]
+    return all((out_dir / name).is_file() for name in ("report.json", "manifest.csv", "report.html", "rows.csv", "result.json"))
+
+
+def validation_cache_key(data_cfg: DataConfig, cfg: ValidationConfig, previous_manifest: Path | None) -> str:
+    """Key of a validation: the folder's files (names, sizes, mtimes), the config and the previous manifest."""
+    from vggflow.caching import directory_fingerprint, stable_hash
+
+    previous = _file_digest(previous_manifest) if previous_manifest else None
+    return stable_hash(directory_fingerprint(Path(data_cfg.dir)), str(Path(data_cfg.dir).resolve()), data_cfg, cfg, previous)
+
+
+def _file_digest(path: Path) -> str:
+    from vggflow.files import file_sha256
+
+    return file_sha256(path)
+
+
+def run_validation(data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, previous_manifest: Path | None) -> ValidatedData:
+    """Validate, write report/manifest/HTML plus the usable rows (``rows.csv``) into ``out_dir``."""
+    from vggflow.files import atomic_write_text
+
+    previous = read_manifest(previous_manifest) if previous_manifest else None
+    result = validate_dataset(Path(data_cfg.dir), data_cfg, cfg, previous)
+    files = write_validation_outputs(result, out_dir)
+    rows_file = out_dir / "rows.csv"
+    atomic_write_text(rows_file, result.usable[["path", "label", "split"]].to_csv(index=False))
+    validated = ValidatedData(
+        ok=result.ok,
+        summary=format_summary(result),
+        fingerprint=dataset_fingerprint(result),
+        class_names=sorted(result.usable["label"].unique().tolist()),
+        n_valid=len(result.usable),
+        rows_file=rows_file,
+        files=files,
+    )
+    atomic_write_text(out_dir / "result.json", validated.model_dump_json(indent=1))
+    return validated
+
+
+@task(
+    name="validate-data",
+    cache_key_fn=key_when_valid("validate-data", _validation_outputs_valid),
+    persist_result=True,
+    result_serializer="json",
+)
+def validate_data_task(data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, previous_manifest: Path | None, cache_key: str) -> ValidatedData:
+    """Prefect shell: validate the data folder (cached by its file listing + config)."""
+    validated = run_validation(data_cfg, cfg, Path(out_dir) / cache_key, previous_manifest)
+    print(validated.summary)
+    return validated
+
+
+@task(name="data-version", retries=2, retry_delay_seconds=3)
+def data_version_task(data_cfg: DataConfig, fingerprint: str):
+    """Prefect shell: DVC md5 of the data and whether data/ matches it (DVC I/O: retried)."""
+    from vggflow.tracking import data_version
+
+    return data_version(data_cfg.dvc_file, data_cfg.dir, fingerprint)
+
+
+@task(name="fetch-champion-manifest", retries=2, retry_delay_seconds=5)
+def fetch_champion_manifest_task(model_name: str, dest: Path) -> Path | None:
+    """Prefect shell: the current champion's data manifest (for drift warnings), or None."""
+    from vggflow.tracking import champion_manifest
+
+    return champion_manifest(model_name, Path(dest))
