@@ -70,7 +70,7 @@ MANIFEST_COLUMNS = tuple(MANIFEST_DTYPES)
 #: (`empty_class`, and hidden/junk/unreadable folders) have no manifest row; their status is "-".
 ISSUE_KINDS: dict[str, tuple[str, str]] = {
     "empty": ("excluded", "zero-byte file"),
-    "not_an_image": ("excluded", "image-like name (or none), but the content is not a recognised image"),
+    "not_an_image": ("excluded", "an image extension, but the content is not a recognised image"),
     "unsupported_format": ("excluded", "an image format vggflow does not decode (e.g. HEIC, PSD, ICO)"),
     "corrupt": ("excluded", "truncated or corrupt image data"),
     "too_large": ("excluded", "more than max_pixels pixels: refused from the header, never allocated"),

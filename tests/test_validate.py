@@ -509,3 +509,11 @@ def test_drift_against_the_previous_manifest(tmp_path: Path) -> None:
     same = validate_dataset(tmp_path / "v1", DATA_CFG, SERIAL, previous_manifest=previous)
     assert not [w for w in same.report["warnings"] if w.startswith("drift")]
     assert same.report["drift"]["n_added"] == 0 and same.report["drift"]["n_removed"] == 0
+
+
+def test_docs_list_every_issue_kind_with_its_status() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "validation.md").read_text(encoding="utf-8")
+    for kind, (status, _) in ISSUE_KINDS.items():
+        assert f"| `{kind}` | {status} |" in docs, kind
+    for column in MANIFEST_COLUMNS:
+        assert f"`{column}`" in docs, column
