@@ -92,23 +92,26 @@ def train_flow(
             cache_key=key, stage_run_id=stage_run,
         )
         close_stage_run(stage_run, head)
-        results, best, skipped = [head], head, []
+        results, best, best_key, skipped = [head], head, key, []
         metric = cfg.finetune.selection_metric
-        shared = cfg.finetune.model_dump(exclude={"stages", "selection_metric", "min_improvement"})
+        shared = cfg.finetune.model_dump(exclude={"stages", "selection_metric", "min_improvement", "stop_when_no_improvement"})
         for position, stage in enumerate(cfg.finetune.stages):
-            key = stable_hash(key, stage, shared, plan[stage.label])
+            # Each stage starts from the best weights so far; its key chains from that stage's key.
+            key = stable_hash(best_key, stage, shared, plan[stage.label])
             stage_run = open_stage_run(ready.experiment_id, run_id, stage.label, stage.unfreeze_from, stage.learning_rate)
             result = finetune_stage_task(
-                results[-1], stage, cfg.finetune, features, plan[stage.label], cfg.data.dir, size, seed,
+                best, stage, cfg.finetune, features, plan[stage.label], cfg.data.dir, size, seed,
                 cfg.work_dir / "checkpoints" / f"{key}.keras", cache_key=key, stage_run_id=stage_run,
             )
             close_stage_run(stage_run, result)
             results.append(result)
-            if not is_better(result.metric(metric), best.metric(metric), metric, cfg.finetune.min_improvement):
+            improved = is_better(result.metric(metric), best.metric(metric), metric, cfg.finetune.min_improvement)
+            if improved:
+                best, best_key = result, key
+            elif cfg.finetune.stop_when_no_improvement:
                 skipped = [s.label for s in cfg.finetune.stages[position + 1 :]]
                 print(f"stage {stage.label} did not improve {metric} on {best.stage}: stopping (skipped: {', '.join(skipped) or 'none'})")
                 break
-            best = result
         chosen = choose_freeze_configuration(results, metric)
         report_dir = cfg.work_dir / "runs" / run_id
         evaluation = evaluate_task(chosen.checkpoint, validated.rows_file, cfg.data.dir, validated.class_names, cfg.evaluate, report_dir)

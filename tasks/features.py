@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from prefect import task
 from pydantic import BaseModel
 
+from vggflow.caching import key_when_valid
 from vggflow.files import atomic_write_text, file_sha256
 
 META_FILE = "meta.json"

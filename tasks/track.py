@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import task
 
 from vggflow.config import Config
-from vggflow.tracking import TAG_DATA_VERSION, TAG_RANDOM_INIT, DataVersion, epoch_metrics, git_info, package_versions
+from vggflow.tracking import TAG_RANDOM_INIT, DataVersion, epoch_metrics, git_info, package_versions
 from vggflow.training import StageResult
 
 MAX_PARAMS_PER_BATCH = 100

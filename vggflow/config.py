@@ -128,6 +128,7 @@ class FinetuneConfig(Section):
     min_improvement: float = Field(
         0.0, ge=0, description="A stage must beat the best so far by more than this, else later stages are skipped."
     )
+    stop_when_no_improvement: bool = Field(True, description="False runs every stage (the best one still wins).")
     cache_frozen_prefix: bool = Field(
         True, description="Train a stage on cached outputs of its frozen lower blocks instead of recomputing them."
     )

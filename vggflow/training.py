@@ -83,8 +83,12 @@ def fit_stage(
     Returns:
         (per-epoch history, best epoch index, seconds spent fitting)
     """
+    import logging
+
     import keras
 
+    # Each stage compiles a new model; TensorFlow's retracing warnings about it are noise here.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     trainable.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",

@@ -1,0 +1,73 @@
+"""End-to-end: the training flow on a tiny generated dataset, against a real Prefect test server
+and a real MLflow sqlite store, asserting the run, its params, metrics, artifacts and the
+registered version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_flow_end_to_end(project: Path, tiny_dataset: Path, prefect_server) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from flows.train import train_flow
+
+    summary = train_flow(overrides=tiny_overrides(), data_dir=str(tiny_dataset))
+
+    client = MlflowClient()
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    # Provenance and the whole config.
+    assert params["backbone.weights"] == "none" and params["backbone.image_size"] == "32"
+    assert params["seed"] == "42" and "package.tensorflow" in params and "git_commit" in params
+    assert tags["vggflow.random_init"] == "true"
+    assert tags["vggflow.data_version"].startswith("untracked-")
+    # The chosen freeze configuration.
+    assert params["chosen.stage"] == summary.freeze_configuration["stage"]
+    assert params["chosen.stage"] in {"head", "block5", "block4", "all"}
+    for key in ("first_trainable_layer", "trainable_layers", "trainable_params", "learning_rate"):
+        assert f"chosen.{key}" in params
+    # Test metrics.
+    for key in ("test_accuracy", "test_macro_f1"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["test_accuracy"] == pytest.approx(summary.test_metrics["accuracy"])
+    # One nested run per stage, with per-epoch history.
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary.run_id}'"
+    )
+    assert sorted(c.data.tags["vggflow.stage"] for c in children) == ["all", "block4", "block5", "head"]
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert len(history) >= 1 and child.info.status == "FINISHED"
+    # Artifacts.
+    artifacts = {a.path for folder in ("", "stages", "evaluation", "validation", "config") for a in client.list_artifacts(summary.run_id, folder)}
+    for expected in (
+        "stages/learning_curves.png",
+        "stages/stage_comparison.json",
+        "evaluation/confusion_matrix.png",
+        "evaluation/per_class_metrics.csv",
+        "validation/report.json",
+        "validation/manifest.csv",
+        "config/effective_config.yaml",
+        "model_card.md",
+    ):
+        assert expected in artifacts, expected
+    comparison = json.loads(Path(client.download_artifacts(summary.run_id, "stages/stage_comparison.json")).read_text())
+    assert [s["stage"] for s in comparison["stages"]] == ["head", "block5", "block4", "all"]
+    assert sum(s["chosen"] for s in comparison["stages"]) == 1
+    # The registered version, promoted as the first champion.
+    version = client.get_model_version("vgg19-classifier", summary.model_version)
+    assert version.run_id == summary.run_id
+    assert version.tags["vggflow.data_version"] == tags["vggflow.data_version"]
+    assert json.loads(version.tags["vggflow.freeze_configuration"])["stage"] == params["chosen.stage"]
+    assert str(client.get_model_version_by_alias("vgg19-classifier", "champion").version) == summary.model_version
+    assert summary.decision.promoted and "no champion yet" in summary.decision.reason
+    assert "randomly initialised" in version.description
