@@ -8,8 +8,8 @@ bad file: only a missing or class-less ``DATA_DIR`` is a :class:`~vggflow.errors
 The report format, the issue kinds, the manifest columns, the split rule and the near-duplicate
 rule are documented in ``docs/validation.md``; keep the two in sync.
 
-Pure module: no MLflow, Prefect or TensorFlow. Decoding workers import this module, so pandas and
-pydantic are imported only where needed (a worker starts in ~0.4 s instead of ~2 s).
+The per-file work (hash, decode, RGB conversion, pHash) is :func:`vggflow.images.inspect_file`:
+spawned workers import only that light module, never this one.
 """
 
 from __future__ import annotations
@@ -28,19 +28,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import imagehash
 import numpy as np
-from PIL import Image
+import pandas as pd
 
+from vggflow.config import DataConfig, ValidationConfig
 from vggflow.errors import DataError
-from vggflow.images import ImageDecodeError, open_image, to_rgb
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from vggflow.config import DataConfig, ValidationConfig
+from vggflow.images import blank_inspection, inspect_files
 
 #: Version of the report/manifest format documented in docs/validation.md.
 FORMAT_VERSION = 1
@@ -113,8 +108,6 @@ JUNK_DIR_NAMES = frozenset({"__macosx", "@eadir", "$recycle.bin", "system volume
 
 #: Below this many files, decoding in-process beats paying for worker start-up (~1 s each).
 SERIAL_BELOW = 200
-#: Side of the downscaled RGB copy that pHash and the mean brightness are computed from.
-THUMB_SIDE = 32
 #: Longest lists quoted inside one issue message.
 MAX_QUOTED = 3
 
@@ -311,72 +304,32 @@ def _scan(data_dir: Path) -> _Scan:
 # --------------------------------------------------------------------------------------------
 
 
-def _blank_record() -> dict[str, Any]:
-    """What a worker reports about a file before measuring anything."""
-    return {"sha256": "", "bytes": 0, "width": 0, "height": 0, "mode": "", "format": "", "phash": "", "mean": 0.0,
-            "kind": "", "message": ""}
-
-
-def _inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any]:
-    """Hash, decode and measure one regular file; every failure becomes a ``kind`` (never raises)."""
-    record = _blank_record()
-    try:
-        with open(path, "rb") as handle:
-            record["bytes"] = os.fstat(handle.fileno()).st_size
-            record["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
-        image = open_image(path, max_pixels)
-    except ImageDecodeError as err:
-        record.update(kind=err.kind, message=str(err))
-        return record
-    except OSError as err:
-        record.update(kind="unreadable", message=f"cannot read: {err.strerror or err}")
-        return record
-    except MemoryError:
-        record.update(kind="too_large", message="ran out of memory decoding it")
-        return record
-    except Exception as err:  # noqa: BLE001 - a decoder bug on hostile data must not stop validation
-        record.update(kind="corrupt", message=f"decoder failed: {type(err).__name__}: {err}")
-        return record
-    with image:
-        width, height = image.size
-        record.update(width=width, height=height, mode=image.mode, format=image.format or "")
-        if min(width, height) < min_side:
-            record.update(kind="too_small", message=f"{width}x{height} is below min_side={min_side}")
-            return record
-        try:
-            # The same conversion training uses, so anything validation accepts also trains.
-            rgb = Image.fromarray(to_rgb(image))
-        except Exception as err:  # noqa: BLE001
-            record.update(kind="unsupported_format", message=f"cannot convert mode {image.mode} to RGB: {err}")
-            return record
-    # imagehash would Lanczos-resize the full image to 32x32 (~0.5 ms); a reducing_gap bilinear
-    # resize is ~6x cheaper and measured at least as stable under small edits.
-    thumb = rgb.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    # Hex of the 64 bits, row-major, most significant first: what str(ImageHash) gives, 10x faster.
-    record["phash"] = np.packbits(imagehash.phash(thumb).hash.ravel()).tobytes().hex()
-    record["mean"] = round(float(np.asarray(thumb).mean()), 2)
-    return record
-
-
-def _inspect_chunk(paths: Sequence[str], max_pixels: int, min_side: int) -> list[dict[str, Any]]:
-    """Inspect files in order (the unit of work sent to a worker process)."""
-    return [_inspect_file(path, max_pixels, min_side) for path in paths]
-
-
 ChunkFn = Callable[[Sequence[str], int, int], list[dict[str, Any]]]
 
 
 def _crash_record() -> dict[str, Any]:
-    record = _blank_record()
+    record = blank_inspection()
     record.update(kind="decoder_crash", message="the decoding process died on this file (crash or out of memory)")
     return record
 
 
-def _inspect_isolated(paths: Sequence[str], max_pixels: int, min_side: int, chunk_fn: ChunkFn) -> list[dict[str, Any]]:
-    """Inspect files one per task in a one-process pool, restarted whenever a file kills it."""
+def _inspect_isolated(
+    paths: Sequence[str], max_pixels: int, min_side: int, chunk_fn: ChunkFn
+) -> list[dict[str, Any]] | None:
+    """Inspect files one per task in a one-process pool, restarted whenever a file kills it.
+
+    Returns:
+        The records, or None when no worker process can start at all (nothing was inspected).
+    """
     context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+    try:
+        # os.getpid pickles by reference to a stdlib module: a pure "can workers start?" probe.
+        pool.submit(os.getpid).result(timeout=300)
+    except Exception:  # noqa: BLE001 - any failure means: do not rely on workers
+        pool.shutdown(wait=True, cancel_futures=True)
+        return None
     records: list[dict[str, Any]] = []
-    pool: ProcessPoolExecutor | None = None
     try:
         for path in paths:
             if pool is None:
@@ -393,10 +346,6 @@ def _inspect_isolated(paths: Sequence[str], max_pixels: int, min_side: int, chun
     return records
 
 
-def _ping() -> str:
-    return "pong"
-
-
 def _spawn_can_import_main() -> bool:
     """False when spawned workers would fail to re-import ``__main__`` (e.g. a script read from stdin)."""
     main = sys.modules.get("__main__")
@@ -406,23 +355,14 @@ def _spawn_can_import_main() -> bool:
     return main_path is None or os.path.isfile(main_path)
 
 
-def _workers_can_start(context: multiprocessing.context.BaseContext) -> bool:
-    """Whether a worker process can start and run a trivial task at all."""
-    try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            return pool.submit(_ping).result(timeout=300) == "pong"
-    except Exception:  # noqa: BLE001 - any failure means: do not rely on workers
-        return False
-
-
 def _inspect_parallel(
-    paths: Sequence[str], workers: int, max_pixels: int, min_side: int, chunk_fn: ChunkFn = _inspect_chunk
+    paths: Sequence[str], workers: int, max_pixels: int, min_side: int, chunk_fn: ChunkFn = inspect_files
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Inspect files in a process pool, in chunks; results are in the order of ``paths``.
 
     If a worker dies (a decoder segfault, the OOM killer), the unfinished chunks are redone one
     file at a time in isolation, so only the culprit is reported as ``decoder_crash``. If workers
-    cannot run at all, the unfinished chunks are inspected in this process instead.
+    cannot run at all, the unfinished files are inspected in this process instead.
 
     Returns:
         (records, notes): notes say how the work had to be redone, for the report's warnings.
@@ -431,7 +371,8 @@ def _inspect_parallel(
     size = int(min(256, max(16, len(paths) // (workers * 8))))
     chunks = [list(paths[start : start + size]) for start in range(0, len(paths), size)]
     results: list[list[dict[str, Any]] | None] = [None] * len(chunks)
-    # spawn, not fork: the caller may be a threaded flow runner (or have TensorFlow loaded).
+    # spawn, not fork: the caller may be a threaded flow runner (or have TensorFlow loaded). A
+    # worker imports only chunk_fn's module (vggflow.images), so it starts fast.
     context = multiprocessing.get_context("spawn")
     try:
         with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context) as pool:
@@ -443,24 +384,27 @@ def _inspect_parallel(
                     pass  # redone below
     except BrokenProcessPool:
         pass
-    notes: list[str] = []
     unfinished = [index for index, done in enumerate(results) if done is None]
-    if unfinished and not _workers_can_start(context):
-        notes.append("worker processes could not start; files were decoded in the main process")
-        for index in unfinished:
-            results[index] = chunk_fn(chunks[index], max_pixels, min_side)
-    elif unfinished:
-        notes.append("a decoding process died; the unfinished files were redone one by one")
-        for index in unfinished:
-            results[index] = _inspect_isolated(chunks[index], max_pixels, min_side, chunk_fn)
-    return [record for done in results for record in done or []], notes
+    if not unfinished:
+        return [record for done in results for record in done or []], []
+    left = [path for index in unfinished for path in chunks[index]]
+    redone = _inspect_isolated(left, max_pixels, min_side, chunk_fn)
+    if redone is None:
+        note = "worker processes could not start; files were decoded in the main process"
+        redone = chunk_fn(left, max_pixels, min_side)
+    else:
+        note = "a decoding process died; the unfinished files were redone one by one"
+    records = iter(redone)
+    for index in unfinished:
+        results[index] = [next(records) for _ in chunks[index]]
+    return [record for done in results for record in done or []], [note]
 
 
 def _inspect_all(paths: Sequence[str], cfg: ValidationConfig) -> tuple[list[dict[str, Any]], list[str]]:
     """Inspect files serially for small jobs (or workers=1), else in a process pool."""
     workers = cfg.workers or os.cpu_count() or 1
     if workers <= 1 or len(paths) < SERIAL_BELOW or not _spawn_can_import_main():
-        return _inspect_chunk(paths, cfg.max_pixels, cfg.min_side), []
+        return inspect_files(paths, cfg.max_pixels, cfg.min_side), []
     return _inspect_parallel(paths, workers, cfg.max_pixels, cfg.min_side)
 
 
@@ -779,8 +723,6 @@ def _compare_to_previous(
 
 def _median(frame: pd.DataFrame, column: str) -> float | None:
     """Median of a numeric column, or None when missing or unreadable (an older manifest)."""
-    import pandas as pd
-
     if column not in frame.columns or frame.empty:
         return None
     value = float(pd.to_numeric(frame[column], errors="coerce").median())
@@ -870,8 +812,6 @@ def validate_dataset(
 
 
 def _manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    import pandas as pd
-
     data = {column: [r[column] for r in rows] for column in MANIFEST_COLUMNS if column != "issues"}
     data["issues"] = [";".join(kind for kind, _ in r["_issues"]) for r in rows]
     frame = pd.DataFrame(data, columns=list(MANIFEST_COLUMNS))
@@ -880,8 +820,6 @@ def _manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a ``manifest.csv`` back with its dtypes (labels like ``1`` or ``NA`` stay strings)."""
-    import pandas as pd
-
     frame = pd.read_csv(
         path, dtype=MANIFEST_DTYPES, keep_default_na=False, na_values=[], encoding="utf-8", encoding_errors="surrogateescape"
     )

@@ -38,7 +38,7 @@ from tasks.validate import (
 )
 from vggflow.config import DataConfig, ValidationConfig
 from vggflow.errors import DataError
-from vggflow.images import ImageDecodeError, load_rgb, open_image, to_rgb
+from vggflow.images import ImageDecodeError, inspect_files, load_rgb, open_image, to_rgb
 
 DATA_CFG = DataConfig()
 SERIAL = ValidationConfig(workers=1, min_side=8, drop_small_classes=True)
@@ -424,18 +424,18 @@ def crash_on_boom(paths: Sequence[str], max_pixels: int, min_side: int) -> list[
     """A chunk worker whose decoder 'segfaults' on files named boom*: kills its process."""
     if any(Path(path).name.startswith("boom") for path in paths):
         os._exit(11)
-    return validation._inspect_chunk(paths, max_pixels, min_side)
+    return inspect_files(paths, max_pixels, min_side)
 
 
 def test_a_dying_decoder_costs_only_its_file(tmp_path: Path) -> None:
-    paths = []
-    for name in ("a.png", "boom.png", "c.png", "d.png"):
-        pattern(len(paths)).save(tmp_path / name)
-        paths.append(str(tmp_path / name))
+    names = ["a.png", "boom.png", "c.png", "d.png"]
+    for index, name in enumerate(names):
+        pattern(index).save(tmp_path / name)
+    paths = [str(tmp_path / name) for name in names]
     records, notes = validation._inspect_parallel(paths, 2, 50_000_000, 8, chunk_fn=crash_on_boom)
     assert [r["kind"] for r in records] == ["", "decoder_crash", "", ""]
-    assert records[0]["sha256"] == hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
-    assert notes and "died" in notes[0]
+    assert records[2]["sha256"] == hashlib.sha256((tmp_path / "c.png").read_bytes()).hexdigest()
+    assert notes == ["a decoding process died; the unfinished files were redone one by one"]
 
 
 def test_near_duplicate_pairs_match_brute_force() -> None:

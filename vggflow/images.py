@@ -7,8 +7,12 @@ looks the same to training and to the registered model's clients.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -99,3 +103,90 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 def load_rgb(path: str | Path, max_pixels: int = 50_000_000) -> np.ndarray:
     """Decode an image file to an ``(H, W, 3)`` uint8 RGB array (see :func:`open_image`)."""
     return to_rgb(open_image(path, max_pixels))
+
+
+# ------------------------------------------------------------------------------------------
+# Inspecting files for data validation
+#
+# These run in validation's worker processes, which are spawned and import only the module of
+# the function they run: living here (numpy + Pillow; imagehash on first use) keeps a worker's
+# start-up at ~0.4 s, whatever the validation task module imports.
+
+#: Side of the downscaled RGB copy that the pHash and the mean brightness are computed from.
+THUMB_SIDE = 32
+
+
+def blank_inspection() -> dict[str, Any]:
+    """What :func:`inspect_file` reports about a file before measuring anything."""
+    return {
+        "sha256": "",
+        "bytes": 0,
+        "width": 0,
+        "height": 0,
+        "mode": "",
+        "format": "",
+        "phash": "",
+        "mean": 0.0,
+        "kind": "",
+        "message": "",
+    }
+
+
+def inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any]:
+    """Hash, decode, convert and measure one regular file; never raises.
+
+    Args:
+        path: a regular file (the caller has ruled out FIFOs, devices and escaping symlinks).
+        max_pixels: see :func:`open_image`.
+        min_side: smaller widths or heights are reported as ``too_small``.
+
+    Returns:
+        ``sha256`` (hex), ``bytes``, ``width``/``height`` (after EXIF orientation), ``mode`` (before
+        conversion), ``format``, ``phash`` (16 hex digits), ``mean`` (RGB brightness 0..255), and
+        ``kind``/``message``: "" for a usable image, else why not (an :class:`ImageDecodeError`
+        kind, ``unreadable``, ``too_small`` or ``unsupported_format``).
+    """
+    record = blank_inspection()
+    try:
+        with open(path, "rb") as handle:
+            record["bytes"] = os.fstat(handle.fileno()).st_size
+            record["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
+        image = open_image(path, max_pixels)
+    except ImageDecodeError as err:
+        record.update(kind=err.kind, message=str(err))
+        return record
+    except OSError as err:
+        record.update(kind="unreadable", message=f"cannot read: {err.strerror or err}")
+        return record
+    except MemoryError:
+        record.update(kind="too_large", message="ran out of memory decoding it")
+        return record
+    except Exception as err:  # noqa: BLE001 - a decoder bug on hostile data must not stop validation
+        record.update(kind="corrupt", message=f"decoder failed: {type(err).__name__}: {err}")
+        return record
+    with image:
+        width, height = image.size
+        record.update(width=width, height=height, mode=image.mode, format=image.format or "")
+        if min(width, height) < min_side:
+            record.update(kind="too_small", message=f"{width}x{height} is below min_side={min_side}")
+            return record
+        try:
+            # The conversion training uses, so that anything validation accepts also trains.
+            rgb = Image.fromarray(to_rgb(image))
+        except Exception as err:  # noqa: BLE001
+            record.update(kind="unsupported_format", message=f"cannot convert mode {image.mode} to RGB: {err}")
+            return record
+    import imagehash  # only validation needs it
+
+    # imagehash would Lanczos-resize the full image to 32x32 (~0.5 ms); a reducing_gap bilinear
+    # resize is ~6x cheaper and measured at least as stable under small edits.
+    thumb = rgb.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    # Hex of the 64 bits, row-major, most significant first: what str(ImageHash) gives, 10x faster.
+    record["phash"] = np.packbits(imagehash.phash(thumb).hash.ravel()).tobytes().hex()
+    record["mean"] = round(float(np.asarray(thumb).mean()), 2)
+    return record
+
+
+def inspect_files(paths: Sequence[str], max_pixels: int, min_side: int) -> list[dict[str, Any]]:
+    """:func:`inspect_file` for each path, in order (the unit of work of a validation worker)."""
+    return [inspect_file(path, max_pixels, min_side) for path in paths]
