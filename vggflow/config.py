@@ -7,6 +7,7 @@ overrides. Each task receives only its own section; the whole config is logged t
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -240,24 +241,36 @@ def _parse_override(text: str, origin: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _apply_override(tree: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+def _apply_override(tree: dict[str, Any], path: list[str], value: Any, origin: str, defaults: dict[str, Any]) -> None:
+    """Set ``path`` in ``tree``; a part the tree lacks is filled from ``defaults`` first.
+
+    So ``finetune.stages.0.learning_rate=…`` works without a config file: the default stage
+    list is copied in and only that value changes.
+    """
     node: Any = tree
+    default: Any = defaults
     for depth, part in enumerate(path[:-1]):
+        where = ".".join(path[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{origin}: {'.'.join(path[: depth + 1])} is not an item of that list")
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"{origin}: {'.'.join(path[: depth + 1])} is a value, not a section")
+                raise ConfigError(f"{origin}: {where} is not an item of that list")
+            node, default = node[int(part)], None
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{origin}: {'.'.join(path[:depth])} is a value, not a section")
+        default = default.get(part) if isinstance(default, dict) else None
+        if part not in node:
+            node[part] = copy.deepcopy(default) if isinstance(default, (dict, list)) else {}
+        node = node[part]
     last = path[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise ConfigError(f"{origin}: {'.'.join(path)} is not an item of that list")
         node[int(last)] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise ConfigError(f"{origin}: {'.'.join(path[:-1])} is a value, not a section")
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -307,14 +320,15 @@ def load_config(
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}
     environ = os.environ if environ is None else environ
+    defaults = Config().model_dump(mode="json")
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX):
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             key_path, value = _parse_override(f"{dotted}={environ[name]}", f"environment variable {name}")
-            _apply_override(tree, key_path, value, f"environment variable {name}")
+            _apply_override(tree, key_path, value, f"environment variable {name}", defaults)
     for text in overrides:
         key_path, value = _parse_override(text, f"--set {text}")
-        _apply_override(tree, key_path, value, f"--set {text}")
+        _apply_override(tree, key_path, value, f"--set {text}", defaults)
     if overrides or any(n.startswith(ENV_PREFIX) for n in environ):
         source += " + overrides"
     try:

@@ -87,8 +87,12 @@ def fit_stage(
 
     import keras
 
+    import tensorflow as tf
+
     # Each stage compiles a new model; TensorFlow's retracing warnings about it are noise here.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    # Same data + config + seed must give the same weights and the same chosen stage.
+    tf.config.experimental.enable_op_determinism()
     trainable.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",

@@ -1,0 +1,74 @@
+"""The feature cache: one pass of the frozen base, checksummed, rebuilt when corrupted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("keras")
+
+from tasks.features import compute_features, layer_cache_dir, load_layer, verified_layers  # noqa: E402
+from vggflow.config import BackboneConfig, HeadConfig  # noqa: E402
+from vggflow.images import load_rgb  # noqa: E402
+from vggflow.model import build_base, build_classifier, resolve_weights  # noqa: E402
+
+
+@pytest.fixture
+def rows(tiny_dataset) -> pd.DataFrame:
+    paths = sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.png"))
+    labels = [p.split("/")[0] for p in paths]
+    splits = ["train", "val", "test"] * (len(paths) // 3)
+    return pd.DataFrame({"path": paths, "label": labels, "split": splits})
+
+
+def test_features_are_the_classifiers_pooled_base_output_and_are_cached(tmp_path, tiny_dataset, rows):
+    weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=3)
+    classes = sorted(rows["label"].unique())
+    kwargs = dict(rows=rows, data_dir=tiny_dataset, weights=weights, image_size=32, batch_size=5,
+                  cache_dir=tmp_path / "cache", fingerprint="fp", layers=["block4_pool"], class_names=classes)
+    features = compute_features(**kwargs)
+    assert set(features.layers) == {"avg_pool", "block4_pool"}
+    pooled, labels = load_layer(features, "avg_pool")
+    assert pooled.shape == (len(rows), 512) and list(labels[:3]) == [classes.index(x) for x in rows["label"][:3]]
+
+    # Same numbers as the classifier's own pooled features on the decoded image files.
+    classifier = build_classifier(build_base(weights, 32), len(classes), HeadConfig(), 32)
+    import keras
+
+    pool = keras.Model(classifier.input, classifier.get_layer("avg_pool").output)
+    images = np.stack([load_rgb(tiny_dataset / p) for p in rows["path"][:4]]).astype(np.float32)
+    np.testing.assert_allclose(pool(images).numpy(), pooled[:4], rtol=1e-4, atol=1e-4)
+
+    train, train_labels = load_layer(features, "block4_pool", "train")
+    assert train.shape[0] == len(train_labels) == (rows["split"] == "train").sum()
+
+    # Second call: nothing recomputed (files untouched).
+    directory = layer_cache_dir(tmp_path / "cache", "fp", weights.identity, 32)
+    stamp = (directory / "avg_pool.npy").stat().st_mtime_ns
+    compute_features(**kwargs)
+    assert (directory / "avg_pool.npy").stat().st_mtime_ns == stamp
+
+
+def test_corrupted_or_truncated_cache_is_detected_and_rebuilt(tmp_path, tiny_dataset, rows):
+    weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=3)
+    kwargs = dict(rows=rows, data_dir=tiny_dataset, weights=weights, image_size=32, batch_size=8,
+                  cache_dir=tmp_path / "cache", fingerprint="fp", layers=[], class_names=sorted(rows["label"].unique()))
+    features = compute_features(**kwargs)
+    good = np.load(features.directory / "avg_pool.npy").copy()
+    path = features.directory / "avg_pool.npy"
+
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0xFF  # flip bits in the last value
+    path.write_bytes(bytes(data))
+    assert "avg_pool" not in verified_layers(features.directory, rows)
+    compute_features(**kwargs)
+    np.testing.assert_array_equal(np.load(path), good)
+
+    path.write_bytes(path.read_bytes()[:-100])  # truncated
+    assert "avg_pool" not in verified_layers(features.directory, rows)
+    compute_features(**kwargs)
+    np.testing.assert_array_equal(np.load(path), good)
+
+    # A different row order invalidates the whole folder (arrays are aligned to rows).
+    assert verified_layers(features.directory, rows.iloc[::-1]) == set()

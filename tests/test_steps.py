@@ -1,0 +1,114 @@
+"""Unit tests of the steps' pure functions: cache keys, prefix-cache plan, stage choice, scoring,
+the promotion gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.evaluate import score
+from tasks.finetune import plan_prefix_caches, prefix_bytes, prefix_layer
+from tasks.promote import decide
+from tasks.select import choose_freeze_configuration
+from vggflow.caching import directory_fingerprint, key_when_valid, stable_hash
+from vggflow.config import FinetuneConfig, RegistryConfig, StageConfig
+from vggflow.training import StageResult, is_better
+
+
+def stage(name: str, val_accuracy: float, val_loss: float = 1.0) -> StageResult:
+    return StageResult(
+        stage=name, unfreeze_from=None if name == "head" else name, learning_rate=1e-3, checkpoint=Path(f"{name}.keras"),
+        checkpoint_sha256="x", history=[], best_epoch=0, best_val_accuracy=val_accuracy, best_val_loss=val_loss,
+        first_trainable_layer="head_dense", trainable_layers=2, trainable_params=10, epochs_run=1, seconds=1.0,
+        images_per_second=1.0,
+    )
+
+
+def test_prefix_layers_and_sizes():
+    assert prefix_layer("block5") == "block4_pool"
+    assert prefix_layer("block1") == prefix_layer("all") == "input_layer"
+    assert prefix_bytes("block5", 224, 1) == 4 * 14 * 14 * 512
+    assert prefix_bytes("block4", 64, 10) == 4 * 10 * 8 * 8 * 256
+    assert prefix_bytes("all", 32, 1) == 4 * 32 * 32 * 3
+
+
+def test_prefix_cache_plan_only_uses_untouched_blocks():
+    descending = FinetuneConfig()
+    assert plan_prefix_caches(descending, 64, 100) == {"block5": "block4_pool", "block4": "block3_pool", "all": "input_layer"}
+    # block5 after block4: block4 was already trained, so block4_pool from the original base is stale.
+    ascending = FinetuneConfig(
+        stages=[StageConfig(unfreeze_from="block4", learning_rate=1e-4), StageConfig(unfreeze_from="block5", learning_rate=1e-5)]
+    )
+    assert plan_prefix_caches(ascending, 64, 100) == {"block4": "block3_pool", "block5": None}
+    assert plan_prefix_caches(FinetuneConfig(cache_frozen_prefix=False), 64, 100) == {"block5": None, "block4": None, "all": None}
+    small_budget = FinetuneConfig(prefix_cache_max_gb=0.001)  # 1 MB
+    assert plan_prefix_caches(small_budget, 224, 100)["block4"] is None
+
+
+def test_choose_freeze_configuration_head_included_and_ties_keep_earlier():
+    results = [stage("head", 0.80, 0.5), stage("block5", 0.85, 0.6), stage("block4", 0.85, 0.4)]
+    assert choose_freeze_configuration(results, "val_accuracy").stage == "block5"
+    assert choose_freeze_configuration(results, "val_loss").stage == "block4"
+    assert choose_freeze_configuration([stage("head", 0.9), stage("block5", 0.1)], "val_accuracy").stage == "head"
+    assert not is_better(float("nan"), 0.1, "val_accuracy")
+
+
+def test_score_matches_hand_computed_values():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, -1])  # -1: a label outside the class list
+    metrics, confusion = score(y_true, y_pred, 3)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    # F1 per class: c0 = 2*1*0.5/1.5 = 2/3; c1 = 2*(2/3)*1/(5/3) = 0.8; c2 = 2*1*0.5/1.5 = 2/3.
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 2 / 3) / 3)
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]
+
+
+@pytest.fixture
+def registry() -> RegistryConfig:
+    return RegistryConfig(thresholds={"accuracy": 0.6}, min_delta=0.01)
+
+
+def test_gate_first_model_passes_on_thresholds_alone(registry):
+    decision = decide({"accuracy": 0.7, "macro_f1": 0.6}, None, registry, "1", None)
+    assert decision.promoted and "no champion yet" in decision.reason
+
+
+def test_gate_rejects_below_threshold_even_without_champion(registry):
+    decision = decide({"accuracy": 0.5, "macro_f1": 0.6}, None, registry, "1", None)
+    assert not decision.promoted and decision.failed_thresholds == {"accuracy": 0.5}
+    assert "accuracy 0.5000 < 0.6" in decision.reason
+
+
+def test_gate_compares_with_champion_and_min_delta(registry):
+    better = decide({"accuracy": 0.80}, {"accuracy": 0.75}, registry, "3", "2")
+    assert better.promoted and better.delta == pytest.approx(0.05) and better.champion_version == "2"
+    marginal = decide({"accuracy": 0.755}, {"accuracy": 0.75}, registry, "3", "2")
+    assert not marginal.promoted and "does not beat champion v2" in marginal.reason
+    tie = decide({"accuracy": 0.75}, {"accuracy": 0.75}, RegistryConfig(thresholds={}), "3", "2")
+    assert not tie.promoted  # a tie keeps the champion
+
+
+def test_stable_hash_is_order_independent_for_dicts_and_accepts_models(tmp_path):
+    assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
+    assert stable_hash(RegistryConfig()) != stable_hash(RegistryConfig(min_delta=0.1))
+    assert stable_hash(tmp_path) == stable_hash(str(tmp_path))
+
+
+def test_directory_fingerprint_sees_added_changed_and_removed_files(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"1")
+    first = directory_fingerprint(tmp_path)
+    (tmp_path / "a" / "y.png").write_bytes(b"2")
+    second = directory_fingerprint(tmp_path)
+    (tmp_path / "a" / "y.png").write_bytes(b"22")
+    third = directory_fingerprint(tmp_path)
+    (tmp_path / "a" / "y.png").unlink()
+    assert len({first, second, third}) == 3 and directory_fingerprint(tmp_path) == first
+
+
+def test_cache_key_is_withheld_when_outputs_are_invalid():
+    key_fn = key_when_valid("step", lambda params: params["ok"])
+    assert key_fn(None, {"cache_key": "abc", "ok": True}) == "step-abc"
+    assert key_fn(None, {"cache_key": "abc", "ok": False}) is None
