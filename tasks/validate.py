@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from vggflow.config import DataConfig, ValidationConfig
-from vggflow.errors import DataError
+from vggflow.errors import DataError, VggflowError
 from vggflow.images import blank_inspection, inspect_files
 
 #: Version of the report/manifest format documented in docs/validation.md.
@@ -863,21 +863,27 @@ def write_validation_outputs(result: ValidationResult, out_dir: Path) -> dict[st
 
     Returns:
         ``{"report": ..., "manifest": ..., "html": ...}`` paths.
+
+    Raises:
+        VggflowError: ``out_dir`` cannot be created or written.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # backslashreplace turns an undecodable file-name byte into a valid JSON \udcXX escape.
     report_bytes = report_json(result.report).encode("utf-8", errors="backslashreplace")
     html_bytes = render_html(result).encode("utf-8", errors="backslashreplace")
-    return {
-        "report": _atomic_write(out_dir / "report.json", lambda tmp: tmp.write_bytes(report_bytes)),
-        "manifest": _atomic_write(
-            out_dir / "manifest.csv",
-            # surrogateescape writes undecodable file-name bytes back as they are on disk.
-            lambda tmp: result.manifest.to_csv(tmp, index=False, encoding="utf-8", errors="surrogateescape"),
-        ),
-        "html": _atomic_write(out_dir / "report.html", lambda tmp: tmp.write_bytes(html_bytes)),
-    }
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return {
+            "report": _atomic_write(out_dir / "report.json", lambda tmp: tmp.write_bytes(report_bytes)),
+            "manifest": _atomic_write(
+                out_dir / "manifest.csv",
+                # surrogateescape writes undecodable file-name bytes back as they are on disk.
+                lambda tmp: result.manifest.to_csv(tmp, index=False, encoding="utf-8", errors="surrogateescape"),
+            ),
+            "html": _atomic_write(out_dir / "report.html", lambda tmp: tmp.write_bytes(html_bytes)),
+        }
+    except OSError as err:
+        raise VggflowError(f"cannot write the validation report to {out_dir}: {err.strerror or err}") from None
 
 
 _STATUS_RANK = {"excluded": 0, "duplicate": 1, "-": 2, "ok": 3, "ignored": 4}

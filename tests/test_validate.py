@@ -37,7 +37,7 @@ from tasks.validate import (
     write_validation_outputs,
 )
 from vggflow.config import DataConfig, ValidationConfig
-from vggflow.errors import DataError
+from vggflow.errors import DataError, VggflowError
 from vggflow.images import ImageDecodeError, inspect_files, load_rgb, open_image, to_rgb
 
 DATA_CFG = DataConfig()
@@ -483,6 +483,9 @@ def test_outputs_are_written_and_read_back(tmp_path: Path) -> None:
     page = files["html"].read_text(encoding="utf-8")
     assert "<table>" in page and "007" in page
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.csv", "report.html", "report.json"]
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(VggflowError, match="cannot write the validation report"):
+        write_validation_outputs(outcome, tmp_path / "a_file" / "out")
 
 
 def test_summary_fits_one_screen(corpus, result: ValidationResult) -> None:
