@@ -24,6 +24,7 @@ from tasks.validate import data_version_task, fetch_champion_manifest_task, vali
 from vggflow.caching import stable_hash
 from vggflow.config import Config, load_config
 from vggflow.errors import DataError
+from vggflow.tracking import lock_dir
 from vggflow.training import is_better
 
 
@@ -120,7 +121,7 @@ def train_flow(
         version = register_task(model_uri, cfg.registry, run_id, chosen, evaluation)
         decision = promote_if_better_task(
             cfg.registry, version.version, evaluation.metrics, run_id, validated.rows_file, cfg.data.dir,
-            validated.class_names, cfg.evaluate.batch_size,
+            validated.class_names, cfg.evaluate.batch_size, lock_dir(cfg.tracking, cfg.work_dir),
         )
         model_card_task(cfg, run_id, version, data, validated, weights, results, chosen, evaluation, decision, report_dir)
     except BaseException:

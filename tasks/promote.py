@@ -152,6 +152,56 @@ def log_decision(client, run_id: str, decision: Decision) -> None:
     client.log_dict(run_id, json.loads(decision.model_dump_json()), "promotion/decision.json")
 
 
+def promotion_lock(lock_dir: Path):
+    """A lock held while one run reads the champion, compares and moves aliases.
+
+    Two runs finishing together (the scheduler and a manual run) would otherwise both compare
+    against the same champion and the last writer would win, whatever the metrics. The lock
+    lives beside a sqlite store (see :func:`vggflow.tracking.lock_dir`), so every process using
+    that store on this machine shares it.
+    """
+    from filelock import FileLock
+
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(lock_dir / "promotion.lock"), timeout=3600)
+
+
+def promote_if_better(
+    client,
+    cfg: RegistryConfig,
+    candidate_version: str,
+    candidate_metrics: dict[str, float],
+    run_id: str,
+    test_rows: pd.DataFrame,
+    data_dir: Path,
+    class_names: list[str],
+    batch_size: int,
+) -> Decision:
+    """Re-evaluate the current champion on the candidate's test rows, decide, apply and log.
+
+    The champion is loaded by version number (not by alias), so what was evaluated is what the
+    decision names even if the alias moves meanwhile; callers hold :func:`promotion_lock`.
+    """
+    champion = current_champion(client, cfg.model_name)
+    champion_version = str(champion.version) if champion is not None else None
+    champion_metrics = None
+    if champion_version is not None and champion_version != str(candidate_version):
+        champion_metrics = evaluate_registered(
+            f"models:/{cfg.model_name}/{champion_version}", test_rows, data_dir, class_names, batch_size
+        )
+    decision = decide(candidate_metrics, champion_metrics, cfg, str(candidate_version), champion_version if champion_metrics else None)
+    if cfg.promote:
+        apply_decision(client, decision)
+        decision = decision.model_copy(update={"aliases_changed": True})
+    else:
+        verdict = "promoted" if decision.promoted else "rejected"
+        decision = decision.model_copy(
+            update={"reason": f"--no-promote: aliases untouched (the gate would have {verdict}: {decision.reason})", "promoted": False}
+        )
+    log_decision(client, run_id, decision)
+    return decision
+
+
 @task(name="promote-if-better", retries=2, retry_delay_seconds=5)
 def promote_if_better_task(
     cfg: RegistryConfig,
@@ -162,25 +212,112 @@ def promote_if_better_task(
     data_dir: Path,
     class_names: list[str],
     batch_size: int,
+    lock_dir: Path,
 ) -> Decision:
-    """Prefect shell: re-evaluate the champion on the candidate's test split, decide, apply, log."""
+    """Prefect shell: the gate, under the promotion lock (registry I/O: retried)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    champion = current_champion(client, cfg.model_name)
-    champion_metrics = None
-    if champion is not None and champion.version != candidate_version:
-        rows = pd.read_csv(rows_file, keep_default_na=False)
-        champion_metrics = evaluate_registered(
-            f"models:/{cfg.model_name}@{CHAMPION}", rows[rows["split"] == "test"], data_dir, class_names, batch_size
+    rows = pd.read_csv(rows_file, keep_default_na=False)
+    with promotion_lock(Path(lock_dir)):
+        decision = promote_if_better(
+            MlflowClient(), cfg, candidate_version, candidate_metrics, run_id, rows[rows["split"] == "test"],
+            data_dir, class_names, batch_size,
         )
-    decision = decide(candidate_metrics, champion_metrics, cfg, candidate_version, champion.version if champion_metrics else None)
-    if cfg.promote:
-        apply_decision(client, decision)
-        decision = decision.model_copy(update={"aliases_changed": True})
-    else:
-        decision = decision.model_copy(
-            update={"reason": f"--no-promote: aliases untouched (the gate would have {'promoted' if decision.promoted else 'rejected'}: {decision.reason})", "promoted": False}
-        )
-    log_decision(client, run_id, decision)
+    print(("PROMOTED: " if decision.promoted else "not promoted: ") + decision.reason)
     return decision
+
+
+# --------------------------------------------------------------------------- manual registry operations
+
+
+def promote_manually(client, name: str, version: str, reason: str, lock_dir: Path) -> str | None:
+    """Make ``version`` the champion by hand (the former champion becomes ``previous``).
+
+    Returns the former champion's version, if any.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from vggflow.errors import VggflowError
+
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise VggflowError(f"{name} has no version {version} (see `vggflow registry`)") from None
+    with promotion_lock(lock_dir):
+        champion = current_champion(client, name)
+        former = str(champion.version) if champion is not None else None
+        if former == str(version):
+            return former
+        if former is not None:
+            client.set_registered_model_alias(name, PREVIOUS, former)
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        client.set_model_version_tag(name, str(version), "vggflow.promotion", "manual")
+        client.set_model_version_tag(name, str(version), "vggflow.manual_promotion_reason", reason)
+        if _alias_version(client, name, CHALLENGER) == str(version):
+            client.delete_registered_model_alias(name, CHALLENGER)
+    return former
+
+
+def rollback(client, name: str, lock_dir: Path) -> tuple[str, str]:
+    """Move ``champion`` back to ``previous``; the rolled-back version becomes ``previous``.
+
+    Rolling back twice is therefore an undo. Returns ``(rolled_back_from, restored)``.
+    """
+    from vggflow.errors import VggflowError
+
+    with promotion_lock(lock_dir):
+        current, restored = _alias_version(client, name, CHAMPION), _alias_version(client, name, PREVIOUS)
+        if restored is None:
+            raise VggflowError(f"{name} has no @previous version to roll back to (see `vggflow registry`)")
+        client.set_registered_model_alias(name, CHAMPION, restored)
+        if current is not None:
+            client.set_registered_model_alias(name, PREVIOUS, current)
+            client.set_model_version_tag(name, current, "vggflow.promotion", "rolled back")
+    return current or "none", restored
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def registry_table(client, name: str) -> pd.DataFrame:
+    """One row per version: aliases, metrics, data version, freeze configuration, decision."""
+    from mlflow.exceptions import MlflowException
+
+    from vggflow.errors import VggflowError
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+        # Search results do not carry aliases; the registered model does.
+        aliases = client.get_registered_model(name).aliases if versions else {}
+    except MlflowException as err:
+        raise VggflowError(f"cannot read the registry for {name}: {err}") from None
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        tags = v.tags or {}
+        try:
+            freeze = json.loads(tags.get("vggflow.freeze_configuration", "{}")).get("stage", "?")
+        except ValueError:
+            freeze = "?"
+        rows.append(
+            {
+                "version": str(v.version),
+                "aliases": ",".join(sorted(by_version.get(str(v.version), []))) or "-",
+                "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
+                "test_accuracy": tags.get("vggflow.test_accuracy", "?"),
+                "test_macro_f1": tags.get("vggflow.test_macro_f1", "?"),
+                "data_version": tags.get("vggflow.data_version", "?"),
+                "freeze": freeze,
+                "promotion": tags.get("vggflow.promotion", "-"),
+                "run_id": v.run_id or "-",
+            }
+        )
+    return pd.DataFrame(rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,9 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
     classes = atomic_write_text(
         work_dir / "classes.json", json.dumps({"class_names": class_names, "image_size": image_size}, indent=1)
     )
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature documents the input; an input example would only duplicate it.
+        warnings.filterwarnings("ignore", message=".*input_example.*|.*Add type hints.*")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),

@@ -54,6 +54,43 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(validate)
     validate.set_defaults(handler=cmd_validate)
 
+    registry = commands.add_parser(
+        "registry",
+        help="list registered versions with aliases, metrics, data versions, freeze configuration",
+        description="List the versions of the registered model, newest first.",
+    )
+    _config_args(registry)
+    registry.set_defaults(handler=cmd_registry)
+
+    promote = commands.add_parser(
+        "promote",
+        help="make VERSION the @champion by hand (the former champion becomes @previous)",
+        description="Manual override of the promotion gate; the reason is recorded on the version.",
+    )
+    promote.add_argument("version", metavar="VERSION", help="registered version number")
+    promote.add_argument("--reason", required=True, help="why (recorded as a tag on the version)")
+    _config_args(promote)
+    promote.set_defaults(handler=cmd_promote)
+
+    rollback = commands.add_parser(
+        "rollback",
+        help="move @champion back to @previous",
+        description="Move @champion back to @previous; the rolled-back version becomes @previous (a second rollback undoes it).",
+    )
+    _config_args(rollback)
+    rollback.set_defaults(handler=cmd_rollback)
+
+    predict = commands.add_parser(
+        "predict",
+        help="label images with a registered model (one line per image)",
+        description="Print the top-k labels and probabilities of each image; unreadable files are reported, not fatal.",
+    )
+    predict.add_argument("inputs", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)")
+    predict.add_argument("--model", help="model URI (default: models:/<registry.model_name>@champion)")
+    predict.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
+    _config_args(predict)
+    predict.set_defaults(handler=cmd_predict)
+
     config = commands.add_parser(
         "config", help="print the effective configuration", description="Print the effective configuration as YAML."
     )
@@ -85,10 +122,85 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if result.ok else 2
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _registry_client(args: argparse.Namespace):
+    """The config, an MLflow client on its store, and the registry lock folder."""
     from vggflow.config import load_config
+    from vggflow.tracking import connect, lock_dir
 
-    load_config(args.config, args.overrides)  # fail on a bad config before starting anything
+    cfg = load_config(args.config, args.overrides)
+    client, _ = connect(cfg.tracking)
+    return cfg, client, lock_dir(cfg.tracking, cfg.work_dir)
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from tasks.promote import registry_table
+
+    cfg, client, _ = _registry_client(args)
+    table = registry_table(client, cfg.registry.model_name)
+    if table.empty:
+        print(f"{cfg.registry.model_name}: no registered versions yet (run `vggflow train`)")
+        return 0
+    print(f"{cfg.registry.model_name} ({cfg.tracking.effective_uri})")
+    print(table.to_string(index=False))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from tasks.promote import promote_manually
+
+    cfg, client, locks = _registry_client(args)
+    name = cfg.registry.model_name
+    former = promote_manually(client, name, args.version, args.reason, locks)
+    if former == str(args.version):
+        print(f"{name} version {args.version} is already @champion")
+    else:
+        print(f"{name}: @champion -> version {args.version} (manual: {args.reason}); @previous -> {former or 'none'}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from tasks.promote import rollback
+
+    cfg, client, locks = _registry_client(args)
+    current, restored = rollback(client, cfg.registry.model_name, locks)
+    print(f"{cfg.registry.model_name}: @champion -> version {restored} (rolled back from {current}; @previous -> {current})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from vggflow.predict import expand_inputs, format_prediction, predict_files
+
+    cfg, _, _ = _registry_client(args)
+    uri = args.model or f"models:/{cfg.registry.model_name}@champion"
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as err:
+        raise VggflowError(f"cannot load model {uri}: {err}") from None
+    predicted = failed = 0
+    for prediction in predict_files(model, list(expand_inputs(args.inputs)), max(1, args.top_k)):
+        if prediction.error:
+            failed += 1
+            print(format_prediction(prediction), file=sys.stderr)
+        else:
+            predicted += 1
+            print(format_prediction(prediction))
+    if failed:
+        print(f"{failed} file(s) could not be read (listed above); {predicted} predicted", file=sys.stderr)
+    return 0 if predicted else 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tasks.preflight import check_data_dir
+    from vggflow.config import load_config
+    from vggflow.tracking import check_store
+
+    # The cheap checks first, before Prefect's server and TensorFlow take their ~20 s to start.
+    cfg = load_config(args.config, args.overrides)
+    check_data_dir(Path(args.data) if args.data else cfg.data.dir)
+    check_store(cfg.tracking)
     _quiet_expected_errors()
     from flows.train import train_flow
 
@@ -145,13 +257,9 @@ class _ExpectedErrorFilter(logging.Filter):
 
 
 def _quiet_expected_errors() -> None:
-    """Attach the filter to Prefect's handlers (after Prefect configured its logging)."""
-    import prefect  # noqa: F401  (configures logging)
+    """Attach the filter to the console handlers Prefect installs (on the root logger)."""
+    from prefect import flow  # noqa: F401  (importing the public API runs Prefect's logging setup)
 
-    for name in list(logging.Logger.manager.loggerDict):
-        if name.startswith("prefect"):
-            for handler in logging.getLogger(name).handlers:
-                handler.addFilter(_ExpectedErrorFilter())
     for handler in logging.getLogger().handlers:
         handler.addFilter(_ExpectedErrorFilter())
 

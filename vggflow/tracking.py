@@ -33,6 +33,12 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
+def lock_dir(cfg: TrackingConfig, work_dir: Path) -> Path:
+    """Where registry locks live: beside a sqlite store (shared by every process using it), else ``work_dir``."""
+    db = sqlite_path(cfg.effective_uri)
+    return Path(work_dir) if db is None else db.parent
+
+
 def check_store(cfg: TrackingConfig) -> str:
     """Fail early when the tracking store is unusable; returns the effective URI.
 

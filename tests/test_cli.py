@@ -1,0 +1,72 @@
+"""The command line as a user meets it: help everywhere, clear errors with exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_dataset
+from vggflow.cli import build_parser, main
+
+VGGFLOW = [sys.executable, "-m", "vggflow.cli"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*VGGFLOW, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_every_subcommand_has_help(capsys):
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"train", "validate", "registry", "promote", "rollback", "predict", "config"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: vggflow " + name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["train", "--set", "head.epoks=3"], 2, "head.epoks: unknown key"),
+        (["train", "--set", "backbone.image_size=8"], 2, "backbone.image_size"),
+        (["train", "--config", "missing.yaml"], 2, "config file not found: missing.yaml"),
+        (["train", "--data", "no/such/folder"], 2, "data folder not found: no/such/folder"),
+        (["validate", "no/such/folder"], 2, "no/such/folder"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_and_exit_code(project, args, code, message):
+    done = run(*args, cwd=project)
+    assert done.returncode == code, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_unwritable_tracking_store_is_refused_before_any_work(project, tiny_dataset, monkeypatch):
+    blocker = project / "not-a-folder"
+    blocker.write_text("a file where the store's folder should be")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlflow.db")
+    done = run("train", "--data", str(tiny_dataset), "--set", "backbone.weights=none", cwd=project)
+    assert done.returncode == 3, done.stderr
+    assert "tracking store" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_validate_command_writes_the_report_and_sets_the_exit_status(project):
+    data = write_dataset(project / "data", classes=2, per_class=6)
+    report = project / "out" / "report.json"
+    done = run("validate", str(data), "--report", str(report), cwd=project)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(report.read_text())["summary"]
+    assert summary["n_valid"] == 12 and summary["classes"] == {"class_0": 6, "class_1": 6}
+    single = write_dataset(project / "single", classes=1, per_class=6)
+    done = run("validate", str(single), "--report", str(project / "single.json"), cwd=project)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_config_command_prints_the_effective_config(capsys):
+    assert main(["config", "--set", "head.epochs=3"]) == 0
+    assert "epochs: 3" in capsys.readouterr().out

@@ -1,0 +1,259 @@
+"""The promotion gate, manual registry commands and the self-contained model, against a real
+MLflow sqlite store (no Prefect needed: the gate's functions are called directly)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("keras")
+
+from tasks.evaluate import score  # noqa: E402
+from tasks.features import compute_features  # noqa: E402
+from tasks.promote import CHALLENGER, CHAMPION, PREVIOUS, promote_if_better, rollback  # noqa: E402
+from tasks.register import RegisteredVersion, log_classifier, register_version  # noqa: E402
+from tasks.train_head import train_head  # noqa: E402
+from tasks.validate import validate_dataset  # noqa: E402
+from tests.conftest import write_dataset  # noqa: E402
+from vggflow.config import Config, HeadConfig, RegistryConfig  # noqa: E402
+from vggflow.images import load_rgb  # noqa: E402
+from vggflow.model import build_base, build_classifier, resolve_weights  # noqa: E402
+from vggflow.tracking import connect  # noqa: E402
+
+pytestmark = pytest.mark.slow
+NAME = "vgg19-classifier"
+
+
+class Lab:
+    """A dataset, its validated rows, and helpers to make, register and gate tiny classifiers."""
+
+    def __init__(self, root: Path, data_dir: Path) -> None:
+        self.root, self.data_dir = root, data_dir
+        cfg = Config()
+        self.cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"artifact_root": root / "artifacts"})})
+        self.client, self.experiment_id = connect(self.cfg.tracking)
+        self.weights = resolve_weights(self.cfg.backbone.model_copy(update={"weights": "none", "image_size": 32}), root / "cache", 7)
+        self.refresh_rows()
+
+    def refresh_rows(self) -> None:
+        result = validate_dataset(self.data_dir, self.cfg.data, self.cfg.validation)
+        self.rows = result.usable.reset_index(drop=True)
+        self.classes = sorted(self.rows["label"].unique())
+        self.test_rows = self.rows[self.rows["split"] == "test"]
+
+    def trained_checkpoint(self, epochs: int) -> Path:
+        features = compute_features(
+            self.rows, self.data_dir, self.weights, 32, 16, self.root / "cache", f"fp-{len(self.rows)}", [], self.classes
+        )
+        head = HeadConfig(dense_units=16, epochs=epochs, patience=epochs, learning_rate=1e-2)
+        return train_head(features, self.weights, 32, head, 0, self.root / f"trained-{epochs}-{len(self.rows)}.keras").checkpoint
+
+    def constant_checkpoint(self, label: str) -> Path:
+        """A classifier that answers ``label`` for every image."""
+        model = build_classifier(build_base(self.weights, 32), len(self.classes), HeadConfig(dense_units=4), 32)
+        kernel, bias = model.get_layer("predictions").get_weights()
+        bias[:] = -100.0
+        bias[self.classes.index(label)] = 100.0
+        model.get_layer("predictions").set_weights([kernel * 0, bias])
+        path = self.root / f"constant-{label}.keras"
+        model.save(path)
+        return path
+
+    def keras_metrics(self, checkpoint: Path, rows: pd.DataFrame) -> dict[str, float]:
+        import keras
+
+        model = keras.saving.load_model(checkpoint)
+        images = np.stack([load_rgb(self.data_dir / p) for p in rows["path"]]).astype(np.float32)
+        predicted = np.asarray(model.predict_on_batch(images)).argmax(axis=1)
+        truth = rows["label"].map({c: i for i, c in enumerate(self.classes)}).to_numpy()
+        return score(truth, predicted, len(self.classes))[0]
+
+    def register(self, checkpoint: Path) -> tuple[RegisteredVersion, dict[str, float]]:
+        run_id = self.client.create_run(self.experiment_id).info.run_id
+        uri = log_classifier(run_id, checkpoint, self.classes, 32, self.root / run_id)
+        metrics = self.keras_metrics(checkpoint, self.test_rows)
+        return register_version(uri, RegistryConfig(), run_id, {"vggflow.test_accuracy": str(metrics["accuracy"])}), metrics
+
+    def gate(self, version: RegisteredVersion, metrics: dict[str, float], **registry):
+        cfg = RegistryConfig(thresholds={"accuracy": 0.0}, **registry)
+        return promote_if_better(
+            self.client, cfg, version.version, metrics, version.run_id, self.test_rows, self.data_dir, self.classes, 8
+        )
+
+    def alias(self, alias: str) -> str | None:
+        try:
+            return str(self.client.get_model_version_by_alias(NAME, alias).version)
+        except Exception:
+            return None
+
+
+@pytest.fixture
+def lab(project: Path) -> Lab:
+    return Lab(project, write_dataset(project / "data", classes=3, per_class=12))
+
+
+def test_gate_promotes_rejects_promotes_and_rolls_back(lab: Lab) -> None:
+    shares = lab.test_rows["label"].value_counts()
+    common, rare = shares.idxmax(), shares.idxmin()
+
+    first, first_metrics = lab.register(lab.constant_checkpoint(common))
+    decision = lab.gate(first, first_metrics)
+    assert decision.promoted and "no champion yet" in decision.reason
+    assert lab.alias(CHAMPION) == first.version
+
+    worse, worse_metrics = lab.register(lab.constant_checkpoint(rare))
+    decision = lab.gate(worse, worse_metrics)
+    assert not decision.promoted and decision.delta <= 0
+    assert "does not beat champion" in decision.reason
+    assert lab.alias(CHAMPION) == first.version and lab.alias(CHALLENGER) == worse.version
+    tags = lab.client.get_model_version(NAME, worse.version).tags
+    assert tags["vggflow.rejection_reason"] == decision.reason
+    logged = json.loads(Path(lab.client.download_artifacts(worse.run_id, "promotion/decision.json")).read_text())
+    assert logged["promoted"] is False and logged["champion_version"] == first.version
+
+    better, better_metrics = lab.register(lab.trained_checkpoint(epochs=40))
+    assert better_metrics["accuracy"] > first_metrics["accuracy"]
+    decision = lab.gate(better, better_metrics)
+    assert decision.promoted and decision.delta > 0
+    assert lab.alias(CHAMPION) == better.version and lab.alias(PREVIOUS) == first.version
+
+    # --no-promote: registered and evaluated, aliases untouched.
+    untouched, untouched_metrics = lab.register(lab.trained_checkpoint(epochs=40))
+    decision = lab.gate(untouched, untouched_metrics, promote=False)
+    assert not decision.promoted and "--no-promote" in decision.reason
+    assert lab.alias(CHAMPION) == better.version and lab.alias(CHALLENGER) == worse.version
+
+    rolled_back_from, restored = rollback(lab.client, NAME, lab.root)
+    assert (rolled_back_from, restored) == (better.version, first.version)
+    assert lab.alias(CHAMPION) == first.version and lab.alias(PREVIOUS) == better.version
+
+
+def test_champion_is_re_evaluated_on_the_candidates_test_split(lab: Lab) -> None:
+    champion_checkpoint = lab.trained_checkpoint(epochs=3)
+    champion, champion_metrics = lab.register(champion_checkpoint)
+    lab.gate(champion, champion_metrics)
+
+    # New images arrive: the candidate's test split differs from the champion's.
+    write_dataset(lab.data_dir, classes=3, per_class=10, start=100)
+    old_test = set(lab.test_rows["path"])
+    lab.refresh_rows()
+    assert set(lab.test_rows["path"]) != old_test and old_test <= set(lab.test_rows["path"])
+    candidate, candidate_metrics = lab.register(lab.trained_checkpoint(epochs=40))
+    decision = lab.gate(candidate, candidate_metrics)
+
+    on_new_split = lab.keras_metrics(champion_checkpoint, lab.test_rows)["accuracy"]
+    assert decision.champion_value == pytest.approx(on_new_split)
+    assert decision.delta == pytest.approx(candidate_metrics["accuracy"] - on_new_split)
+
+
+def test_registered_model_round_trips_raw_images_in_a_plain_process(lab: Lab) -> None:
+    checkpoint = lab.trained_checkpoint(epochs=5)
+    version, _ = lab.register(checkpoint)
+    lab.gate(version, {"accuracy": 1.0, "macro_f1": 1.0})
+    paths = [str(lab.data_dir / p) for p in lab.test_rows["path"][:4]]
+    images = np.stack([load_rgb(p) for p in paths])
+    np.save(lab.root / "images.npy", images)
+    # A fresh interpreter that never imports vggflow: the model must carry everything it needs.
+    script = f"""
+import json, sys, numpy as np, mlflow
+model = mlflow.pyfunc.load_model("models:/{NAME}@champion")
+out = model.predict(np.load("images.npy"))
+assert not any(m == "vggflow" or m.startswith(("vggflow.", "tasks.", "flows.")) for m in sys.modules), "imported vggflow"
+print(json.dumps({{"labels": list(out["label"]), "probabilities": list(out["probabilities"])}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=lab.root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    import keras
+
+    expected = np.asarray(keras.saving.load_model(checkpoint).predict_on_batch(images.astype(np.float32)))
+    got = np.array([[p[c] for c in lab.classes] for p in result["probabilities"]])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert result["labels"] == [lab.classes[i] for i in expected.argmax(axis=1)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_served_model_answers_http_invocations(lab: Lab) -> None:
+    import requests
+
+    version, metrics = lab.register(lab.trained_checkpoint(epochs=5))
+    lab.gate(version, metrics)
+    port = _free_port()
+    venv_bin = Path(sys.executable).parent
+    # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin must be on it.
+    env = os.environ | {"PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(
+        [str(venv_bin / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=lab.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        else:
+            pytest.fail("the model server did not become ready in 240 s")
+        images = np.stack([load_rgb(lab.data_dir / p) for p in lab.test_rows["path"][:3]])
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": images.tolist()}, timeout=120)
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        assert len(predictions) == 3
+        for row in predictions:
+            assert row["label"] in lab.classes
+            assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+            assert row["confidence"] == pytest.approx(max(row["probabilities"].values()))
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+
+def test_registry_promote_and_rollback_commands(lab: Lab, capsys) -> None:
+    from vggflow.cli import main
+
+    first, metrics = lab.register(lab.constant_checkpoint(lab.classes[0]))
+    lab.gate(first, metrics)
+    second, _ = lab.register(lab.constant_checkpoint(lab.classes[1]))
+    lab.gate(second, {"accuracy": 0.0, "macro_f1": 0.0})
+    assert lab.alias(CHALLENGER) == second.version
+
+    assert main(["registry"]) == 0
+    listing = capsys.readouterr().out
+    assert f"{NAME} (" in listing and "champion" in listing and "challenger" in listing
+
+    assert main(["promote", second.version, "--reason", "hand-checked on new photos"]) == 0
+    assert lab.alias(CHAMPION) == second.version and lab.alias(PREVIOUS) == first.version
+    assert lab.alias(CHALLENGER) is None
+    tags = lab.client.get_model_version(NAME, second.version).tags
+    assert tags["vggflow.manual_promotion_reason"] == "hand-checked on new photos"
+
+    assert main(["rollback"]) == 0
+    assert lab.alias(CHAMPION) == first.version and lab.alias(PREVIOUS) == second.version
+    assert "rolled back from" in capsys.readouterr().out
+
+    assert main(["promote", "99", "--reason", "typo"]) == 1
+    assert "has no version 99" in capsys.readouterr().err
