@@ -18,7 +18,7 @@ from tasks.preflight import preflight_task
 from tasks.promote import Decision, promote_if_better_task
 from tasks.register import log_model_task, log_results_task, model_card_task, register_task
 from tasks.select import choose_freeze_configuration
-from tasks.track import close_stage_run, end_run, open_stage_run, start_training_run_task
+from tasks.track import close_stage_run, end_run, end_run_for, open_stage_run, start_training_run_task
 from tasks.train_head import HEAD_STAGE, train_head_task
 from tasks.validate import data_version_task, fetch_champion_manifest_task, validate_data_task, validation_cache_key
 from vggflow.caching import stable_hash
@@ -77,6 +77,7 @@ def train_flow(
     run_id = start_training_run_task(
         cfg, ready.experiment_id, Path(config_file) if config_file else None, data, weights.identity, weights.random_init, validated.files
     )
+    stage_run = None  # the nested run being trained, closed as KILLED/FAILED if the flow stops
     try:
         size, seed = cfg.backbone.image_size, cfg.seed
         plan = plan_prefix_caches(cfg.finetune, size, validated.n_valid)
@@ -93,6 +94,7 @@ def train_flow(
             cache_key=key, stage_run_id=stage_run,
         )
         close_stage_run(stage_run, head)
+        stage_run = None
         results, best, best_key, skipped = [head], head, key, []
         metric = cfg.finetune.selection_metric
         shared = cfg.finetune.model_dump(exclude={"stages", "selection_metric", "min_improvement", "stop_when_no_improvement"})
@@ -105,6 +107,7 @@ def train_flow(
                 cfg.work_dir / "checkpoints" / f"{key}.keras", cache_key=key, stage_run_id=stage_run,
             )
             close_stage_run(stage_run, result)
+            stage_run = None
             results.append(result)
             improved = is_better(result.metric(metric), best.metric(metric), metric, cfg.finetune.min_improvement)
             if improved:
@@ -124,8 +127,9 @@ def train_flow(
             validated.class_names, cfg.evaluate.batch_size, lock_dir(cfg.tracking, cfg.work_dir),
         )
         model_card_task(cfg, run_id, version, data, validated, weights, results, chosen, evaluation, decision, report_dir)
-    except BaseException:
-        end_run(run_id, "FAILED")
+    except BaseException as error:
+        end_run_for(stage_run, error)
+        end_run_for(run_id, error)
         raise
     end_run(run_id, "FINISHED")
     return TrainingSummary(

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
 from vggflow.config import EvaluateConfig
+from vggflow.files import atomic_write_text
 
 
 class Evaluation(BaseModel):
@@ -76,7 +77,7 @@ def evaluate_classifier(
         predicted=[class_names[i] for i in y_pred], confidence=probabilities.max(axis=1) if len(y_pred) else []
     )
     files["predictions"] = out_dir / "test_predictions.csv"
-    predictions.to_csv(files["predictions"], index=False)
+    atomic_write_text(files["predictions"], predictions.to_csv(index=False))
     worst = report.worst_misclassified(y_true, probabilities, cfg.worst_examples)
     files["misclassified"] = report.plot_misclassified_grid(
         [load_rgb(paths[i]) for i in worst],

@@ -45,8 +45,13 @@ def start_training_run(
     validation_files: dict[str, Path],
     run_name: str | None = None,
 ) -> str:
-    """Create the parent run and log everything known before training; returns its id."""
+    """Create the parent run and log everything known before training; returns its id.
+
+    First closes runs left RUNNING by killed processes on this host (see :func:`close_abandoned_runs`).
+    """
     client = _client()
+    for closed in close_abandoned_runs(experiment_id):
+        print(f"marked run {closed} KILLED: its process is gone (killed or crashed)")
     commit, dirty = git_info()
     versions = package_versions()
     tags = {
@@ -55,9 +60,8 @@ def start_training_run(
         "vggflow.git_dirty": "unknown" if dirty is None else str(dirty).lower(),
         "vggflow.backbone_weights": weights_identity,
         TAG_RANDOM_INIT: str(random_init).lower(),
-        "vggflow.host": socket.gethostname(),
-        "vggflow.pid": str(os.getpid()),
         "vggflow.kind": "training",
+        **_owner_tags(),
     }
     flow_run_id = _prefect_flow_run_id()
     if flow_run_id:
@@ -99,7 +103,7 @@ def open_stage_run(experiment_id: str, parent_run_id: str, stage: str, unfreeze_
     run = client.create_run(
         experiment_id,
         run_name=f"stage-{stage}",
-        tags={"mlflow.parentRunId": parent_run_id, "vggflow.stage": stage, "vggflow.kind": "stage"},
+        tags={"mlflow.parentRunId": parent_run_id, "vggflow.stage": stage, "vggflow.kind": "stage", **_owner_tags()},
     )
     _log_params(client, run.info.run_id, {"stage": stage, "unfreeze_from": unfreeze_from or "none", "learning_rate": learning_rate})
     return run.info.run_id
@@ -141,6 +145,55 @@ def close_stage_run(stage_run_id: str, result: StageResult) -> None:
 def end_run(run_id: str, status: str) -> None:
     """Mark a run FINISHED, FAILED or KILLED."""
     _client().set_terminated(run_id, status)
+
+
+def end_run_for(run_id: str | None, error: BaseException) -> None:
+    """Close ``run_id`` after ``error``: KILLED for an interrupt/SIGTERM, FAILED otherwise."""
+    if run_id is None:
+        return
+    killed = isinstance(error, (KeyboardInterrupt, SystemExit))
+    try:
+        end_run(run_id, "KILLED" if killed else "FAILED")
+    except Exception:  # the store itself may be what failed; the next run's sweep will close it
+        pass
+
+
+def _owner_tags() -> dict[str, str]:
+    """Which process owns a run, so a later run can tell an abandoned run from a live one."""
+    return {"vggflow.host": socket.gethostname(), "vggflow.pid": str(os.getpid()), "vggflow.pid_started": str(_process_start(os.getpid()))}
+
+
+def _process_start(pid: int) -> float:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return -1.0
+
+
+def is_abandoned(tags: dict[str, str], host: str) -> bool:
+    """True when a RUNNING run's owning process on this host is gone (killed, crashed, or its pid reused)."""
+    if tags.get("vggflow.host") != host or "vggflow.pid" not in tags:
+        return False  # another machine's run: we cannot tell, leave it alone
+    started = _process_start(int(tags["vggflow.pid"]))
+    return started < 0 or abs(started - float(tags.get("vggflow.pid_started", started))) > 1.0
+
+
+def close_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark this host's RUNNING runs whose process died (e.g. ``kill -9``) as KILLED.
+
+    Returns the ids it closed. Runs of live processes (a concurrent training) are untouched.
+    """
+    client = _client()
+    host = socket.gethostname()
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        if is_abandoned(run.data.tags, host):
+            client.set_tag(run.info.run_id, "vggflow.closed_by", "a later run found its process gone")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 @task(name="start-run")

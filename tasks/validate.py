@@ -1045,12 +1045,22 @@ class ValidatedData(BaseModel):
     class_names: list[str]
     n_valid: int
     rows_file: Path
+    rows_sha256: str
     files: dict[str, Path]
 
 
 def _validation_outputs_valid(parameters: dict[str, Any]) -> bool:
+    """All outputs present, and the rows training reads match the checksum recorded with them."""
+    from vggflow.files import file_sha256
+
     out_dir = Path(parameters["out_dir"]) / parameters["cache_key"]
-    return all((out_dir / name).is_file() for name in ("report.json", "manifest.csv", "report.html", "rows.csv", "result.json"))
+    if not all((out_dir / name).is_file() for name in ("report.json", "manifest.csv", "report.html", "rows.csv", "result.json")):
+        return False
+    try:
+        recorded = json.loads((out_dir / "result.json").read_text())["rows_sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return file_sha256(out_dir / "rows.csv") == recorded
 
 
 def validation_cache_key(data_cfg: DataConfig, cfg: ValidationConfig, previous_manifest: Path | None) -> str:
@@ -1069,7 +1079,7 @@ def _file_digest(path: Path) -> str:
 
 def run_validation(data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, previous_manifest: Path | None) -> ValidatedData:
     """Validate, write report/manifest/HTML plus the usable rows (``rows.csv``) into ``out_dir``."""
-    from vggflow.files import atomic_write_text
+    from vggflow.files import atomic_write_text, file_sha256
 
     previous = read_manifest(previous_manifest) if previous_manifest else None
     result = validate_dataset(Path(data_cfg.dir), data_cfg, cfg, previous)
@@ -1083,6 +1093,7 @@ def run_validation(data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, p
         class_names=sorted(result.usable["label"].unique().tolist()),
         n_valid=len(result.usable),
         rows_file=rows_file,
+        rows_sha256=file_sha256(rows_file),
         files=files,
     )
     atomic_write_text(out_dir / "result.json", validated.model_dump_json(indent=1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -91,6 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(predict)
     predict.set_defaults(handler=cmd_predict)
 
+    retrain = commands.add_parser(
+        "retrain",
+        help="retrain only if the DVC data version changed since the @champion (what the schedule runs)",
+        description="Read the data version from the DVC file (dvc pull when data/ does not match it), compare it with "
+        "the @champion's; train (and gate) when it is new or --force is given, else finish with 'skipped: data unchanged'.",
+    )
+    _config_args(retrain)
+    retrain.add_argument("--force", action="store_true", help="train even when the champion was trained on this data version")
+    retrain.set_defaults(handler=cmd_retrain)
+
+    schedule = commands.add_parser(
+        "schedule",
+        help="serve the retraining deployment on a cron schedule from this machine (Prefect)",
+        description="Register the `vggflow-retrain` deployment with a Prefect server and run its scheduled and "
+        "triggered runs here until stopped (Ctrl-C/SIGTERM). Without PREFECT_API_URL a local server is started on "
+        "127.0.0.1 and stopped with it. See docs/scheduling.md.",
+    )
+    _config_args(schedule)
+    schedule.add_argument("--cron", metavar="EXPR", help='cron expression (default: schedule.cron, "0 3 * * *")')
+    schedule.add_argument("--timezone", metavar="TZ", help="IANA timezone of the cron expression (default: schedule.timezone, UTC)")
+    schedule.set_defaults(handler=cmd_schedule)
+
+    ui = commands.add_parser(
+        "ui",
+        help="start the MLflow UI (tracking server) over the project's store until Ctrl-C",
+        description="Serve the MLflow UI and REST API over the configured tracking store (runs, stage runs, metrics, "
+        "artifacts, registered versions) on 127.0.0.1; prints the URL, stops cleanly on Ctrl-C/SIGTERM.",
+    )
+    _config_args(ui)
+    ui.add_argument("--port", type=int, default=5000, help="TCP port (default: 5000; 0 = any free port)")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; the UI has no authentication)")
+    ui.set_defaults(handler=cmd_ui)
+
     config = commands.add_parser(
         "config", help="print the effective configuration", description="Print the effective configuration as YAML."
     )
@@ -104,6 +138,16 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     print(load_config(args.config, args.overrides).as_yaml(), end="")
     return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from vggflow.config import load_config
+    from vggflow.dashboard import free_port, serve, spec_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    port = args.port or free_port(args.host)
+    spec = spec_from_config(cfg, host=args.host, port=port)
+    return serve(spec, cfg.work_dir / "mlflow-server.log", cfg.tracking.experiment)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -202,6 +246,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_data_dir(Path(args.data) if args.data else cfg.data.dir)
     check_store(cfg.tracking)
     _quiet_expected_errors()
+    # SIGTERM (a scheduler stopping us, `kill`) unwinds like Ctrl-C: the MLflow run is closed as KILLED.
+    signal.signal(signal.SIGTERM, _interrupt)
     from flows.train import train_flow
 
     summary = train_flow(
@@ -212,6 +258,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(format_training_summary(summary))
     return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from vggflow.config import load_config
+
+    load_config(args.config, args.overrides)  # fail on a bad config before starting anything
+    _quiet_expected_errors()
+    from flows.retrain import retrain_flow
+
+    outcome = retrain_flow(config_file=args.config, overrides=list(args.overrides), force=args.force)
+    print(f"vggflow retrain: {outcome.reason}")
+    if not outcome.skipped:
+        from flows.train import TrainingSummary
+
+        print(format_training_summary(TrainingSummary.model_validate(outcome.training)))
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from vggflow.scheduling import serve_retraining
+
+    return serve_retraining(args.config, list(args.overrides), cron=args.cron, timezone=args.timezone)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def format_training_summary(summary) -> str:
