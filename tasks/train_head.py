@@ -101,8 +101,8 @@ def train_head_task(
     stage_run_id: str | None = None,
 ) -> StageResult:
     """Prefect shell: train the head, logging each epoch to the stage's MLflow run."""
-    from vggflow.tracking import log_epoch
+    from vggflow.training import epoch_reporter
 
-    on_epoch = (lambda epoch, logs: log_epoch(stage_run_id, epoch, logs)) if stage_run_id else None
-    result = train_head(features, weights, image_size, cfg, seed, checkpoint, on_epoch)
+    print(f"stage {HEAD_STAGE}: training the new head on cached features, lr {cfg.learning_rate:g}")
+    result = train_head(features, weights, image_size, cfg, seed, checkpoint, epoch_reporter(HEAD_STAGE, cfg.epochs, stage_run_id))
     return result.model_copy(update={"mlflow_run_id": stage_run_id})

@@ -5,6 +5,7 @@ Nothing here runs on import; :func:`connect` sets the tracking URI when a comman
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -89,18 +90,24 @@ def connect(cfg: TrackingConfig):
     The experiment is created with its artifacts under ``cfg.artifact_root`` when new.
     """
     import mlflow
+    from filelock import FileLock
     from mlflow.tracking import MlflowClient
 
     uri = check_store(cfg)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
+    db = sqlite_path(uri)
+    # Creating a sqlite store runs migrations, and creating the experiment is check-then-act:
+    # two processes doing either at once fail, so both happen under a lock beside the database.
+    guard = FileLock(str(db.parent / ".mlflow-store.lock"), timeout=600) if db is not None else contextlib.nullcontext()
     try:
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            location = cfg.artifact_root.resolve().as_uri() if sqlite_path(uri) is not None else None
-            experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        with guard:
+            client = MlflowClient(tracking_uri=uri)
+            experiment = client.get_experiment_by_name(cfg.experiment)
+            if experiment is None:
+                location = cfg.artifact_root.resolve().as_uri() if db is not None else None
+                experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+            else:
+                experiment_id = experiment.experiment_id
     except Exception as err:  # MLflow raises several types for an unusable store
         raise TrackingError(f"cannot use the MLflow tracking store {uri}: {err}") from None
     return client, experiment_id

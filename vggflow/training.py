@@ -115,6 +115,26 @@ def fit_stage(
     return history, int(best_epoch), seconds
 
 
+def epoch_reporter(stage: str, epochs: int, run_id: str | None) -> Callable[[int, dict[str, float]], None]:
+    """Per epoch: the metrics into the stage's MLflow run and one progress line (never per batch)."""
+    from prefect.logging import get_run_logger
+
+    from vggflow.tracking import log_epoch
+
+    logger = get_run_logger()
+
+    def report(epoch: int, logs: dict[str, float]) -> None:
+        if run_id:
+            log_epoch(run_id, epoch, logs)
+        logger.info(
+            f"stage {stage} epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f} "
+            f"acc {logs.get('accuracy', float('nan')):.3f} val_loss {logs.get('val_loss', float('nan')):.4f} "
+            f"val_acc {logs.get('val_accuracy', float('nan')):.3f}"
+        )
+
+    return report
+
+
 def _floats(logs: dict | None) -> dict[str, float]:
     return {key: float(value) for key, value in (logs or {}).items()}
 
