@@ -130,7 +130,7 @@ def run_stage(
         )
         n_train = len(split["train"])
     history, best_epoch, seconds = fit_stage(
-        trainable, train, val, stage.learning_rate, stage.epochs, cfg.patience, n_train, on_epoch
+        trainable, train, val, stage.learning_rate, stage.epochs, cfg.patience, on_epoch
     )
     digest = save_checkpoint(model, checkpoint)
     best = history[best_epoch] if history else {}

@@ -42,25 +42,22 @@ def train_head(
     """
     import keras
 
+    import numpy as np
+
     from tasks.features import load_layer
-    from vggflow.datasets import ArrayBatches
     from vggflow.model import build_base, build_classifier, head_model, unfreeze_to
     from vggflow.training import fit_stage, save_checkpoint
 
     keras.utils.set_random_seed(seed)
     model = build_classifier(build_base(weights, image_size), len(features.class_names), cfg, image_size)
     freeze = unfreeze_to(model, None, HEAD_STAGE)
-    x_train, y_train = load_layer(features, "avg_pool", "train")
-    x_val, y_val = load_layer(features, "avg_pool", "val")
+    # Pooled features are small (512 floats per image): fit on in-memory arrays with Keras's own
+    # shuffle, exactly as the seed's `model.fit` over images through the frozen base would.
+    x_train, y_train = (np.asarray(a[: len(a)]) for a in load_layer(features, "avg_pool", "train"))
+    x_val, y_val = (np.asarray(a[: len(a)]) for a in load_layer(features, "avg_pool", "val"))
     history, best_epoch, seconds = fit_stage(
-        head_model(model),
-        ArrayBatches(x_train, y_train, cfg.batch_size, shuffle=True, seed=seed),
-        ArrayBatches(x_val, y_val, cfg.batch_size, shuffle=False, seed=seed),
-        cfg.learning_rate,
-        cfg.epochs,
-        cfg.patience,
-        len(y_train),
-        on_epoch,
+        head_model(model), (x_train, y_train), (x_val, y_val), cfg.learning_rate, cfg.epochs, cfg.patience,
+        on_epoch, batch_size=cfg.batch_size,
     )
     digest = save_checkpoint(model, checkpoint)
     best = history[best_epoch] if history else {}

@@ -72,13 +72,15 @@ def fit_stage(
     learning_rate: float,
     epochs: int,
     patience: int,
-    n_train: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    batch_size: int | None = None,
 ) -> tuple[list[dict[str, float]], int, float]:
     """Compile ``trainable`` (a Keras model) and fit it with early stopping on validation loss.
 
-    The best epoch's weights are restored at the end (also when training ran to the last epoch),
-    so the model leaves this function in its best state.
+    ``train_data``/``val_data`` are datasets yielding batches, or ``(x, y)`` arrays fitted with
+    ``batch_size`` and Keras's own per-epoch shuffle (as the seed's ``model.fit`` does). The best
+    epoch's weights are restored at the end (also when training ran to the last epoch), so the
+    model leaves this function in its best state.
 
     Returns:
         (per-epoch history, best epoch index, seconds spent fitting)
@@ -104,7 +106,13 @@ def fit_stage(
         # One report per epoch (MLflow metrics, a progress line), never per batch.
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch, _floats(logs))))
     started = time.perf_counter()
-    fitted = trainable.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
+    if isinstance(train_data, tuple):
+        fitted = trainable.fit(
+            *train_data, batch_size=batch_size, shuffle=True, validation_data=val_data,
+            epochs=epochs, callbacks=callbacks, verbose=0,
+        )
+    else:
+        fitted = trainable.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
     seconds = time.perf_counter() - started
     history = [
         {key: float(fitted.history[key][epoch]) for key in HISTORY_KEYS if key in fitted.history}
