@@ -197,3 +197,22 @@ def test_read_only_tracking_store_fails_fast(project, tiny_dataset):
         assert "not writable" in done.stderr and str(store) in done.stderr and "Traceback" not in done.stderr
     finally:
         subprocess.run(["umount", str(store)], check=False)
+
+
+def test_hostile_file_names_train_end_to_end(project, tiny_dataset, prefect_server):
+    """Spaces, unicode, leading dashes, shell metacharacters and very long names are just names."""
+    from flows.train import train_flow
+
+    hostile = ["-rf --no-preserve-root.png", "spaced out  name.png", "ñandú_日本語.png", "$(touch pwned);`x`.png", "x" * 200 + ".png"]
+    for folder in sorted(tiny_dataset.iterdir()):
+        for image, name in zip(sorted(folder.iterdir()), hostile):
+            image.rename(folder / name)
+    (tiny_dataset / "-class with dash").mkdir()
+    for image in sorted((tiny_dataset / "class_2").iterdir()):
+        image.rename(tiny_dataset / "-class with dash" / image.name)
+    (tiny_dataset / "class_2").rmdir()
+    summary = train_flow(overrides=tiny_overrides(), data_dir=str(tiny_dataset))
+    assert summary.model_version == "1"
+    assert not (project / "pwned").exists()
+    rows = summary.validation_summary
+    assert "36 valid" in rows
