@@ -241,7 +241,31 @@ def describe_version(
     client = MlflowClient()
     client.log_artifact(run_id, str(path))
     client.update_model_version(version.name, version.version, description=card)
+    note = run_note(version, chosen, evaluation, decision, data.md5, weights.random_init)
+    client.set_tag(run_id, "mlflow.note.content", note)  # the run page's Description
     return path
+
+
+def run_note(version: RegisteredVersion, chosen: StageResult, evaluation: Evaluation, decision, data_version: str, random_init: bool) -> str:
+    """A few lines of Markdown on top of the run page: outcome first, details in the artifacts."""
+    freeze = chosen.freeze_configuration()
+    primary = decision.primary_metric
+    others = ", ".join(f"{k} {evaluation.metrics[k]:.4f}" for k in ("accuracy", "macro_f1") if k != primary)
+    outcome = "promoted to `@champion`" if decision.promoted else "not promoted"
+    lines = [
+        f"**{version.name} v{version.version}: {outcome}** ({decision.reason})",
+        "",
+        f"- test {primary} **{evaluation.metrics[primary]:.4f}** (primary), {others}; {evaluation.n_test} test images",
+        (
+            f"- freeze configuration **{freeze['stage']}**: first trainable layer `{freeze['first_trainable_layer']}`, "
+            f"{freeze['trainable_params']:,} trainable parameters, lr {freeze['learning_rate']:g}"
+        ),
+        f"- data version `{data_version}`",
+        "- details: `model_card.md`, `evaluation/`, `stages/`, `validation/` (Artifacts tab)",
+    ]
+    if random_init:
+        lines.insert(1, "\n> **Randomly initialised backbone (no ImageNet weights): a pipeline demonstration, not a useful classifier.**")
+    return "\n".join(lines)
 
 
 @task(name="model-card", retries=2, retry_delay_seconds=5)

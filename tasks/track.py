@@ -7,6 +7,7 @@ and dirty flag, package versions, seed, backbone weights, and the validation rep
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 from prefect import task
 
 from vggflow.config import Config
-from vggflow.tracking import TAG_RANDOM_INIT, DataVersion, epoch_metrics, git_info, package_versions
+from vggflow.tracking import TAG_DATA_VERSION, TAG_FREEZE, TAG_RANDOM_INIT, DataVersion, epoch_metrics, git_info, package_versions
 from vggflow.training import StageResult
 
 MAX_PARAMS_PER_BATCH = 100
@@ -83,7 +84,36 @@ def start_training_run(
     client.log_dict(run_id, versions, "environment/package_versions.json")
     for path in validation_files.values():
         client.log_artifact(run_id, str(path), "validation")
+    client.log_inputs(run_id, datasets=[dataset_input(data, cfg.data.dir)])
+    save_compare_view(client, experiment_id, cfg.registry.primary_metric)
     return run_id
+
+
+def dataset_input(data: DataVersion, data_dir: Path):
+    """The data as an MLflow dataset input: the UI's default *Dataset* column shows its version."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(
+        name=Path(data_dir).name or "data",
+        digest=data.md5[:36],  # the store's digest column holds 36 characters (a DVC ".dir" md5 fits)
+        source_type="local",
+        source=json.dumps({"uri": str(Path(data_dir).resolve())}),
+        profile=json.dumps({"data_version": data.md5, "matches_dvc": data.matches, "dvc_tracked_path": data.tracked_path}),
+    )
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+
+
+def save_compare_view(client, experiment_id: str, primary_metric: str) -> None:
+    """Save the experiment's comparison views in the MLflow UI (see ``vggflow.dashboard``)."""
+    from mlflow.exceptions import MlflowException
+
+    from vggflow.dashboard import compare_view_tags
+
+    try:
+        for key, value in compare_view_tags(primary_metric).items():
+            client.set_experiment_tag(experiment_id, key, value)
+    except MlflowException as err:  # a UI convenience must never fail a training run
+        print(f"note: could not save the MLflow UI views of experiment {experiment_id}: {err}")
 
 
 def _prefect_flow_run_id() -> str | None:
@@ -98,14 +128,28 @@ def _prefect_flow_run_id() -> str | None:
 
 
 def open_stage_run(experiment_id: str, parent_run_id: str, stage: str, unfreeze_from: str | None, learning_rate: float) -> str:
-    """Create the nested run of a stage, named after its freeze configuration."""
+    """Create the nested run of a stage, named after its freeze configuration.
+
+    It repeats the parent's data version (tag, param, dataset input) and carries its own freeze
+    configuration under the parent's tag key, so stage rows fill the same columns in the UI.
+    """
     client = _client()
-    run = client.create_run(
-        experiment_id,
-        run_name=f"stage-{stage}",
-        tags={"mlflow.parentRunId": parent_run_id, "vggflow.stage": stage, "vggflow.kind": "stage", **_owner_tags()},
-    )
-    _log_params(client, run.info.run_id, {"stage": stage, "unfreeze_from": unfreeze_from or "none", "learning_rate": learning_rate})
+    parent = client.get_run(parent_run_id)
+    data_version = parent.data.tags.get(TAG_DATA_VERSION, "unknown")
+    tags = {
+        "mlflow.parentRunId": parent_run_id,
+        "vggflow.stage": stage,
+        TAG_FREEZE: stage,
+        TAG_DATA_VERSION: data_version,
+        "vggflow.kind": "stage",
+        **_owner_tags(),
+    }
+    run = client.create_run(experiment_id, run_name=f"stage-{stage}", tags=tags)
+    params = {"stage": stage, "unfreeze_from": unfreeze_from or "none", "learning_rate": learning_rate, "data_version": data_version}
+    _log_params(client, run.info.run_id, params)
+    inputs = parent.inputs.dataset_inputs if parent.inputs else []
+    if inputs:
+        client.log_inputs(run.info.run_id, datasets=list(inputs))
     return run.info.run_id
 
 

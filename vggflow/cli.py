@@ -287,31 +287,49 @@ def _interrupt(signum, frame) -> None:
 
 
 def format_training_summary(summary) -> str:
-    """The end-of-run summary: run, freeze configuration, metrics, version, decision, dashboard."""
+    """The end-of-run summary: a compact table of stages, then the outcome, one line per fact."""
     freeze = summary.freeze_configuration
-    lines = ["", "=" * 72, "vggflow train: done", "=" * 72]
+    rule = "=" * 78
+    lines = ["", rule, f"vggflow train: done   run {summary.run_id}", rule]
     if summary.random_init:
         lines += [
-            "WARNING: the backbone was randomly initialised (no ImageNet weights) — this model is a pipeline",
-            f"         demonstration, not a useful classifier. ({summary.weights_note})",
+            "WARNING: randomly initialised backbone (no ImageNet weights): a pipeline demonstration,",
+            f"         not a useful classifier. ({summary.weights_note})",
         ]
     lines += [
-        f"MLflow run        {summary.run_id}  (experiment {summary.experiment_id}, {summary.tracking_uri})",
-        f"data version      {summary.data_version}  (data/ matches data.dvc: {_yes_no(summary.data_matches_dvc)})",
-        f"freeze config     {freeze['stage']}: first trainable layer {freeze['first_trainable_layer']}, "
-        f"{freeze['trainable_layers']} trainable layers, {freeze['trainable_params']:,} params, lr {freeze['learning_rate']:g}",
-        "stages            " + "  ".join(f"{s['stage']}={s['val_accuracy']:.3f}" for s in summary.stages) + "  (val accuracy)",
+        f"data        {summary.data_version}   matches data.dvc: {_yes_no(summary.data_matches_dvc)}",
+        "",
+        "    stage       val_acc  val_loss  epochs",
     ]
-    if summary.skipped_stages:
-        lines.append(f"skipped stages    {', '.join(summary.skipped_stages)} (the previous stage did not improve)")
+    for stage in summary.stages:
+        chosen = stage["stage"] == freeze["stage"]
+        row = f" {'*' if chosen else ' '}  {stage['stage']:<10}  {stage['val_accuracy']:7.4f}  {stage['val_loss']:8.4f}  {stage['epochs']:6d}"
+        if chosen:
+            row += (
+                f"   <- chosen: from {freeze['first_trainable_layer']}, {freeze['trainable_layers']} layers, "
+                f"{freeze['trainable_params']:,} params, lr {freeze['learning_rate']:g}"
+            )
+        lines.append(row)
+    for name in summary.skipped_stages:
+        lines.append(f"    {name:<10}  {'-':>7}  {'-':>8}  {'-':>6}   skipped: the previous stage did not improve")
     lines += [
-        "test metrics      " + "  ".join(f"{k}={v:.4f}" for k, v in summary.test_metrics.items()),
-        f"registered model  {summary.model_name} version {summary.model_version}  ({summary.model_uri})",
-        f"promotion         {'PROMOTED to @champion' if summary.decision.promoted else 'not promoted'}: {summary.decision.reason}",
-        f"reports           {summary.report_dir}",
-        "dashboard         .venv/bin/vggflow ui   (then open http://127.0.0.1:5000)",
+        "",
+        "test        " + "   ".join(f"{k} {v:.4f}" for k, v in summary.test_metrics.items()),
+        f"model       {summary.model_name} v{summary.model_version}   {summary.model_uri}",
+        f"promotion   {'PROMOTED to @champion' if summary.decision.promoted else 'not promoted'}: {summary.decision.reason}",
+        f"reports     {summary.report_dir}",
+        f"tracking    {summary.tracking_uri}   experiment {summary.experiment_id}",
+        f"dashboard   {_run_link(summary)}",
     ]
     return "\n".join(lines)
+
+
+def _run_link(summary) -> str:
+    """Where to see the run: the tracking server itself, or `vggflow ui` over a local store."""
+    route = f"#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
+    if summary.tracking_uri.startswith(("http://", "https://")):
+        return f"{summary.tracking_uri.rstrip('/')}/{route}"
+    return f"vggflow ui, then http://127.0.0.1:5000/{route}"
 
 
 def _yes_no(value: bool | None) -> str:

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Self
 from urllib.parse import quote, urlparse
 
 from vggflow.errors import VggflowError
@@ -36,8 +37,10 @@ DEFAULT_PORT = 5000
 STARTUP_TIMEOUT_S = 180.0
 #: Uvicorn finishes in-flight requests on SIGTERM; 10 s is plenty for a local UI.
 STOP_GRACE_S = 10.0
-#: The experiment view that `tasks/track.py` saves (columns for comparing runs).
+#: Saved views of the experiment's runs (see :func:`compare_view_tags`; `tasks/track.py` saves them).
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 COMPARE_VIEW_ID = "vggflow-compare"
+LEADERBOARD_VIEW_ID = "vggflow-leaderboard"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 #: Forced for every server we start: the job runner is what leaves orphan processes.
@@ -101,6 +104,81 @@ def spec_from_config(cfg, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) ->
     elif urlparse(uri).scheme == "" and uri:
         uri = Path(uri).resolve().as_uri()  # a bare folder is a file store
     return ServerSpec(uri, Path(cfg.tracking.artifact_root).resolve(), host, port)
+
+
+def compare_view_tags(primary_metric: str, created_ms: int | None = None) -> dict[str, str]:
+    """Experiment tags holding saved MLflow UI views for comparing training runs.
+
+    MLflow's runs table shows only Dataset/Source/Models by default and keeps chosen columns in
+    the browser; views saved as experiment tags (the UI's "Views" menu, or the URL
+    ``#/experiments/<id>/runs?viewStateShareKey=<view id>``) give everyone the same columns: the
+    test metrics (primary first), best validation accuracy, the freeze configuration, the data
+    version and whether the backbone was random. Stage runs carry the same keys, so their rows
+    fill the same columns. Two views (:data:`VIEWS`):
+
+    - ``vggflow-compare``: every run newest first, stage runs nested under their run (the UI
+      nests children only when runs are sorted by creation time);
+    - ``vggflow-leaderboard``: training runs only, best primary metric first.
+
+    Args:
+        primary_metric: the registry's primary metric (``accuracy`` or ``macro_f1``).
+        created_ms: the views' timestamp (ms; default now).
+
+    Returns:
+        ``{tag key: tag value}``.
+    """
+    import json
+
+    def column(kind: str, name: str) -> str:
+        return f"{kind}.`{name}`"  # the UI's canonical column key
+
+    primary = f"test_{primary_metric}"
+    metrics = [primary] + [f"test_{m}" for m in ("accuracy", "macro_f1") if f"test_{m}" != primary]
+    ui_state = {
+        # The UI replaces its whole state with a view's, so every field is given.
+        "selectedColumns": [
+            column("attributes", "Dataset"),
+            *(column("metrics", m) for m in metrics),
+            column("metrics", "best_val_accuracy"),
+            column("tags", "vggflow.freeze_configuration"),
+            column("params", "data_version"),
+            column("tags", "vggflow.random_init"),
+            column("attributes", "Models"),
+        ],
+        "columnOrder": [],
+        "columnWidths": {},
+        "runsExpanded": {},
+        "runsPinned": [],
+        "runsHidden": [],
+        "runsVisibilityMap": {},
+        "runsHiddenMode": "FIRST_10_RUNS",
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "groupBy": None,
+        "groupsExpanded": {},
+        "autoRefreshEnabled": True,
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+    }
+    facets = {"startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": []}
+    views = {
+        COMPARE_VIEW_ID: (
+            "vggflow: runs and stages",
+            {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False},
+        ),
+        LEADERBOARD_VIEW_ID: (
+            f"vggflow: leaderboard ({primary})",
+            {"searchFilter": "tags.`vggflow.kind` = 'training'", "orderByKey": column("metrics", primary), "orderByAsc": False},
+        ),
+    }
+    created = int(time.time() * 1000) if created_ms is None else created_ms
+    tags = {}
+    for view_id, (name, order) in views.items():
+        state = json.dumps({**facets, **order, **ui_state}, separators=(",", ":"))  # plain JSON: read uncompressed too
+        tags[f"{VIEW_TAG_PREFIX}{view_id}"] = json.dumps({"name": name, "createdAt": created, "state": state}, separators=(",", ":"))
+    return tags
 
 
 def server_command(spec: ServerSpec, python: str = sys.executable) -> list[str]:
@@ -306,7 +384,7 @@ class DashboardServer:
             return f"(no server log at {self.log_path})"
         return "".join("  | " + line for line in tail).rstrip("\n")
 
-    def __enter__(self) -> DashboardServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -328,15 +406,12 @@ def experiment_links(base_url: str, experiment_name: str) -> list[tuple[str, str
             return []
         experiment = response.json()["experiment"]
         experiment_id = experiment["experiment_id"]
-        view_tag = f"mlflow.sharedViewState.{COMPARE_VIEW_ID}"
-        has_view = any(tag.get("key") == view_tag for tag in experiment.get("tags", []))
-        links = [
-            (
-                f"experiment {experiment_name!r}",
-                f"{base_url}/#/experiments/{experiment_id}/runs"
-                + (f"?viewStateShareKey={quote(COMPARE_VIEW_ID)}" if has_view else ""),
-            )
-        ]
+        saved = {tag.get("key") for tag in experiment.get("tags", [])}
+        runs_url = f"{base_url}/#/experiments/{experiment_id}/runs"
+        links = [(f"experiment {experiment_name!r}", runs_url)]
+        for label, view_id in (("runs and stages", COMPARE_VIEW_ID), ("leaderboard", LEADERBOARD_VIEW_ID)):
+            if f"{VIEW_TAG_PREFIX}{view_id}" in saved:
+                links.append((label, f"{runs_url}?viewStateShareKey={quote(view_id)}"))
         runs = requests.post(
             f"{api}/runs/search",
             json={
@@ -349,7 +424,8 @@ def experiment_links(base_url: str, experiment_name: str) -> list[tuple[str, str
         ).json().get("runs", [])
         if runs:
             info = runs[0]["info"]
-            links.append((f"latest run {info.get('run_name', '')}", f"{base_url}/#/experiments/{experiment_id}/runs/{info['run_id']}"))
+            link = f"{base_url}/#/experiments/{experiment_id}/runs/{info['run_id']}"
+            links.append(("latest run", f"{link}   ({info.get('run_name', '')})"))
         return links
     except (requests.RequestException, KeyError, ValueError):
         return []
@@ -404,10 +480,11 @@ def serve(
             if not server.wait_until_healthy(startup_timeout, stop):
                 out("stopping (interrupted while starting)")
                 return 0
-            out(f"MLflow UI: {server.url}")
-            for label, link in experiment_links(server.url, experiment_name):
-                out(f"  {label}: {link}")
-            out(f"server log: {server.log_path}   (Ctrl-C to stop)")
+            out(f"MLflow UI: {server.url}   (Ctrl-C to stop)")
+            links = experiment_links(server.url, experiment_name) + [("server log", str(server.log_path))]
+            width = max(len(label) for label, _ in links)
+            for label, link in links:
+                out(f"  {label:<{width}}  {link}")
             while not stop.wait(0.5):
                 code = server.process.poll() if server.process else None
                 if code is not None:
