@@ -119,7 +119,8 @@ def train_flow(
         chosen = choose_freeze_configuration(results, metric)
         report_dir = cfg.work_dir / "runs" / run_id
         evaluation = evaluate_task(chosen.checkpoint, validated.rows_file, cfg.data.dir, validated.class_names, cfg.evaluate, report_dir)
-        log_results_task(run_id, results, chosen, evaluation, metric, skipped, report_dir)
+        compute = {"features": features.seconds, **{f"fit_{r.stage}": r.seconds for r in results}, "evaluate": evaluation.seconds}
+        log_results_task(run_id, results, chosen, evaluation, metric, skipped, report_dir, compute)
         model_uri = log_model_task(run_id, chosen.checkpoint, validated.class_names, size, report_dir)
         version = register_task(model_uri, cfg.registry, run_id, chosen, evaluation)
         decision = promote_if_better_task(

@@ -6,12 +6,12 @@ The classifier is fed raw decoded images exactly as a client of the registered m
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
 from vggflow.config import EvaluateConfig
 from vggflow.files import atomic_write_text
@@ -25,6 +25,7 @@ class Evaluation(BaseModel):
     confusion: list[list[int]]
     class_names: list[str]
     files: dict[str, Path]
+    seconds: float = 0.0
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict[str, float], np.ndarray]:
@@ -35,6 +36,8 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict[
         y_pred: predicted class indices (-1 for a label outside the class list: always wrong).
         n_classes: number of classes (absent classes still get a confusion-matrix row).
     """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+
     labels = list(range(n_classes))
     metrics = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -62,7 +65,9 @@ def evaluate_classifier(
 
     model = keras.saving.load_model(checkpoint, compile=False)
     paths = [Path(data_dir) / p for p in test_rows["path"]]
+    started = time.perf_counter()
     probabilities = predict_in_batches(lambda batch: model.predict_on_batch(batch.astype(np.float32)), paths, cfg.batch_size)
+    seconds = time.perf_counter() - started
     index = {name: i for i, name in enumerate(class_names)}
     y_true = test_rows["label"].map(index).to_numpy()
     y_pred = probabilities.argmax(axis=1)
@@ -90,7 +95,8 @@ def evaluate_classifier(
         for name in ("precision", "recall", "f1"):
             metrics[f"{name}_{row['class']}"] = float(row[name])
     return Evaluation(
-        metrics=metrics, n_test=len(y_true), confusion=confusion.tolist(), class_names=class_names, files=files
+        metrics=metrics, n_test=len(y_true), confusion=confusion.tolist(), class_names=class_names, files=files,
+        seconds=seconds,
     )
 
 

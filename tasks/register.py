@@ -66,8 +66,13 @@ def log_results(
     selection_metric: str,
     skipped: list[str],
     out_dir: Path,
+    compute_seconds: dict[str, float] | None = None,
 ) -> None:
-    """Log the chosen freeze configuration, the stage comparison, test metrics and report files."""
+    """Log the chosen freeze configuration, the stage comparison, test metrics and report files.
+
+    ``compute_seconds`` (step → seconds of TensorFlow compute) is logged as ``seconds_<step>``
+    metrics, so wall time minus compute shows a run's fixed overhead.
+    """
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -84,6 +89,7 @@ def log_results(
         Metric("best_val_accuracy", chosen.best_val_accuracy, now, 0),
         Metric("best_val_loss", chosen.best_val_loss, now, 0),
     ]
+    metrics += [Metric(f"seconds_{metric_key(k)}", float(v), now, 0) for k, v in (compute_seconds or {}).items()]
     client.log_batch(run_id, metrics=metrics, params=params)
     client.set_tag(run_id, TAG_FREEZE, chosen.stage)
     table = stage_table(stages, chosen)
@@ -160,9 +166,10 @@ def log_results_task(
     selection_metric: str,
     skipped: list[str],
     out_dir: Path,
+    compute_seconds: dict[str, float] | None = None,
 ) -> None:
     """Prefect shell: log metrics, freeze configuration and report files to the parent run."""
-    log_results(run_id, stages, chosen, evaluation, selection_metric, skipped, out_dir)
+    log_results(run_id, stages, chosen, evaluation, selection_metric, skipped, out_dir, compute_seconds)
 
 
 @task(name="log-model")

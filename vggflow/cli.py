@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -237,19 +238,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tasks.preflight import check_data_dir
     from vggflow.config import load_config
+    from vggflow.warmup import start_local_prefect_server, start_store_creation
+
+    cfg = load_config(args.config, args.overrides)
+    # Overlap the fixed costs (see vggflow/warmup.py): Prefect's server and a new tracking store
+    # start in subprocesses while this process imports TensorFlow. The server must be started
+    # before Prefect is imported.
+    server = start_local_prefect_server()
+    from tasks.preflight import check_data_dir
     from vggflow.tracking import check_store
 
-    # The cheap checks first, before Prefect's server and TensorFlow take their ~20 s to start.
-    cfg = load_config(args.config, args.overrides)
+    # The cheap checks first, before anything slow.
     check_data_dir(Path(args.data) if args.data else cfg.data.dir)
     check_store(cfg.tracking)
+    start_store_creation(cfg.tracking)
     _quiet_expected_errors()
     # SIGTERM (a scheduler stopping us, `kill`) unwinds like Ctrl-C: the MLflow run is closed as KILLED.
     signal.signal(signal.SIGTERM, _interrupt)
+    import keras  # noqa: F401  (TensorFlow: the longest import, done while the others start)
+
     from flows.train import train_flow
 
+    if server is not None:
+        server.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
     summary = train_flow(
         config_file=args.config,
         overrides=list(args.overrides),
