@@ -175,10 +175,11 @@ def finetune_stage_task(
     stage_run_id: str | None = None,
 ) -> StageResult:
     """Prefect shell: train one stage, logging each epoch to the stage's MLflow run."""
-    from vggflow.training import epoch_reporter
+    from vggflow.training import epoch_reporter, stage_summary_line
 
     print(f"stage {stage.label}: training from {previous.stage}, lr {stage.learning_rate:g}, "
           f"{'on cached ' + prefix if prefix else 'on images'}")
     on_epoch = epoch_reporter(stage.label, stage.epochs, stage_run_id)
     result = run_stage(previous, stage, cfg, features, prefix, data_dir, image_size, seed, checkpoint, on_epoch)
+    print(stage_summary_line(result, stage.epochs))
     return result.model_copy(update={"mlflow_run_id": stage_run_id})

@@ -98,8 +98,9 @@ def train_head_task(
     stage_run_id: str | None = None,
 ) -> StageResult:
     """Prefect shell: train the head, logging each epoch to the stage's MLflow run."""
-    from vggflow.training import epoch_reporter
+    from vggflow.training import epoch_reporter, stage_summary_line
 
     print(f"stage {HEAD_STAGE}: training the new head on cached features, lr {cfg.learning_rate:g}")
     result = train_head(features, weights, image_size, cfg, seed, checkpoint, epoch_reporter(HEAD_STAGE, cfg.epochs, stage_run_id))
+    print(stage_summary_line(result, cfg.epochs))
     return result.model_copy(update={"mlflow_run_id": stage_run_id})

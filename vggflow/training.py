@@ -123,24 +123,44 @@ def fit_stage(
     return history, int(best_epoch), seconds
 
 
-def epoch_reporter(stage: str, epochs: int, run_id: str | None) -> Callable[[int, dict[str, float]], None]:
-    """Per epoch: the metrics into the stage's MLflow run and one progress line (never per batch)."""
+def epoch_reporter(
+    stage: str, epochs: int, run_id: str | None, every_seconds: float = 5.0
+) -> Callable[[int, dict[str, float]], None]:
+    """Per epoch: the metrics into the stage's MLflow run (every epoch) and a progress line.
+
+    Progress lines are throttled to one per ``every_seconds`` (plus the first epoch), so a head
+    that runs 40 epochs in 5 s prints two lines, not forty; :func:`stage_summary_line` closes.
+    """
     from prefect.logging import get_run_logger
 
     from vggflow.tracking import log_epoch
 
     logger = get_run_logger()
+    last = {"at": -every_seconds}
 
     def report(epoch: int, logs: dict[str, float]) -> None:
         if run_id:
             log_epoch(run_id, epoch, logs)
-        logger.info(
-            f"stage {stage} epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f} "
-            f"acc {logs.get('accuracy', float('nan')):.3f} val_loss {logs.get('val_loss', float('nan')):.4f} "
-            f"val_acc {logs.get('val_accuracy', float('nan')):.3f}"
-        )
+        now = time.monotonic()
+        if epoch == 0 or now - last["at"] >= every_seconds:
+            last["at"] = now
+            logger.info(
+                f"stage {stage} epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f} "
+                f"acc {logs.get('accuracy', float('nan')):.3f} val_loss {logs.get('val_loss', float('nan')):.4f} "
+                f"val_acc {logs.get('val_accuracy', float('nan')):.3f}"
+            )
 
     return report
+
+
+def stage_summary_line(result: StageResult, epochs: int) -> str:
+    """One line closing a stage: epochs run, best epoch and its validation metrics, speed."""
+    stopped = " (early stop)" if result.epochs_run < epochs else ""
+    return (
+        f"stage {result.stage} done: {result.epochs_run}/{epochs} epochs{stopped}, best epoch {result.best_epoch + 1}: "
+        f"val_acc {result.best_val_accuracy:.3f} val_loss {result.best_val_loss:.4f}, "
+        f"{result.seconds:.1f} s, {result.images_per_second:.0f} images/s"
+    )
 
 
 def _floats(logs: dict | None) -> dict[str, float]:
