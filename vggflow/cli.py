@@ -274,11 +274,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from vggflow.config import load_config
+    from vggflow.warmup import start_local_prefect_server
 
     load_config(args.config, args.overrides)  # fail on a bad config before starting anything
+    server = start_local_prefect_server()  # before Prefect is imported, as in cmd_train
     _quiet_expected_errors()
+    signal.signal(signal.SIGTERM, _interrupt)  # a training it starts closes its MLflow run as KILLED
     from flows.retrain import retrain_flow
 
+    if server is not None:
+        server.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
     outcome = retrain_flow(config_file=args.config, overrides=list(args.overrides), force=args.force)
     print(f"vggflow retrain: {outcome.reason}")
     if not outcome.skipped:
