@@ -2,7 +2,8 @@
 
 A cached task's outputs live at a path derived from its key, so the key function can check
 them before Prefect returns a cached result: when an output is missing or fails its checksum
-the key is withheld (None), the task runs again and rebuilds it. Keys are namespaced per task
+the task runs again and rebuilds it (the key is kept only when no result is recorded under it
+yet, so a first run is recorded and the next one is a cache hit). Keys are namespaced per task
 because Prefect's result store is shared by all tasks.
 """
 
@@ -61,8 +62,16 @@ def key_when_valid(task_name: str, outputs_valid: Callable[[dict[str, Any]], boo
 
     def cache_key_fn(context, parameters: dict[str, Any]) -> str | None:
         key = parameters.get("cache_key")
-        if not key or not outputs_valid(parameters):
+        if not key:
             return None
-        return f"{task_name}-{key}"
+        if outputs_valid(parameters):
+            return f"{task_name}-{key}"
+        # The task will run. Prefect records its result only under a key, so keep the key when
+        # nothing is recorded under it yet (a first run): the next run is then a cache hit.
+        # Withhold it when a record exists, since that record points at the missing outputs.
+        store = getattr(context, "result_store", None)
+        if store is not None and not store.exists(f"{task_name}-{key}"):
+            return f"{task_name}-{key}"
+        return None
 
     return cache_key_fn
