@@ -20,7 +20,7 @@ from tasks.register import log_model_task, log_results_task, model_card_task, re
 from tasks.select import choose_freeze_configuration
 from tasks.track import close_stage_run, end_run, end_run_for, open_stage_run, start_training_run_task
 from tasks.train_head import HEAD_STAGE, train_head_task
-from tasks.validate import data_version_task, fetch_champion_manifest_task, validate_data_task, validation_cache_key
+from tasks.validate import dvc_state_task, fetch_champion_manifest_task, validate_data_task, validation_cache_key
 from vggflow.caching import stable_hash
 from vggflow.config import Config, load_config
 from vggflow.errors import DataError
@@ -67,13 +67,14 @@ def train_flow(
     weights = ready.weights
 
     previous_manifest = fetch_champion_manifest_task(cfg.registry.model_name, cfg.work_dir / "champion")
+    dvc = dvc_state_task(cfg.data)
     validated = validate_data_task(
         cfg.data, cfg.validation, cfg.work_dir / "validation", previous_manifest,
-        cache_key=validation_cache_key(cfg.data, cfg.validation, previous_manifest),
+        cache_key=validation_cache_key(cfg.data, cfg.validation, previous_manifest, dvc),
     )
     if not validated.ok:
         raise DataError(validated.summary)
-    data = data_version_task(cfg.data, validated.fingerprint)
+    data = dvc.version(validated.fingerprint)
     run_id = start_training_run_task(
         cfg, ready.experiment_id, Path(config_file) if config_file else None, data, weights.identity, weights.random_init, validated.files
     )

@@ -1063,12 +1063,17 @@ def _validation_outputs_valid(parameters: dict[str, Any]) -> bool:
     return file_sha256(out_dir / "rows.csv") == recorded
 
 
-def validation_cache_key(data_cfg: DataConfig, cfg: ValidationConfig, previous_manifest: Path | None) -> str:
-    """Key of a validation: the folder's files (names, sizes, mtimes), the config and the previous manifest."""
+def validation_cache_key(data_cfg: DataConfig, cfg: ValidationConfig, previous_manifest: Path | None, dvc) -> str:
+    """Key of a validation: the data version, the config and the previous manifest (drift).
+
+    The data version is DVC's md5 when ``data/`` matches ``data.dvc`` (so a ``dvc pull`` that
+    rewrites the same files keeps the key); otherwise the folder's listing (names, sizes, mtimes).
+    """
     from vggflow.caching import directory_fingerprint, stable_hash
 
+    version = dvc.md5 if dvc.md5 and dvc.matches else directory_fingerprint(Path(data_cfg.dir))
     previous = _file_digest(previous_manifest) if previous_manifest else None
-    return stable_hash(directory_fingerprint(Path(data_cfg.dir)), str(Path(data_cfg.dir).resolve()), data_cfg, cfg, previous)
+    return stable_hash(version, str(Path(data_cfg.dir).resolve()), data_cfg, cfg, previous)
 
 
 def _file_digest(path: Path) -> str:
@@ -1113,12 +1118,12 @@ def validate_data_task(data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Pat
     return validated
 
 
-@task(name="data-version", retries=2, retry_delay_seconds=3)
-def data_version_task(data_cfg: DataConfig, fingerprint: str):
-    """Prefect shell: DVC md5 of the data and whether data/ matches it (DVC I/O: retried)."""
-    from vggflow.tracking import data_version
+@task(name="dvc-state", retries=2, retry_delay_seconds=3)
+def dvc_state_task(data_cfg: DataConfig):
+    """Prefect shell: DVC's md5 of the data and whether data/ matches it (DVC I/O: retried)."""
+    from vggflow.tracking import dvc_state
 
-    return data_version(data_cfg.dvc_file, data_cfg.dir, fingerprint)
+    return dvc_state(data_cfg.dvc_file, data_cfg.dir)
 
 
 @task(name="fetch-champion-manifest", retries=2, retry_delay_seconds=5)

@@ -140,21 +140,39 @@ def read_dvc_md5(dvc_file: Path) -> tuple[str, str] | None:
         return None
 
 
-def data_version(dvc_file: Path, data_dir: Path, fingerprint: str) -> DataVersion:
-    """Resolve the data version of ``data_dir``.
+@dataclass(frozen=True)
+class DvcState:
+    """What DVC says about the data folder: its recorded md5 and whether the folder matches it.
 
-    When ``data_dir`` is the folder tracked by ``dvc_file``, the version is DVC's md5 and
-    ``matches`` says whether the folder's content still equals it (DVC's own status check).
-    Otherwise the version is ``untracked-<fingerprint>`` (the validated dataset's hash).
+    ``md5`` is None when ``data_dir`` is not the folder tracked by the DVC file (or there is none).
     """
+
+    md5: str | None
+    matches: bool | None
+    tracked_path: str | None
+
+    def version(self, fingerprint: str) -> DataVersion:
+        """The data version: DVC's md5, or ``untracked-<fingerprint>`` of the validated dataset."""
+        if self.md5 is None:
+            return DataVersion(f"untracked-{fingerprint}", None, self.tracked_path)
+        return DataVersion(self.md5, self.matches, self.tracked_path)
+
+
+def dvc_state(dvc_file: Path, data_dir: Path) -> DvcState:
+    """Read ``dvc_file`` and, when it tracks ``data_dir``, check the folder against it (``dvc status``)."""
     tracked = read_dvc_md5(dvc_file)
     if tracked is None:
-        return DataVersion(f"untracked-{fingerprint}", None, None)
+        return DvcState(None, None, None)
     md5, path = tracked
     tracked_dir = (Path(dvc_file).parent / path).resolve()
     if tracked_dir != Path(data_dir).resolve():
-        return DataVersion(f"untracked-{fingerprint}", None, str(tracked_dir))
-    return DataVersion(md5, dvc_status_clean(dvc_file), str(tracked_dir))
+        return DvcState(None, None, str(tracked_dir))
+    return DvcState(md5, dvc_status_clean(dvc_file), str(tracked_dir))
+
+
+def data_version(dvc_file: Path, data_dir: Path, fingerprint: str) -> DataVersion:
+    """Resolve the data version of ``data_dir`` (see :class:`DvcState`)."""
+    return dvc_state(dvc_file, data_dir).version(fingerprint)
 
 
 def dvc_status_clean(dvc_file: Path) -> bool | None:
