@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
 from vggflow.config import EvaluateConfig
-from vggflow.files import atomic_write_text
+from vggflow.files import atomic_write_text, read_rows
 
 
 class Evaluation(BaseModel):
@@ -36,7 +37,13 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict[
         y_pred: predicted class indices (-1 for a label outside the class list: always wrong).
         n_classes: number of classes (absent classes still get a confusion-matrix row).
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_score,
+        recall_score,
+    )
 
     labels = list(range(n_classes))
     metrics = {
@@ -105,5 +112,5 @@ def evaluate_task(
     checkpoint: Path, rows_file: Path, data_dir: Path, class_names: list[str], cfg: EvaluateConfig, out_dir: Path
 ) -> Evaluation:
     """Prefect shell: evaluate the chosen classifier on the test split of the validated rows."""
-    rows = pd.read_csv(rows_file, keep_default_na=False)
+    rows = read_rows(rows_file)
     return evaluate_classifier(checkpoint, rows[rows["split"] == "test"], data_dir, class_names, cfg, out_dir)

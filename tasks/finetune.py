@@ -20,6 +20,7 @@ from prefect import task
 from tasks.features import FeatureSet
 from vggflow.caching import key_when_valid
 from vggflow.config import VGG19_BLOCKS, FinetuneConfig, StageConfig
+from vggflow.files import read_rows
 from vggflow.training import StageResult, checkpoint_is_valid
 
 #: Output channels of each VGG19 block (its pooling layer's depth).
@@ -114,7 +115,7 @@ def run_stage(
         n_train = len(y_train)
     else:
         trainable = model
-        rows = pd.read_csv(features.rows_file, keep_default_na=False)
+        rows = read_rows(features.rows_file)
         index = {name: i for i, name in enumerate(features.class_names)}
         split = {name: rows[rows["split"] == name] for name in ("train", "val")}
         train, val = (

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from tasks.evaluate import score
 from vggflow.config import RegistryConfig
+from vggflow.files import read_rows
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 
@@ -103,7 +104,6 @@ def evaluate_registered(model_uri: str, test_rows: pd.DataFrame, data_dir: Path,
     (a class it does not know is simply a wrong answer).
     """
     import mlflow
-
     from vggflow.datasets import predict_in_batches
 
     model = mlflow.pyfunc.load_model(model_uri)
@@ -217,7 +217,7 @@ def promote_if_better_task(
     """Prefect shell: the gate, under the promotion lock (registry I/O: retried)."""
     from mlflow.tracking import MlflowClient
 
-    rows = pd.read_csv(rows_file, keep_default_na=False)
+    rows = read_rows(rows_file)
     with promotion_lock(Path(lock_dir)):
         decision = promote_if_better(
             MlflowClient(), cfg, candidate_version, candidate_metrics, run_id, rows[rows["split"] == "test"],

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from tasks.evaluate import Evaluation
 from vggflow.config import RegistryConfig
-from vggflow.files import atomic_write_text
+from vggflow.files import atomic_write_text, read_rows
 from vggflow.tracking import TAG_DATA_VERSION, TAG_FREEZE, TAG_RANDOM_INIT
 from vggflow.training import StageResult
 
@@ -113,8 +113,9 @@ def log_results(
 
 def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_size: int, work_dir: Path) -> str:
     """Log the chosen classifier as the run's pyfunc model; returns its ``models:/m-…`` URI."""
-    import mlflow
     from mlflow.tracking import MlflowClient
+
+    import mlflow
 
     classes = atomic_write_text(
         work_dir / "classes.json", json.dumps({"class_names": class_names, "image_size": image_size}, indent=1)
@@ -209,9 +210,9 @@ def describe_version(
     from vggflow.tracking import git_info
 
     commit, dirty = git_info()
-    rows = pd.read_csv(validated.rows_file, keep_default_na=False)
+    rows = read_rows(validated.rows_file)
     counts = {label: group["split"].value_counts().to_dict() for label, group in rows.groupby("label", sort=True)}
-    per_class = pd.read_csv(evaluation.files["per_class_csv"], keep_default_na=False)
+    per_class = pd.read_csv(evaluation.files["per_class_csv"], dtype={"class": str}, keep_default_na=False)
     card = report.render_model_card(
         report.ModelCardInfo(
             model_name=version.name,

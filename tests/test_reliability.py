@@ -211,8 +211,12 @@ def test_hostile_file_names_train_end_to_end(project, tiny_dataset, prefect_serv
     for image in sorted((tiny_dataset / "class_2").iterdir()):
         image.rename(tiny_dataset / "-class with dash" / image.name)
     (tiny_dataset / "class_2").rmdir()
+    (tiny_dataset / "class_0").rename(tiny_dataset / "007")  # a label that looks like a number stays text
     summary = train_flow(overrides=tiny_overrides(), data_dir=str(tiny_dataset))
     assert summary.model_version == "1"
+    import mlflow
+
+    assert mlflow.models.get_model_info(summary.model_uri).metadata["class_names"] == ["-class with dash", "007", "class_1"]
     assert not (project / "pwned").exists()
     rows = summary.validation_summary
     assert "36 valid" in rows

@@ -41,3 +41,13 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_rows(path: str | Path):
+    """The validated rows (``path``, ``label``, ``split``) as strings.
+
+    Labels are folder names: ``007`` or ``1`` must stay text, not become numbers.
+    """
+    import pandas as pd
+
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
