@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 from prefect import task
 
 from tasks.features import FeatureSet

@@ -111,28 +111,51 @@ def log_results(
         client.log_artifact(run_id, str(path), "evaluation")
 
 
+class _PyfuncWithKerasFlavor:
+    """A flavor module for ``mlflow.models.Model.log``: the pyfunc model from code, plus the keras
+    flavour pointing at the same ``.keras`` file.
+
+    So ``mlflow.pyfunc.load_model`` gives the raw-image, class-named interface and
+    ``mlflow.keras.load_model`` gives the Keras classifier itself, from one logged model.
+    """
+
+    @staticmethod
+    def save_model(path, mlflow_model, **kwargs) -> None:
+        import keras
+        import mlflow
+
+        mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
+        # mlflow.keras loads <path>/<data>/model.keras: the classifier artifact is copied as artifacts/model.keras.
+        mlflow_model.add_flavor("keras", data="artifacts", keras_module="keras", keras_version=keras.__version__, save_exported_model=False)
+        mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
 def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_size: int, work_dir: Path) -> str:
-    """Log the chosen classifier as the run's pyfunc model; returns its ``models:/m-…`` URI."""
-    from mlflow.tracking import MlflowClient
+    """Log the chosen classifier as the run's model; returns its ``models:/m-…`` URI."""
+    import shutil
 
-    import mlflow
+    from mlflow.models import Model
 
+    package = work_dir / "model-package"
+    package.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, package / "model.keras")
     classes = atomic_write_text(
-        work_dir / "classes.json", json.dumps({"class_names": class_names, "image_size": image_size}, indent=1)
+        package / "classes.json", json.dumps({"class_names": class_names, "image_size": image_size}, indent=1)
     )
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    with warnings.catch_warnings():
         # The signature documents the input; an input example would only duplicate it.
         warnings.filterwarnings("ignore", message=".*input_example.*|.*Add type hints.*")
-        info = mlflow.pyfunc.log_model(
+        info = Model.log(
+            None,  # artifact_path: deprecated in favour of name, still positional
             name="model",
+            flavor=_PyfuncWithKerasFlavor,
+            run_id=run_id,
             python_model=str(MODEL_CODE),
-            artifacts={"classifier": str(checkpoint), "classes": str(classes)},
+            artifacts={"classifier": str(package / "model.keras"), "classes": str(classes)},
             signature=model_signature(),
             pip_requirements=pinned_requirements(),
             metadata={"class_names": class_names, "image_size": image_size, "input": "uint8 RGB (N, H, W, 3)"},
         )
-    # Leaving the `with` block marked the run FINISHED; it is still going (promotion follows).
-    MlflowClient().update_run(run_id, status="RUNNING")
     return info.model_uri
 
 

@@ -180,6 +180,11 @@ print(json.dumps({{"labels": list(out["label"]), "probabilities": list(out["prob
     got = np.array([[p[c] for c in lab.classes] for p in result["probabilities"]])
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert result["labels"] == [lab.classes[i] for i in expected.argmax(axis=1)]
+    # The same logged model is also a Keras-flavour model: the classifier itself.
+    import mlflow
+
+    keras_model = mlflow.keras.load_model(f"models:/{NAME}@champion")
+    np.testing.assert_allclose(keras_model.predict_on_batch(images.astype(np.float32)), expected, atol=1e-6)
 
 
 def _free_port() -> int:
