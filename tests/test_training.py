@@ -1,0 +1,56 @@
+"""Training steps: reproducible (same data + config + seed → same weights and metrics), best
+weights kept, stages start from the previous stage's checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("keras")
+
+from tasks.features import compute_features  # noqa: E402
+from tasks.finetune import run_stage  # noqa: E402
+from tasks.train_head import train_head  # noqa: E402
+from vggflow.config import BackboneConfig, FinetuneConfig, HeadConfig, StageConfig  # noqa: E402
+from vggflow.model import resolve_weights  # noqa: E402
+from vggflow.training import checkpoint_is_valid  # noqa: E402
+
+
+@pytest.fixture
+def features(tmp_path, tiny_dataset):
+    paths = sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.png"))
+    rows = pd.DataFrame({"path": paths, "label": [p.split("/")[0] for p in paths], "split": ["train", "train", "val"] * 12})
+    weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=1)
+    fs = compute_features(rows, tiny_dataset, weights, 32, 12, tmp_path / "cache", "fp", ["block4_pool"], sorted(rows["label"].unique()))
+    return fs, weights
+
+
+def test_head_and_stage_training_are_reproducible(tmp_path, tiny_dataset, features):
+    import keras
+
+    fs, weights = features
+    head_cfg = HeadConfig(dense_units=16, epochs=4, patience=4)
+    stage = StageConfig(unfreeze_from="block5", learning_rate=1e-4, epochs=2)
+    runs = []
+    for attempt in range(2):
+        head = train_head(fs, weights, 32, head_cfg, 7, tmp_path / f"head{attempt}.keras")
+        tuned = run_stage(head, stage, FinetuneConfig(batch_size=8), fs, "block4_pool", tiny_dataset, 32, 7, tmp_path / f"b5{attempt}.keras")
+        runs.append((head, tuned))
+    (h0, s0), (h1, s1) = runs
+    assert h0.history == h1.history and s0.history == s1.history
+    for a, b in zip(keras.saving.load_model(s0.checkpoint).get_weights(), keras.saving.load_model(s1.checkpoint).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert checkpoint_is_valid(s0.checkpoint)
+    # The stage started from the head's weights: only block5 and the head changed.
+    before, after = keras.saving.load_model(h0.checkpoint), keras.saving.load_model(s0.checkpoint)
+    base_before, base_after = before.get_layer("vgg19"), after.get_layer("vgg19")
+    np.testing.assert_array_equal(base_before.get_layer("block4_conv4").get_weights()[0], base_after.get_layer("block4_conv4").get_weights()[0])
+    assert not np.array_equal(base_before.get_layer("block5_conv1").get_weights()[0], base_after.get_layer("block5_conv1").get_weights()[0])
+
+
+def test_best_epoch_weights_are_kept(tmp_path, features):
+    fs, weights = features
+    head = train_head(fs, weights, 32, HeadConfig(dense_units=16, epochs=6, patience=6, learning_rate=0.05), 3, tmp_path / "h.keras")
+    losses = [epoch["val_loss"] for epoch in head.history]
+    assert head.best_epoch == int(np.argmin(losses)) and head.best_val_loss == pytest.approx(min(losses))
