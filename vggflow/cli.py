@@ -252,7 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # The cheap checks first, before anything slow.
     check_data_dir(Path(args.data) if args.data else cfg.data.dir)
     check_store(cfg.tracking)
-    start_store_creation(cfg.tracking)
+    store = start_store_creation(cfg.tracking)
     _quiet_expected_errors()
     # SIGTERM (a scheduler stopping us, `kill`) unwinds like Ctrl-C: the MLflow run is closed as KILLED.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -262,6 +262,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if server is not None:
         server.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
+    if store is not None:
+        store.wait()  # reap it (the flow's own connect() waits on the store lock anyway)
     summary = train_flow(
         config_file=args.config,
         overrides=list(args.overrides),
