@@ -100,7 +100,7 @@ def run_stage(
     from tasks.features import load_layer
     from vggflow.datasets import ArrayBatches, image_dataset
     from vggflow.model import suffix_model, unfreeze_to
-    from vggflow.training import fit_stage, save_checkpoint
+    from vggflow.training import finish_stage, fit_stage
 
     keras.utils.set_random_seed(seed)
     model = keras.saving.load_model(previous.checkpoint)
@@ -129,29 +129,8 @@ def run_stage(
             for name in ("train", "val")
         )
         n_train = len(split["train"])
-    history, best_epoch, seconds = fit_stage(
-        trainable, train, val, stage.learning_rate, stage.epochs, cfg.patience, on_epoch
-    )
-    digest = save_checkpoint(model, checkpoint)
-    best = history[best_epoch] if history else {}
-    return StageResult(
-        stage=stage.label,
-        unfreeze_from=stage.unfreeze_from,
-        learning_rate=stage.learning_rate,
-        checkpoint=checkpoint,
-        checkpoint_sha256=digest,
-        history=history,
-        best_epoch=best_epoch,
-        best_val_accuracy=best.get("val_accuracy", float("nan")),
-        best_val_loss=best.get("val_loss", float("nan")),
-        first_trainable_layer=freeze.first_trainable_layer,
-        trainable_layers=freeze.trainable_layers,
-        trainable_params=freeze.trainable_params,
-        epochs_run=len(history),
-        seconds=seconds,
-        images_per_second=n_train * len(history) / seconds if seconds else 0.0,
-        prefix_cache=prefix,
-    )
+    fit = fit_stage(trainable, train, val, stage.learning_rate, stage.epochs, cfg.patience, on_epoch)
+    return finish_stage(model, checkpoint, stage.label, stage.unfreeze_from, stage.learning_rate, freeze, fit, n_train, prefix)
 
 
 @task(

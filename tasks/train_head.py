@@ -46,7 +46,7 @@ def train_head(
 
     from tasks.features import load_layer
     from vggflow.model import build_base, build_classifier, head_model, unfreeze_to
-    from vggflow.training import fit_stage, save_checkpoint
+    from vggflow.training import finish_stage, fit_stage
 
     keras.utils.set_random_seed(seed)
     model = build_classifier(build_base(weights, image_size), len(features.class_names), cfg, image_size)
@@ -55,30 +55,11 @@ def train_head(
     # shuffle, exactly as the seed's `model.fit` over images through the frozen base would.
     x_train, y_train = (np.asarray(a[: len(a)]) for a in load_layer(features, "avg_pool", "train"))
     x_val, y_val = (np.asarray(a[: len(a)]) for a in load_layer(features, "avg_pool", "val"))
-    history, best_epoch, seconds = fit_stage(
+    fit = fit_stage(
         head_model(model), (x_train, y_train), (x_val, y_val), cfg.learning_rate, cfg.epochs, cfg.patience,
         on_epoch, batch_size=cfg.batch_size,
     )
-    digest = save_checkpoint(model, checkpoint)
-    best = history[best_epoch] if history else {}
-    return StageResult(
-        stage=HEAD_STAGE,
-        unfreeze_from=None,
-        learning_rate=cfg.learning_rate,
-        checkpoint=checkpoint,
-        checkpoint_sha256=digest,
-        history=history,
-        best_epoch=best_epoch,
-        best_val_accuracy=best.get("val_accuracy", float("nan")),
-        best_val_loss=best.get("val_loss", float("nan")),
-        first_trainable_layer=freeze.first_trainable_layer,
-        trainable_layers=freeze.trainable_layers,
-        trainable_params=freeze.trainable_params,
-        epochs_run=len(history),
-        seconds=seconds,
-        images_per_second=len(y_train) * len(history) / seconds if seconds else 0.0,
-        prefix_cache="avg_pool",
-    )
+    return finish_stage(model, checkpoint, HEAD_STAGE, None, cfg.learning_rate, freeze, fit, len(y_train), "avg_pool")
 
 
 @task(

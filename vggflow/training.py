@@ -163,6 +163,51 @@ def stage_summary_line(result: StageResult, epochs: int) -> str:
     )
 
 
+def finish_stage(
+    model,
+    checkpoint: Path,
+    stage: str,
+    unfreeze_from: str | None,
+    learning_rate: float,
+    freeze,
+    fit: tuple[list[dict[str, float]], int, float],
+    n_train: int,
+    prefix_cache: str | None,
+) -> StageResult:
+    """Save a trained stage's classifier (checksummed) and describe it.
+
+    Args:
+        model: the whole classifier, in its best state.
+        checkpoint: where to save it.
+        stage, unfreeze_from, learning_rate: the stage's configuration.
+        freeze: the :class:`vggflow.model.FreezeInfo` it trained with.
+        fit: what :func:`fit_stage` returned.
+        n_train: training images per epoch (for images/s).
+        prefix_cache: the cached layer it trained from, if any.
+    """
+    history, best_epoch, seconds = fit
+    digest = save_checkpoint(model, checkpoint)
+    best = history[best_epoch] if history else {}
+    return StageResult(
+        stage=stage,
+        unfreeze_from=unfreeze_from,
+        learning_rate=learning_rate,
+        checkpoint=checkpoint,
+        checkpoint_sha256=digest,
+        history=history,
+        best_epoch=best_epoch,
+        best_val_accuracy=best.get("val_accuracy", float("nan")),
+        best_val_loss=best.get("val_loss", float("nan")),
+        first_trainable_layer=freeze.first_trainable_layer,
+        trainable_layers=freeze.trainable_layers,
+        trainable_params=freeze.trainable_params,
+        epochs_run=len(history),
+        seconds=seconds,
+        images_per_second=n_train * len(history) / seconds if seconds else 0.0,
+        prefix_cache=prefix_cache,
+    )
+
+
 def _floats(logs: dict | None) -> dict[str, float]:
     return {key: float(value) for key, value in (logs or {}).items()}
 
