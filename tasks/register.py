@@ -8,6 +8,7 @@ returns class names and probabilities, with no pickle and no vggflow import on t
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import warnings
@@ -138,7 +139,11 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
 
     package = work_dir / "model-package"
     package.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(checkpoint, package / "model.keras")
+    (package / "model.keras").unlink(missing_ok=True)
+    try:
+        os.link(checkpoint, package / "model.keras")  # MLflow copies it into the store anyway
+    except OSError:
+        shutil.copyfile(checkpoint, package / "model.keras")
     classes = atomic_write_text(
         package / "classes.json", json.dumps({"class_names": class_names, "image_size": image_size}, indent=1)
     )

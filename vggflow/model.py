@@ -21,6 +21,7 @@ from vggflow.errors import BackboneError
 from vggflow.files import file_sha256
 
 IMAGENET_NOTOP_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_NOTOP_MD5 = "253f8cb515780f3b799900260a226db6"  # published by Keras (keras/src/applications/vgg19.py)
 BASE_NAME = "vgg19"
 HEAD_LAYERS = ("head_dense", "head_dropout", "predictions")
 
@@ -80,8 +81,11 @@ def resolve_weights(cfg: BackboneConfig, cache_dir: Path, seed: int) -> Resolved
     if choice.lower() == "imagenet":
         expected = keras_cache_dir() / IMAGENET_NOTOP_FILE
         try:
-            # The real loader: uses Keras's cache, downloads (and checks the hash) when missing.
-            vgg19.VGG19(include_top=False, weights="imagenet", input_shape=(32, 32, 3))
+            # Keras's own loader, as VGG19(weights="imagenet") calls it: its cache, a download when
+            # missing, the published hash checked; without building a model just to find out.
+            found = keras.utils.get_file(
+                IMAGENET_NOTOP_FILE, vgg19.WEIGHTS_PATH_NO_TOP, cache_subdir="models", file_hash=IMAGENET_NOTOP_MD5
+            )
         except Exception as err:  # Keras raises a bare Exception for fetch failures
             problem = f"ImageNet weights for VGG19 are not in the Keras cache ({expected}) and could not be downloaded: {err}"
             if cfg.allow_random_init:
@@ -94,7 +98,7 @@ def resolve_weights(cfg: BackboneConfig, cache_dir: Path, seed: int) -> Resolved
                 "  - for a pipeline test only: --set backbone.allow_random_init=true (or backbone.weights=none)."
             ) from None
         return ResolvedWeights(
-            path=expected, identity=f"imagenet:{file_sha256(expected)[:16]}", random_init=False, note=f"ImageNet weights from {expected}"
+            path=Path(found), identity=f"imagenet:{IMAGENET_NOTOP_MD5[:16]}", random_init=False, note=f"ImageNet weights from {found}"
         )
     path = Path(choice).expanduser()
     if not path.is_file():
