@@ -8,6 +8,7 @@ temporary folders.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -68,7 +69,11 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "project"
     folder.mkdir()
     monkeypatch.chdir(folder)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{folder / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    if "mlflow" in sys.modules:
+        # An earlier test's connect() set MLflow's process-wide URI; this test's store wins.
+        sys.modules["mlflow"].set_tracking_uri(uri)
     return folder
 
 
