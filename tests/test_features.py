@@ -72,3 +72,20 @@ def test_corrupted_or_truncated_cache_is_detected_and_rebuilt(tmp_path, tiny_dat
 
     # A different row order invalidates the whole folder (arrays are aligned to rows).
     assert verified_layers(features.directory, rows.iloc[::-1]) == set()
+
+
+def test_stream_yields_every_batch_in_order_and_survives_an_early_stop():
+    import threading
+
+    import tensorflow as tf
+
+    from vggflow.datasets import stream
+
+    dataset = tf.data.Dataset.range(10).map(lambda x: x * 2, num_parallel_calls=tf.data.AUTOTUNE).batch(3).prefetch(2)
+    assert [b.numpy().tolist() for b in stream(dataset)] == [[0, 2, 4], [6, 8, 10], [12, 14, 16], [18]]
+    for batch in stream(dataset):
+        break  # the generator is closed by garbage collection; its iterator still gets released
+    assert batch.numpy().tolist() == [0, 2, 4]
+    for thread in [t for t in threading.enumerate() if t.name == "tf-data-release"]:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
