@@ -37,6 +37,30 @@ def test_imagenet_unavailable_falls_back_only_when_allowed(tmp_path, empty_keras
     assert str(empty_keras_cache / IMAGENET_NOTOP_FILE) in weights.note
 
 
+def test_imagenet_weights_in_the_keras_cache_are_found_and_loaded(tmp_path, empty_keras_cache, monkeypatch):
+    # The real ImageNet file cannot be downloaded here: write a VGG19 notop weights file in the same
+    # legacy HDF5 layout where Keras caches it, and accept its md5 as the published one (only the
+    # hash is substituted; the lookup is Keras's own get_file, the loading VGG19's own).
+    import hashlib
+
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    import vggflow.model
+
+    random = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=3)
+    empty_keras_cache.mkdir(parents=True)
+    cached = empty_keras_cache / IMAGENET_NOTOP_FILE
+    with h5py.File(cached, "w") as handle:
+        legacy_h5_format.save_weights_to_hdf5_group(handle, build_base(random, 32))
+    monkeypatch.setattr(vggflow.model, "IMAGENET_NOTOP_MD5", hashlib.md5(cached.read_bytes()).hexdigest())
+    weights = resolve_weights(BackboneConfig(weights="imagenet", image_size=32), tmp_path / "other", seed=0)
+    assert not weights.random_init and weights.identity.startswith("imagenet:")
+    assert weights.path == cached and str(cached) in weights.note
+    loaded = build_base(weights, 32)
+    assert all((x == y).all() for x, y in zip(build_base(random, 32).get_weights(), loaded.get_weights()))
+
+
 def test_local_weights_file_is_loaded(tmp_path):
     random = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=5)
     local = tmp_path / "my_vgg19_notop.weights.h5"

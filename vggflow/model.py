@@ -21,7 +21,12 @@ from vggflow.errors import BackboneError
 from vggflow.files import file_sha256
 
 IMAGENET_NOTOP_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
-IMAGENET_NOTOP_MD5 = "253f8cb515780f3b799900260a226db6"  # published by Keras (keras/src/applications/vgg19.py)
+# Where and what VGG19(weights="imagenet") downloads (keras/src/applications/vgg19.py). The public
+# `keras.applications.vgg19` module does not export the URL, so it is spelled out here.
+IMAGENET_NOTOP_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+)
+IMAGENET_NOTOP_MD5 = "253f8cb515780f3b799900260a226db6"
 BASE_NAME = "vgg19"
 HEAD_LAYERS = ("head_dense", "head_dropout", "predictions")
 
@@ -46,8 +51,6 @@ def keras_cache_dir() -> Path:
     """Keras's download cache (``$KERAS_HOME`` or ``~/.keras``) + ``models``."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     return Path(home) / "models"
-
-
 
 
 def _random_weights(cache_dir: Path, image_size: int, seed: int, note: str) -> ResolvedWeights:
@@ -84,7 +87,8 @@ def resolve_weights(cfg: BackboneConfig, cache_dir: Path, seed: int) -> Resolved
             # Keras's own loader, as VGG19(weights="imagenet") calls it: its cache, a download when
             # missing, the published hash checked; without building a model just to find out.
             found = keras.utils.get_file(
-                IMAGENET_NOTOP_FILE, vgg19.WEIGHTS_PATH_NO_TOP, cache_subdir="models", file_hash=IMAGENET_NOTOP_MD5
+                IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_URL, cache_dir=str(expected.parent.parent), cache_subdir="models",
+                file_hash=IMAGENET_NOTOP_MD5,
             )
         except Exception as err:  # Keras raises a bare Exception for fetch failures
             problem = f"ImageNet weights for VGG19 are not in the Keras cache ({expected}) and could not be downloaded: {err}"
