@@ -10,10 +10,13 @@ UV_VERSION := 0.13.9
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Re-sync whenever the lock or the project metadata changes.
-$(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/python
+# Re-sync whenever the lock, the project metadata or these rules change. --compile-bytecode:
+# uv does not write .pyc files by default, and with PYTHONDONTWRITEBYTECODE set (as on our CI
+# machines) Python never does either: every command then recompiled TensorFlow, Prefect and
+# MLflow from source, ~8 s of CPU per process (benchmarks/results/overhead.md).
+$(VENV)/.installed: requirements.lock pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
