@@ -13,7 +13,7 @@ $(BIN)/python:
 # Re-sync whenever the lock, the project metadata or these rules change. --compile-bytecode:
 # uv does not write .pyc files by default, and with PYTHONDONTWRITEBYTECODE set (as on our CI
 # machines) Python never does either: every command then recompiled TensorFlow, Prefect and
-# MLflow from source, ~8 s of CPU per process (benchmarks/results/overhead.md).
+# MLflow from source, ~8 s of CPU per process (BENCHMARKS.md, benchmark 4).
 $(VENV)/.installed: requirements.lock pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python requirements.lock
