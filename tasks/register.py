@@ -147,6 +147,12 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
     classes = atomic_write_text(
         package / "classes.json", json.dumps({"class_names": class_names, "image_size": image_size}, indent=1)
     )
+    # MLflow 3 files a logged model under the *active* experiment, not its source run's: without
+    # this it lands in "Default" (experiment 0), its artifacts in ./mlruns of whatever folder the
+    # command ran from, outside the configured store.
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     with warnings.catch_warnings():
         # The signature documents the input; an input example would only duplicate it.
         warnings.filterwarnings("ignore", message=".*input_example.*|.*Add type hints.*")

@@ -71,3 +71,10 @@ def test_training_flow_end_to_end(project: Path, tiny_dataset: Path, prefect_ser
     assert str(client.get_model_version_by_alias("vgg19-classifier", "champion").version) == summary.model_version
     assert summary.decision.promoted and "no champion yet" in summary.decision.reason
     assert "randomly initialised" in version.description
+    # The logged model lives in the run's experiment and under the configured artifact root (not
+    # in MLflow's default experiment, whose artifacts would land in ./mlruns).
+    logged = client.get_logged_model(summary.model_uri.removeprefix("models:/"))
+    assert logged.experiment_id == run.info.experiment_id
+    artifact_root = client.get_experiment(run.info.experiment_id).artifact_location
+    assert logged.artifact_location.startswith(artifact_root), (logged.artifact_location, artifact_root)
+    assert not (project / "mlruns").exists()
