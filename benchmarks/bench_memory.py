@@ -66,9 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     small, large = (results[f"{n} images"] for n in args.sizes)
     keys = [("maxrss_mb", "CLI process peak RSS (ru_maxrss)"), ("peak_main_anon_mb", "CLI process peak anonymous RSS (sampled)"),
             ("peak_main_file_mb", "CLI process peak file-backed RSS (sampled)"), ("peak_tree_mb", "process tree peak RSS sum (sampled)")]
-    rows = [[label, f"{med(small, k):.0f}", f"{med(large, k):.0f}", f"**{med(large, k) / med(small, k):.2f}x**" if k == "maxrss_mb"
-             else f"{med(large, k) / med(small, k):.2f}x"] for k, label in keys]
-    rows.append(["wall time (s)", f"{med(small, 'wall_s'):.0f}", f"{med(large, 'wall_s'):.0f}", f"{med(large, 'wall_s') / med(small, 'wall_s'):.2f}x"])
+
+    def ratio(key: str) -> str:
+        # A command shorter than the 0.2 s sampling period (--smoke) has no sampled peak.
+        return f"{med(large, key) / med(small, key):.2f}x" if med(small, key) else "n/a"
+
+    rows = [[label, f"{med(small, k):.0f}", f"{med(large, k):.0f}", f"**{ratio(k)}**" if k == "maxrss_mb" else ratio(k)]
+            for k, label in keys]
+    rows.append(["wall time (s)", f"{med(small, 'wall_s'):.0f}", f"{med(large, 'wall_s'):.0f}", ratio("wall_s")])
     text = header(
         f"Peak memory of `vggflow train`: {args.sizes[0]:,} vs {args.sizes[1]:,} images",
         "python benchmarks/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
