@@ -104,9 +104,12 @@ def evaluate_registered(model_uri: str, test_rows: pd.DataFrame, data_dir: Path,
     (a class it does not know is simply a wrong answer).
     """
     import mlflow
-    from vggflow.datasets import predict_in_batches
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    from vggflow.datasets import predict_in_batches
+    from vggflow.tracking import without_type_hint_advice
+
+    with without_type_hint_advice():
+        model = mlflow.pyfunc.load_model(model_uri)
     index = {name: i for i, name in enumerate(class_names)}
 
     def predict(batch):

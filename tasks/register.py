@@ -137,6 +137,8 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
 
     from mlflow.models import Model
 
+    from vggflow.tracking import without_type_hint_advice
+
     package = work_dir / "model-package"
     package.mkdir(parents=True, exist_ok=True)
     (package / "model.keras").unlink(missing_ok=True)
@@ -153,9 +155,9 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
     import mlflow
 
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), without_type_hint_advice():
         # The signature documents the input; an input example would only duplicate it.
-        warnings.filterwarnings("ignore", message=".*input_example.*|.*Add type hints.*")
+        warnings.filterwarnings("ignore", message=".*input_example.*")
         info = Model.log(
             None,  # artifact_path: deprecated in favour of name, still positional
             name="model",

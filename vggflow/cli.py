@@ -217,11 +217,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from vggflow.predict import expand_inputs, format_prediction, predict_files
+    from vggflow.tracking import without_type_hint_advice
 
     cfg, _, _ = _registry_client(args)
     uri = args.model or f"models:/{cfg.registry.model_name}@champion"
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        with without_type_hint_advice():
+            model = mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as err:
         raise VggflowError(f"cannot load model {uri}: {err}") from None
     predicted = failed = 0

@@ -14,15 +14,10 @@ Output: a DataFrame with one row per image: ``label``, ``confidence`` and ``prob
 from __future__ import annotations
 
 import json
-import warnings
 
 import mlflow
 import numpy as np
 import pandas as pd
-
-
-# The input contract is the logged signature (uint8 tensors), not Python type hints.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 class VggflowClassifier(mlflow.pyfunc.PythonModel):

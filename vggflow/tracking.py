@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -82,6 +83,25 @@ def check_store(cfg: TrackingConfig) -> str:
         if not os.access(root, os.W_OK):
             raise TrackingError(f"the MLflow artifact folder {root} is not writable; fix its permissions or set tracking.artifact_root")
     return uri
+
+
+@contextlib.contextmanager
+def without_type_hint_advice():
+    """Drop MLflow's advice to add type hints to our PythonModel's ``predict`` while in the block.
+
+    MLflow gives it whenever the model's code is loaded (logging, loading); our wrapper accepts
+    arrays, DataFrames and dicts on purpose. MLflow forces the warning through its own "once"
+    filter, which overrides ignore filters, so it is dropped at display instead.
+    """
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def show_others(message, *rest, **kwargs):
+            if "Add type hints to the `predict` method" not in str(message):
+                show(message, *rest, **kwargs)
+
+        warnings.showwarning = show_others
+        yield
 
 
 def connect(cfg: TrackingConfig):
