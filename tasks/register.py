@@ -135,6 +135,7 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
     """Log the chosen classifier as the run's model; returns its ``models:/m-…`` URI."""
     import shutil
 
+    import mlflow
     from mlflow.models import Model
 
     from vggflow.tracking import without_type_hint_advice
@@ -152,8 +153,6 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
     # MLflow 3 files a logged model under the *active* experiment, not its source run's: without
     # this it lands in "Default" (experiment 0), its artifacts in ./mlruns of whatever folder the
     # command ran from, outside the configured store.
-    import mlflow
-
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     with warnings.catch_warnings(), without_type_hint_advice():
         # The signature documents the input; an input example would only duplicate it.
