@@ -38,8 +38,8 @@ from pathlib import Path
 
 import common
 from common import (
-    alternate, base_args, best, dataset_rows, emit, fashion_mnist_folder, header, load_line, machine_info, med,
-    resolve_out, run_child, save_raw, start, table, write_results,
+    alternate, base_args, best, dataset_rows, emit, fashion_mnist_folder, header, med, publish, resolve_out,
+    run_child, start, table,
 )
 
 NAME = "example1"
@@ -263,9 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{med(seed, 'process_s'):.1f} s, vggflow {med(ours, 'process_s'):.1f} s."
         )
     text += "\n" + "\n".join(lines) + "\n"
-    text += f"\nMachine: {machine_info()}. {load_line(info, results)}\n"
-    write_results(out, text)
-    save_raw(out, results)
+    publish(out, text, info, results)
     return 0
 
 

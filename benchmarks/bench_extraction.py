@@ -35,8 +35,8 @@ from pathlib import Path
 
 import common  # noqa: F401  (sets the runtime environment before TensorFlow is imported)
 from common import (
-    alternate, base_args, best, dataset_rows, fashion_mnist_folder, fma_peak, header, load_line, machine_info,
-    med, resolve_out, save_raw, start, table, vgg19_gflop_per_image, write_results,
+    alternate, base_args, best, dataset_rows, fashion_mnist_folder, fma_peak, header, med, publish, resolve_out,
+    start, table, vgg19_gflop_per_image,
 )
 
 NAME = "extraction"
@@ -125,7 +125,7 @@ def measure_size(image_size: int, n_images: int, batch_size: int, rounds: int, s
             "scale": scale, "layers_flow": layers_flow}
 
 
-def report(measured: list[dict], peaks: list[dict], info: dict, command: str) -> str:
+def report(measured: list[dict], peaks: list[dict], command: str) -> str:
     peak = max(p["peak"] for p in peaks)
     text = header(
         "Feature extraction: files on disk vs the best in-memory forward pass",
@@ -189,7 +189,6 @@ def report(measured: list[dict], peaks: list[dict], info: dict, command: str) ->
         "less means a variant left a core idle or a neighbour took it.\n"
         "- *other processes' cores*: CPU used by everything else on this shared machine during the measurement "
         "(0 = undisturbed). *best* is each variant's least disturbed round.\n"
-        f"\nMachine: {machine_info()}. {load_line(info, {str(m['size']): [r for runs in m['results'].values() for r in runs] for m in measured})}\n"
     )
     return text
 
@@ -222,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     command = "python benchmarks/bench_extraction.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_results(out, report(measured, peaks, info, command.strip()))
-    save_raw(out, {"measured": measured, "fma": peaks})
+    runs_by_size = {str(m["size"]): [r for runs in m["results"].values() for r in runs] for m in measured}
+    publish(out, report(measured, peaks, command.strip()), info, runs_by_size, raw={"measured": measured, "fma": peaks})
     return 0
 
 

@@ -34,8 +34,7 @@ from pathlib import Path
 
 import common
 from common import (
-    alternate, base_args, best, dataset_rows, fashion_mnist_folder, header, load_line, machine_info, med, resolve_out,
-    save_raw, start, table, write_results,
+    alternate, base_args, best, dataset_rows, fashion_mnist_folder, header, med, publish, resolve_out, start, table,
 )
 
 NAME = "finetune"
@@ -142,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "(its cache holds the preprocessed input).\n"
         "- Validation metrics differ slightly between variants: same data and epochs, but a different shuffle "
         "(NumPy over cached rows vs tf.data over files) and float round-off.\n"
-        f"\nMachine: {machine_info()}. {load_line(info, results)}\n"
     )
-    write_results(out, text)
-    save_raw(out, results)
+    publish(out, text, info, results)
     return 0
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import common
 from common import (
-    alternate, base_args, fashion_mnist_folder, header, load_line, machine_info, med, new_project, resolve_out, save_raw,
-    start, table, vggflow_train, write_results,
+    alternate, base_args, fashion_mnist_folder, header, med, new_project, publish, resolve_out, start, table,
+    vggflow_train,
 )
 
 NAME = "memory"
@@ -88,10 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         "- Anonymous memory is what the process allocated (TensorFlow, the models, batches, Python); file-backed "
         "resident pages are mapped files (shared libraries — TensorFlow's are ~hundreds of MB — and the memory-mapped "
         "feature/prefix caches being written or read), which the kernel can drop under memory pressure.\n"
-        f"\nMachine: {machine_info()}. {load_line(info, results)}\n"
     )
-    write_results(out, text)
-    save_raw(out, results)
+    publish(out, text, info, results)
     return 0
 
 

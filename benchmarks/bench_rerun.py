@@ -31,8 +31,8 @@ from pathlib import Path
 
 import common
 from common import (
-    base_args, fashion_mnist_folder, header, load_line, machine_info, measure_once, median, new_project, resolve_out,
-    save_raw, start, table, task_runs, vggflow_train, write_results,
+    base_args, fashion_mnist_folder, header, measure_once, median, new_project, publish, resolve_out, start, table,
+    task_runs, vggflow_train,
 )
 
 NAME = "rerun"
@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         breakdown.append(["**wall time of the CLI**", *(f"{results[k][0]['wall_s']:.1f}" for k in kinds)])
         breakdown.append(["outside tasks (imports, Prefect server, flow, MLflow runs)", *(f"{results[k][0]['wall_s'] - t:.1f}" for k, t in zip(kinds, totals))])
         text += "\n## Where the time goes (round 1; seconds, Prefect task state)\n\n" + table(["task", *kinds], breakdown, "lrrr") + "\n"
-    text += f"\nMachine: {machine_info()}. {load_line(info, dict(results))}\n"
-    write_results(out, text)
-    save_raw(out, dict(results))
+    publish(out, text, info, dict(results))
     return 0
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import common
 from common import (
-    alternate, base_args, best, dataset_rows, emit, fashion_mnist_folder, header, load_line, machine_info, med,
-    resolve_out, run_child, save_raw, start, table, vgg19_gflop_per_image, write_results,
+    alternate, base_args, best, dataset_rows, emit, fashion_mnist_folder, header, med, publish, resolve_out,
+    run_child, start, table, vgg19_gflop_per_image,
 )
 
 NAME = "settings"
@@ -200,10 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         "\nThe per-round values are bimodal on this shared machine: a measurement made while another process "
         "took a core runs at about half speed (TensorFlow splits each convolution statically over 2 threads). "
         "*best* is each setting's least disturbed round.\n"
-        f"\nMachine: {machine_info()}. {load_line(info, results)}\n"
     )
-    write_results(out, text)
-    save_raw(out, results)
+    publish(out, text, info, results)
     return 0
 
 

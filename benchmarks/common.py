@@ -455,6 +455,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | No
     return "\n".join(lines)
 
 
+def publish(out: Path, text: str, info: dict, results: dict[str, list[dict]], raw=None) -> None:
+    """End a report with the machine and load line; write it (``<name>.md``) and the raw results (``<name>.json``).
+
+    Args:
+        results: label → per-round measurements (their neighbours' CPU goes into the load line).
+        raw: what to save as JSON, when it is not ``results`` itself.
+    """
+    write_results(out, text + f"\nMachine: {machine_info()}. {load_line(info, results)}\n")
+    save_raw(out, results if raw is None else raw)
+
+
 def header(title: str, command: str, what: str) -> str:
     return f"# {title}\n\nProduced by `{command}`.\n\n{what}\n"
 
