@@ -22,13 +22,14 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from vggflow.dashboard import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VGGFLOW = str(Path(sys.executable).with_name("vggflow"))
@@ -55,12 +56,6 @@ def fresh_project(base: Path, smoke: bool) -> Path:
     else:
         shutil.copytree(ROOT / "data", data)
     return project
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:

@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import yaml
 from tests.conftest import PROJECT_ROOT, tiny_overrides
 from tests.test_retrain import make_dvc_project
 from vggflow.config import ScheduleConfig
+from vggflow.dashboard import free_port
 from vggflow.errors import ConfigError
 from vggflow.scheduling import LocalServer, deployment_parameters, resolve_schedule, serving_message
 
@@ -85,12 +85,6 @@ def test_prefect_yaml_matches_the_served_deployment_and_runtime_defaults():
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str, every: float = 1.0, on_wait=None):
