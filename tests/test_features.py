@@ -89,3 +89,34 @@ def test_stream_yields_every_batch_in_order_and_survives_an_early_stop():
     for thread in [t for t in threading.enumerate() if t.name == "tf-data-release"]:
         thread.join(timeout=30)
         assert not thread.is_alive()
+
+
+def test_image_dataset_resizes_mixed_sizes_and_modes_exactly_like_the_model(tmp_path):
+    """Batched decoding: same pixels, order and labels as resizing each decoded file on its own."""
+    from PIL import Image
+
+    from vggflow.datasets import image_dataset
+    from vggflow.model import make_resizing
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (size, mode) in enumerate([((40, 30), "RGB"), ((40, 30), "L"), ((17, 50), "RGBA"), ((40, 30), "RGB"),
+                                      ((64, 64), "P"), ((33, 33), "RGB"), ((40, 30), "RGB")]):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).convert(mode)
+        paths.append(tmp_path / f"{i}.png")
+        image.save(paths[-1])
+    resize = make_resizing(32)
+    expected = np.stack([resize(load_rgb(p).astype(np.float32)[None])[0].numpy() for p in paths])
+
+    # Batches of 3: mixed sizes, mixed sizes, a single image; then one batch of a single size.
+    got = np.concatenate([b.numpy() for b in image_dataset(paths, None, 32, 3)])
+    np.testing.assert_array_equal(got, expected)
+    same = [paths[i] for i in (0, 3, 6)]
+    np.testing.assert_array_equal(next(iter(image_dataset(same, None, 32, 3))).numpy(), expected[[0, 3, 6]])
+
+    labels = np.arange(len(paths))
+    seen = [(x.numpy(), y.numpy()) for x, y in image_dataset(paths, labels, 32, 2, shuffle=True, seed=1)]
+    order = np.concatenate([y for _, y in seen])
+    assert sorted(order) == list(labels) and list(order) != list(labels)
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in seen]), expected[order])
