@@ -123,13 +123,15 @@ def extract_features(
         total = len(rows)
         # Plain sequential writes (header, then each batch), not a writable memory map: a mapped
         # array's pages count in the process's resident memory, which then grows with the dataset.
-        handles = {}
-        temps = {}
+        # Each file is hashed as it is written rather than read back afterwards. No fsync: the
+        # checksum in meta.json is verified before every reuse, so an array a crash left
+        # incomplete is rebuilt, never used.
+        handles, temps, shapes = {}, {}, {}
         for name in missing:
-            shape = (total, *extractor.output[name].shape[1:])
+            shapes[name] = (total, *extractor.output[name].shape[1:])
             temps[name] = directory / f".{name}.{os.getpid()}.tmp.npy"
-            handles[name] = open(temps[name], "wb")
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+            handles[name] = _HashingFile(temps[name])
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shapes[name]}
             np.lib.format.write_array_header_1_0(handles[name], header)
         paths = [Path(data_dir) / p for p in rows["path"]]
         done = 0
@@ -138,13 +140,10 @@ def extract_features(
                 outputs = forward(batch)
                 n = int(batch.shape[0])
                 for name in missing:
-                    handles[name].write(np.ascontiguousarray(outputs[name].numpy(), dtype=np.float32).tobytes())
+                    handles[name].write(np.ascontiguousarray(outputs[name].numpy(), dtype=np.float32).data)
                 done += n
                 if progress:
                     progress(done, total)
-            for handle in handles.values():
-                handle.flush()
-                os.fsync(handle.fileno())
         finally:
             for handle in handles.values():
                 handle.close()
@@ -157,14 +156,29 @@ def extract_features(
             os.replace(temps[name], final)
             meta["layers"][name] = {
                 "file": final.name,
-                "shape": list(np.load(final, mmap_mode="r").shape),
+                "shape": list(shapes[name]),
                 "bytes": final.stat().st_size,
-                "sha256": file_sha256(final),
+                "sha256": handles[name].digest.hexdigest(),
             }
         meta["paths_sha256"] = _paths_digest(rows)
         meta["n_images"] = len(rows)
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
     return {name: directory / f"{name}.npy" for name in missing}
+
+
+class _HashingFile:
+    """A file opened for writing that keeps the sha256 of everything written to it."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = open(path, "wb")
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 def load_layer(features: FeatureSet, layer: str, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
