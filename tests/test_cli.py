@@ -70,3 +70,25 @@ def test_validate_command_writes_the_report_and_sets_the_exit_status(project):
 def test_config_command_prints_the_effective_config(capsys):
     assert main(["config", "--set", "head.epochs=3"]) == 0
     assert "epochs: 3" in capsys.readouterr().out
+
+
+def test_console_script_exit_runs_cleanup_flushes_output_and_keeps_the_exit_code(tmp_path):
+    """`console()` skips the interpreter's teardown, never the exit work a command relies on."""
+    script = (
+        "import atexit, sys, threading, time\n"
+        "from vggflow.cli import console\n"
+        "atexit.register(lambda: print('atexit handler ran', flush=True))\n"
+        "threading.Thread(target=lambda: (time.sleep(0.5), print('worker thread finished'))).start()\n"
+        "sys.argv = ['vggflow', *sys.argv[1:]]\n"
+        "console()\n"
+    )
+    ok = subprocess.run([sys.executable, "-c", script, "config"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[0] == "seed: 42" and "  deployment_name: nightly" in lines  # the whole config, flushed
+    assert lines[-1] == "atexit handler ran" and "worker thread finished" in lines  # threads first, then atexit
+
+    bad = subprocess.run([sys.executable, "-c", script, "train", "--set", "head.epoks=3"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "head.epoks: unknown key" in bad.stderr
+    assert bad.stdout.splitlines()[-1] == "atexit handler ran"

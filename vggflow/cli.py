@@ -7,11 +7,14 @@ them, so `vggflow --help` and config errors answer in well under a second.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 from vggflow.errors import VggflowError
 
@@ -391,5 +394,30 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console() -> NoReturn:
+    """The console script: :func:`main`, then a fast exit once the normal exit work is done.
+
+    After TensorFlow is loaded, Python's own teardown (freeing every module, then TensorFlow's
+    C++ destructors) took 2.2 s of every cold `vggflow train` (BENCHMARKS.md, benchmark 4) and
+    does nothing a finished command needs. What a normal exit does that matters runs first, in
+    CPython's order: ``threading._shutdown`` (its exit callbacks stop Prefect's worker threads;
+    without them Prefect's ``atexit`` drain waits 5 s), the ``atexit`` handlers (Prefect's log
+    and event workers, MLflow, ``logging``, our temporary Prefect server), flushing stdout and
+    stderr. An exception that escapes :func:`main` exits the normal way, traceback included.
+    """
+    code = main()
+    shutdown_threads = getattr(threading, "_shutdown", None)  # CPython's; absent elsewhere
+    if shutdown_threads is None:
+        sys.exit(code)
+    shutdown_threads()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
