@@ -92,7 +92,7 @@ def test_stream_yields_every_batch_in_order_and_survives_an_early_stop():
 
 
 def test_image_dataset_resizes_mixed_sizes_and_modes_exactly_like_the_model(tmp_path):
-    """Batched decoding: same pixels, order and labels as resizing each decoded file on its own."""
+    """Grouped decoding: same pixels, order and labels as resizing each decoded file on its own."""
     from PIL import Image
 
     from vggflow.datasets import image_dataset
@@ -109,9 +109,11 @@ def test_image_dataset_resizes_mixed_sizes_and_modes_exactly_like_the_model(tmp_
     resize = make_resizing(32)
     expected = np.stack([resize(load_rgb(p).astype(np.float32)[None])[0].numpy() for p in paths])
 
-    # Batches of 3: mixed sizes, mixed sizes, a single image; then one batch of a single size.
-    got = np.concatenate([b.numpy() for b in image_dataset(paths, None, 32, 3)])
-    np.testing.assert_array_equal(got, expected)
+    # 14 files: decode groups of 8 + 6 (mixed sizes), batches of 3 across group boundaries.
+    batches = [b.numpy() for b in image_dataset(paths * 2, None, 32, 3)]
+    assert [len(b) for b in batches] == [3, 3, 3, 3, 2]
+    np.testing.assert_array_equal(np.concatenate(batches), np.concatenate([expected, expected]))
+    # A group whose files all share one size is resized in one op: same pixels.
     same = [paths[i] for i in (0, 3, 6)]
     np.testing.assert_array_equal(next(iter(image_dataset(same, None, 32, 3))).numpy(), expected[[0, 3, 6]])
 

@@ -1,7 +1,7 @@
 """Feeding images and cached arrays to Keras.
 
-Images stream from disk through ``tf.data`` (batched parallel decode with the shared Pillow
-decoder, the model's own resize, prefetch) and are never all held in memory. Cached arrays
+Images stream from disk through ``tf.data`` (parallel decode of small groups of files with the
+shared Pillow decoder, the model's own resize, batching, prefetch) and are never all held in memory. Cached arrays
 (features, frozen-prefix outputs) are read from memory-mapped ``.npy`` files batch by batch.
 """
 
@@ -18,6 +18,10 @@ import tensorflow as tf
 from vggflow.images import load_rgb
 from vggflow.model import make_resizing
 
+#: Files decoded per Python call (see :func:`image_dataset`): enough to make the call's fixed
+#: cost negligible, few enough that a group of large photos stays a few hundred MB.
+DECODE_GROUP = 8
+
 
 def image_dataset(
     paths: Sequence[str | Path],
@@ -29,44 +33,48 @@ def image_dataset(
 ) -> tf.data.Dataset:
     """A batched dataset of ``(image_size, image_size, 3)`` float32 RGB images (0..255) [and labels].
 
-    Decoding uses :func:`vggflow.images.load_rgb` (every mode → RGB, by content), a batch of
-    files per call, batches in parallel; resizing uses the same Keras ``Resizing`` layer that the
+    Decoding uses :func:`vggflow.images.load_rgb` (every mode → RGB, by content), a group of
+    :data:`DECODE_GROUP` files per call, groups in parallel; resizing uses the same Keras ``Resizing`` layer that the
     classifier carries, so an image looks the same to training and to the registered model.
     """
     resize = make_resizing(image_size)
     path_strings = [str(p) for p in paths]
 
-    def decode_batch(batch_paths: tf.Tensor) -> tf.Tensor:
-        # One Python call per batch, not per file: a per-file `numpy_function` cost ~0.3 ms of
-        # interpreter hand-over per image, several times Pillow's decode of a small PNG, and
-        # took 7 % of the two cores from the forward pass at 64² (benchmarks/results/extraction.md).
-        flat, shapes = tf.numpy_function(_decode_files, [batch_paths], (tf.uint8, tf.int32), stateful=False)
+    def decode_group(group_paths: tf.Tensor) -> tf.Tensor:
+        # One Python call per group of files, not per file: a per-file `numpy_function` cost
+        # ~0.3 ms of interpreter hand-over per image, several times Pillow's decode of a small
+        # PNG, and took 7 % of the two cores from the forward pass at 64² (BENCHMARKS.md). Small
+        # groups, not whole batches: each call holds its files' full-size pixels until resized.
+        flat, shapes = tf.numpy_function(_decode_files, [group_paths], (tf.uint8, tf.int32), stateful=False)
         flat.set_shape([None])
         shapes.set_shape([None, 3])
-        return _resize_batch(flat, shapes, resize, image_size)
+        return _resize_group(flat, shapes, resize, image_size)
 
     items = tf.data.Dataset.from_tensor_slices(path_strings)
     if labels is not None:
         items = tf.data.Dataset.zip(items, tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.int32)))
     if shuffle:
         items = items.shuffle(len(path_strings), seed=seed, reshuffle_each_iteration=True)
-    items = items.batch(batch_size)
+    items = items.batch(DECODE_GROUP)
     if labels is None:
-        data = items.map(decode_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        data = items.map(decode_group, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
-        data = items.map(lambda p, y: (decode_batch(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return data.prefetch(tf.data.AUTOTUNE)
+        data = items.map(lambda p, y: (decode_group(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return data.unbatch().batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def _decode_files(batch_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a batch of files: all pixels concatenated (no padding) + each image's shape."""
-    images = [load_rgb(p.decode()) for p in batch_paths]
-    flat = np.concatenate([image.ravel() for image in images]) if images else np.zeros(0, np.uint8)
-    return flat, np.array([image.shape for image in images], dtype=np.int32).reshape(-1, 3)
+def _decode_files(group_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a group of files: all pixels concatenated (no padding) + each image's shape."""
+    pixels, shapes = bytearray(), []
+    for path in group_paths:
+        image = load_rgb(path.decode())
+        pixels += memoryview(image).cast("B")  # image by image: no second copy of the whole group
+        shapes.append(image.shape)
+    return np.frombuffer(pixels, dtype=np.uint8), np.array(shapes, dtype=np.int32).reshape(-1, 3)
 
 
-def _resize_batch(flat: tf.Tensor, shapes: tf.Tensor, resize, image_size: int) -> tf.Tensor:
-    """Resize a decoded batch: one op when all images share a size, else image by image.
+def _resize_group(flat: tf.Tensor, shapes: tf.Tensor, resize, image_size: int) -> tf.Tensor:
+    """Resize a decoded group: one op when all images share a size, else image by image.
 
     ``Resizing`` treats every image of a batch independently, so both paths give the same pixels.
     """
