@@ -1,8 +1,9 @@
 """Feeding images and cached arrays to Keras.
 
 Images stream from disk through ``tf.data`` (parallel decode of small groups of files with the
-shared Pillow decoder, the model's own resize, batching, prefetch) and are never all held in memory. Cached arrays
-(features, frozen-prefix outputs) are read from memory-mapped ``.npy`` files batch by batch.
+shared Pillow decoder, the model's own resize, batching, prefetch) and are never all held in
+memory. Cached arrays (features, frozen-prefix outputs) are read from memory-mapped ``.npy``
+files batch by batch.
 """
 
 from __future__ import annotations
@@ -34,17 +35,18 @@ def image_dataset(
     """A batched dataset of ``(image_size, image_size, 3)`` float32 RGB images (0..255) [and labels].
 
     Decoding uses :func:`vggflow.images.load_rgb` (every mode → RGB, by content), a group of
-    :data:`DECODE_GROUP` files per call, groups in parallel; resizing uses the same Keras ``Resizing`` layer that the
-    classifier carries, so an image looks the same to training and to the registered model.
+    :data:`DECODE_GROUP` files per call, groups in parallel; resizing uses the same Keras
+    ``Resizing`` layer that the classifier carries, so an image looks the same to training and
+    to the registered model.
     """
     resize = make_resizing(image_size)
     path_strings = [str(p) for p in paths]
 
     def decode_group(group_paths: tf.Tensor) -> tf.Tensor:
         # One Python call per group of files, not per file: a per-file `numpy_function` cost
-        # ~0.3 ms of interpreter hand-over per image, several times Pillow's decode of a small
-        # PNG, and took 7 % of the two cores from the forward pass at 64² (BENCHMARKS.md). Small
-        # groups, not whole batches: each call holds its files' full-size pixels until resized.
+        # ~0.3 ms of interpreter hand-over per image, more than Pillow's decode of a small PNG
+        # (at 64², ~5 % of the CPU time per image went to the input pipeline; BENCHMARKS.md).
+        # Small groups, not whole batches: a call holds its files' full-size pixels until resized.
         flat, shapes = tf.numpy_function(_decode_files, [group_paths], (tf.uint8, tf.int32), stateful=False)
         flat.set_shape([None])
         shapes.set_shape([None, 3])
@@ -68,7 +70,7 @@ def _decode_files(group_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pixels, shapes = bytearray(), []
     for path in group_paths:
         image = load_rgb(path.decode())
-        pixels += memoryview(image).cast("B")  # image by image: no second copy of the whole group
+        pixels += memoryview(np.ascontiguousarray(image)).cast("B")  # one image's copy at a time
         shapes.append(image.shape)
     return np.frombuffer(pixels, dtype=np.uint8), np.array(shapes, dtype=np.int32).reshape(-1, 3)
 
