@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from tasks.train_head import train_head  # noqa: E402
 from tasks.validate import validate_dataset  # noqa: E402
 from tests.conftest import write_dataset  # noqa: E402
 from vggflow.config import Config, HeadConfig, RegistryConfig  # noqa: E402
+from vggflow.dashboard import free_port  # noqa: E402
 from vggflow.images import load_rgb  # noqa: E402
 from vggflow.model import build_base, build_classifier, resolve_weights  # noqa: E402
 from vggflow.tracking import connect  # noqa: E402
@@ -187,18 +187,12 @@ print(json.dumps({{"labels": list(out["label"]), "probabilities": list(out["prob
     np.testing.assert_allclose(keras_model.predict_on_batch(images.astype(np.float32)), expected, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_served_model_answers_http_invocations(lab: Lab) -> None:
     import requests
 
     version, metrics = lab.register(lab.trained_checkpoint(epochs=5))
     lab.gate(version, metrics)
-    port = _free_port()
+    port = free_port()
     venv_bin = Path(sys.executable).parent
     # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin must be on it.
     env = os.environ | {"PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -23,13 +23,13 @@ import ctypes
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from vggflow.config import TrackingConfig
+from vggflow.dashboard import free_port
 
 
 def start_store_creation(tracking: TrackingConfig) -> subprocess.Popen | None:
@@ -58,9 +58,7 @@ class LocalPrefectServer:
     """Prefect's temporary API server, owned by this process."""
 
     def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         prefect_root = Path(importlib.util.find_spec("prefect").origin).parent  # without importing it
         env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
