@@ -149,7 +149,9 @@ def extract_features(
                 handle.close()
         if done != total:
             raise RuntimeError(f"feature extraction produced {done} rows for {total} images")
-        meta = read_meta(directory) if read_meta(directory).get("paths_sha256") == _paths_digest(rows) else {}
+        meta = read_meta(directory)
+        if meta.get("paths_sha256") != _paths_digest(rows):
+            meta = {}  # arrays aligned to another row order: none of them stays valid
         meta.setdefault("layers", {})
         for name in missing:
             final = directory / f"{name}.npy"
