@@ -119,7 +119,11 @@ def extract_features(
     if missing:
         extractor = feature_extractor(base, missing, image_size)
         # A compiled forward loop: on these CPUs `model.predict` intermittently used one core.
-        forward = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+        # Traced once for any batch size, so the last, smaller batch does not trace it again.
+        forward = tf.function(
+            lambda x: extractor(x, training=False),
+            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
+        )
         total = len(rows)
         # Plain sequential writes (header, then each batch), not a writable memory map: a mapped
         # array's pages count in the process's resident memory, which then grows with the dataset.
