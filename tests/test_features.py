@@ -110,7 +110,9 @@ def test_image_dataset_resizes_mixed_sizes_and_modes_exactly_like_the_model(tmp_
     expected = np.stack([resize(load_rgb(p).astype(np.float32)[None])[0].numpy() for p in paths])
 
     # 14 files: decode groups of 8 + 6 (mixed sizes), batches of 3 across group boundaries.
-    batches = [b.numpy() for b in image_dataset(paths * 2, None, 32, 3)]
+    dataset = image_dataset(paths * 2, None, 32, 3)
+    assert int(dataset.cardinality()) == 5  # known to Keras: no "ran out of data" at epoch end
+    batches = [b.numpy() for b in dataset]
     assert [len(b) for b in batches] == [3, 3, 3, 3, 2]
     np.testing.assert_array_equal(np.concatenate(batches), np.concatenate([expected, expected]))
     # A group whose files all share one size is resized in one op: same pixels.

@@ -54,3 +54,18 @@ def test_best_epoch_weights_are_kept(tmp_path, features):
     head = train_head(fs, weights, 32, HeadConfig(dense_units=16, epochs=6, patience=6, learning_rate=0.05), 3, tmp_path / "h.keras")
     losses = [epoch["val_loss"] for epoch in head.history]
     assert head.best_epoch == int(np.argmin(losses)) and head.best_val_loss == pytest.approx(min(losses))
+
+
+def test_stage_on_streamed_images_ends_epochs_cleanly(tmp_path, tiny_dataset, features):
+    """Without a prefix cache the stage streams images; Keras must know where each epoch ends."""
+    import warnings
+
+    fs, weights = features
+    head = train_head(fs, weights, 32, HeadConfig(dense_units=16, epochs=1, patience=1), 7, tmp_path / "head.keras")
+    stage = StageConfig(unfreeze_from="block5", learning_rate=1e-4, epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuned = run_stage(head, stage, FinetuneConfig(batch_size=8), fs, None, tiny_dataset, 32, 7, tmp_path / "b5.keras")
+    assert tuned.epochs_run == 2 and tuned.prefix_cache is None and checkpoint_is_valid(tuned.checkpoint)
+    assert tuned.images_per_second > 0
+    assert not [w for w in caught if "ran out of data" in str(w.message)]

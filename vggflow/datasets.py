@@ -62,7 +62,11 @@ def image_dataset(
         data = items.map(decode_group, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
         data = items.map(lambda p, y: (decode_group(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return data.unbatch().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    # Regrouping hides the number of batches from tf.data; state it, so Keras knows where an
+    # epoch ends instead of warning "Your input ran out of data" at the end of each one.
+    batches = -(-len(path_strings) // batch_size)
+    data = data.unbatch().batch(batch_size).apply(tf.data.experimental.assert_cardinality(batches))
+    return data.prefetch(tf.data.AUTOTUNE)
 
 
 def _decode_files(group_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
