@@ -82,9 +82,10 @@ def child_seed(args) -> dict:
     folder, rows, weights, classes = _setup(args)
     index = {name: i for i, name in enumerate(classes)}
     cfg = _head_cfg(args)
-    # Not timed: vggflow's head initialisation (train_head seeds, then builds the classifier).
+    # Not timed: vggflow's head initialisation (train_head has a base, seeds, builds the classifier).
+    base = build_base(weights, args.size)
     keras.utils.set_random_seed(SEED)
-    reference = build_classifier(build_base(weights, args.size), len(classes), cfg, args.size)
+    reference = build_classifier(base, len(classes), cfg, args.size)
     head_init = {name: reference.get_layer(name).get_weights() for name in ("head_dense", "predictions")}
     del reference
 

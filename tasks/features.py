@@ -262,14 +262,16 @@ def compute_features(
     progress=None,
 ) -> FeatureSet:
     """Load the base and make sure the wanted layers are cached; returns a reference to them."""
-    from vggflow.model import build_base
+    from vggflow.model import build_base, set_aside_base
 
     directory = layer_cache_dir(cache_dir, fingerprint, weights.identity, image_size)
     started = time.perf_counter()
     wanted = set(layers) | {"avg_pool"}
     missing = sorted(wanted - verified_layers(directory, rows))
     if missing:
-        extract_features(rows, data_dir, build_base(weights, image_size), missing, image_size, batch_size, directory, progress)
+        base = build_base(weights, image_size)
+        extract_features(rows, data_dir, base, missing, image_size, batch_size, directory, progress)
+        set_aside_base(base, weights, image_size)  # the head's classifier needs the same, untouched base
     rows_file = directory / "rows.csv"
     if not rows_file.exists():
         atomic_write_text(rows_file, rows[["path", "label", "split"]].to_csv(index=False))

@@ -45,11 +45,15 @@ def train_head(
     import numpy as np
 
     from tasks.features import load_layer
-    from vggflow.model import build_base, build_classifier, head_model, unfreeze_to
+    from vggflow.model import build_classifier, head_model, take_base, unfreeze_to
     from vggflow.training import finish_stage, fit_stage
 
+    base = take_base(weights, image_size)
+    # Seeded after the base exists: building VGG19 draws from Keras's global RNG, so the head's
+    # initial weights would otherwise depend on whether the base was built here or set aside
+    # by the extraction (i.e. on whether the extraction was cached).
     keras.utils.set_random_seed(seed)
-    model = build_classifier(build_base(weights, image_size), len(features.class_names), cfg, image_size)
+    model = build_classifier(base, len(features.class_names), cfg, image_size)
     freeze = unfreeze_to(model, None, HEAD_STAGE)
     # Pooled features are small (512 floats per image): fit on in-memory arrays with Keras's own
     # shuffle, exactly as the seed's `model.fit` over images through the frozen base would.

@@ -69,3 +69,21 @@ def test_stage_on_streamed_images_ends_epochs_cleanly(tmp_path, tiny_dataset, fe
     assert tuned.epochs_run == 2 and tuned.prefix_cache is None and checkpoint_is_valid(tuned.checkpoint)
     assert tuned.images_per_second > 0
     assert not [w for w in caught if "ran out of data" in str(w.message)]
+
+
+def test_head_is_the_same_whether_the_extraction_set_its_base_aside_or_not(tmp_path, tiny_dataset, features):
+    """The extraction hands its loaded base to the head's classifier (not loaded twice); whether
+    that happened (extraction run here) or not (extraction cached) must not change the head."""
+    import keras
+
+    from vggflow import model as model_module
+
+    fs, weights = features  # compute_features ran: its base is set aside for these weights
+    assert model_module._spare_base
+    cfg = HeadConfig(dense_units=16, epochs=2, patience=2)
+    reused = train_head(fs, weights, 32, cfg, 7, tmp_path / "reused.keras")
+    assert not model_module._spare_base  # taken once
+    loaded = train_head(fs, weights, 32, cfg, 7, tmp_path / "loaded.keras")
+    assert reused.history == loaded.history
+    for a, b in zip(keras.saving.load_model(reused.checkpoint).get_weights(), keras.saving.load_model(loaded.checkpoint).get_weights()):
+        np.testing.assert_array_equal(a, b)
