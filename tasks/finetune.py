@@ -98,7 +98,7 @@ def run_stage(
     import keras
 
     from tasks.features import load_layer
-    from vggflow.datasets import ArrayBatches, image_dataset
+    from vggflow.datasets import array_dataset, image_dataset
     from vggflow.model import suffix_model, unfreeze_to
     from vggflow.training import finish_stage, fit_stage
 
@@ -109,8 +109,8 @@ def run_stage(
         trainable = suffix_model(model, stage.unfreeze_from)
         x_train, y_train = load_layer(features, prefix, "train")
         x_val, y_val = load_layer(features, prefix, "val")
-        train = ArrayBatches(x_train, y_train, cfg.batch_size, shuffle=True, seed=seed)
-        val = ArrayBatches(x_val, y_val, cfg.batch_size, shuffle=False, seed=seed)
+        train = array_dataset(x_train, y_train, cfg.batch_size, shuffle=True, seed=seed)
+        val = array_dataset(x_val, y_val, cfg.batch_size, shuffle=False, seed=seed)
         n_train = len(y_train)
     else:
         trainable = model

@@ -2,17 +2,17 @@
 
 Images stream from disk through ``tf.data`` (parallel decode of small groups of files with the
 shared Pillow decoder, the model's own resize, batching, prefetch) and are never all held in
-memory. Cached arrays (features, frozen-prefix outputs) are read from memory-mapped ``.npy``
-files batch by batch.
+memory. Cached arrays (frozen-prefix outputs) are read from their ``.npy`` files batch by
+batch, in an order that depends only on the seed and the epoch.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -120,30 +120,36 @@ def stream(dataset: tf.data.Dataset) -> Iterator:
         threading.Thread(target=holder.clear, name="tf-data-release", daemon=True).start()
 
 
-class ArrayBatches(keras.utils.PyDataset):
-    """Batches of rows of a (memory-mapped) array and their labels, reshuffled every epoch."""
+def array_dataset(x, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+    """Batches of rows of a cached array (read when needed) and their labels, reshuffled every epoch.
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> None:
-        super().__init__()
-        self.x, self.y = x, np.asarray(y, dtype=np.int32)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.rng = np.random.default_rng(seed)
-        self.order = np.arange(len(self.y))
-        if shuffle:
-            self.rng.shuffle(self.order)
+    Each epoch's order is a function of ``seed`` and the epoch's number alone. Keras's own
+    ``PyDataset`` handling shuffled the batch order with Python's global ``random`` (which
+    Prefect and MLflow threads draw from too) and reshuffled rows in ``on_epoch_end`` while the
+    next epoch was already being prefetched: the same stage trained differently from run to run.
 
-    def __len__(self) -> int:
-        return max(1, -(-len(self.y) // self.batch_size))
+    Args:
+        x: rows to batch (an array, or a row view that reads from a cache file when sliced).
+        y: one label per row.
+        batch_size: rows per batch (the last batch may be smaller).
+        shuffle: reshuffle the rows every epoch (each new iterator is the next epoch).
+        seed: makes the orders reproducible.
+    """
+    labels = np.asarray(y, dtype=np.int32)
+    n = len(labels)
+    epochs = itertools.count()
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        # Sorted indices read a memory map sequentially; order within a batch does not matter.
-        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
-        return np.asarray(self.x[rows], dtype=np.float32), self.y[rows]
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        epoch = next(epochs)
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        for start in range(0, n, batch_size):
+            # Sorted rows read the cache file sequentially; order within a batch does not matter.
+            rows = np.sort(order[start : start + batch_size])
+            yield np.asarray(x[rows], dtype=np.float32), labels[rows]
 
-    def on_epoch_end(self) -> None:
-        if self.shuffle:
-            self.rng.shuffle(self.order)
+    signature = (tf.TensorSpec((None, *x.shape[1:]), tf.float32), tf.TensorSpec((None,), tf.int32))
+    data = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    return data.apply(tf.data.experimental.assert_cardinality(max(1, -(-n // batch_size)))).prefetch(2)
 
 
 def predict_in_batches(

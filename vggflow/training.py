@@ -118,7 +118,10 @@ def fit_stage(
             epochs=epochs, callbacks=callbacks, verbose=0,
         )
     else:
-        fitted = trainable.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
+        # Datasets shuffle themselves, reproducibly (vggflow.datasets).
+        fitted = trainable.fit(
+            train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0
+        )
     seconds = time.perf_counter() - started
     history = [
         {key: float(fitted.history[key][epoch]) for key in HISTORY_KEYS if key in fitted.history}
