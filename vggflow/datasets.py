@@ -149,7 +149,7 @@ def array_dataset(x, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -
 
     signature = (tf.TensorSpec((None, *x.shape[1:]), tf.float32), tf.TensorSpec((None,), tf.int32))
     data = tf.data.Dataset.from_generator(batches, output_signature=signature)
-    return data.apply(tf.data.experimental.assert_cardinality(max(1, -(-n // batch_size)))).prefetch(2)
+    return data.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size))).prefetch(2)
 
 
 def predict_in_batches(
