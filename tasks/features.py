@@ -93,8 +93,8 @@ def extract_features(
 ) -> dict[str, Path]:
     """Compute the named base layers' outputs for ``rows`` into ``directory``.
 
-    Images stream from disk (``tf.data``); outputs are written batch by batch into memory-mapped
-    ``.npy`` files, so memory does not grow with the dataset.
+    Images stream from disk (``tf.data``); outputs are appended batch by batch to ``.npy``
+    files, so memory does not grow with the dataset.
 
     Args:
         rows: usable manifest rows (``path`` relative to ``data_dir``, ``label``), in cache order.

@@ -52,7 +52,7 @@ def plan_prefix_caches(cfg: FinetuneConfig, image_size: int, n_images: int) -> d
 
     A prefix cache is valid only while every layer in it is still the original backbone, i.e. no
     earlier stage unfroze anything at or below it. Caches above ``prefix_cache_max_gb`` are not
-    used (memory-mapped, but disk is finite).
+    used (they are read from disk batch by batch, but disk is finite).
     """
     plan: dict[str, str | None] = {}
     lowest_touched = len(VGG19_BLOCKS) + 1  # no block trained yet
