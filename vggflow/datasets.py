@@ -3,12 +3,11 @@
 Images stream from disk through ``tf.data`` (parallel decode of small groups of files with the
 shared Pillow decoder, the model's own resize, batching, prefetch) and are never all held in
 memory. Cached arrays (frozen-prefix outputs) are read from their ``.npy`` files batch by
-batch, in an order that depends only on the seed and the epoch.
+batch, in a seeded order that changes every epoch.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -123,33 +122,40 @@ def stream(dataset: tf.data.Dataset) -> Iterator:
 def array_dataset(x, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
     """Batches of rows of a cached array (read when needed) and their labels, reshuffled every epoch.
 
-    Each epoch's order is a function of ``seed`` and the epoch's number alone. Keras's own
-    ``PyDataset`` handling shuffled the batch order with Python's global ``random`` (which
-    Prefect and MLflow threads draw from too) and reshuffled rows in ``on_epoch_end`` while the
-    next epoch was already being prefetched: the same stage trained differently from run to run.
+    The row order comes from ``tf.data``'s seeded shuffle of row indices (each new iterator is
+    the next epoch), so it depends only on ``seed``, TensorFlow's global seed and the epoch.
+    Keras's own ``PyDataset`` handling shuffled the batch order with Python's global ``random``
+    (which Prefect and MLflow threads draw from too) and reshuffled rows in ``on_epoch_end``
+    while the next epoch was already being prefetched: the same stage trained differently from
+    run to run. Rows are read by a plain ``map`` over batches of indices, not a Python
+    generator: Keras drops each epoch's iterator, and dropping one whose generator was still
+    running stalled the next epoch's start for up to seconds with the CPU idle (a cached
+    ``block5`` stage kept 1.2-1.5 of the 2 cores busy; BENCHMARKS.md, benchmark 6).
 
     Args:
         x: rows to batch (an array, or a row view that reads from a cache file when sliced).
         y: one label per row.
         batch_size: rows per batch (the last batch may be smaller).
-        shuffle: reshuffle the rows every epoch (each new iterator is the next epoch).
+        shuffle: reshuffle the rows every epoch.
         seed: makes the orders reproducible.
     """
     labels = np.asarray(y, dtype=np.int32)
-    n = len(labels)
-    epochs = itertools.count()
 
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        epoch = next(epochs)
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        for start in range(0, n, batch_size):
-            # Sorted rows read the cache file sequentially; order within a batch does not matter.
-            rows = np.sort(order[start : start + batch_size])
-            yield np.asarray(x[rows], dtype=np.float32), labels[rows]
+    def read(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Sorted rows read the cache file sequentially; order within a batch does not matter.
+        rows = np.sort(rows)
+        return np.asarray(x[rows], dtype=np.float32), labels[rows]
 
-    signature = (tf.TensorSpec((None, *x.shape[1:]), tf.float32), tf.TensorSpec((None,), tf.int32))
-    data = tf.data.Dataset.from_generator(batches, output_signature=signature)
-    return data.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size))).prefetch(2)
+    def read_batch(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        values, batch_labels = tf.numpy_function(read, [rows], (tf.float32, tf.int32), stateful=False)
+        values.set_shape((None, *x.shape[1:]))
+        batch_labels.set_shape((None,))
+        return values, batch_labels
+
+    rows = tf.data.Dataset.range(len(labels))
+    if shuffle:
+        rows = rows.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    return rows.batch(batch_size).map(read_batch)
 
 
 def predict_in_batches(
