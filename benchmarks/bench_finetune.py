@@ -12,7 +12,7 @@ the same data, epochs, batch size, learning rate and seed, in one process, alter
 
 - **vggflow (cached prefix)**: the stage trains `suffix_model` on the cached output of its frozen
   lower blocks (`block4_pool` for block5, `block3_pool` for block4, the preprocessed input for
-  `all`), read from memory-mapped `.npy` files (what `finetune.cache_frozen_prefix: true` does);
+  `all`), read from the `.npy` cache files batch by batch (what `finetune.cache_frozen_prefix: true` does);
 - **naive**: the full classifier with its lower blocks frozen, images streamed from the PNG files
   with tf.data every epoch, the frozen blocks recomputed every batch (`cache_frozen_prefix: false`,
   i.e. the seed's Example 2 fed from disk).

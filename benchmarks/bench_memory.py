@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         "\n- Per run (ru_maxrss MB): "
         + "; ".join(f"{n:,}: " + ", ".join(f"{r['maxrss_mb']:.0f}" for r in results[f'{n} images']) for n in args.sizes) + ".\n"
         "- Anonymous memory is what the process allocated (TensorFlow, the models, batches, Python); file-backed "
-        "resident pages are mapped files (shared libraries — TensorFlow's are ~hundreds of MB — and the memory-mapped "
-        "feature/prefix caches being written or read), which the kernel can drop under memory pressure.\n"
+        "resident pages are mapped files (mostly shared libraries — TensorFlow's are ~hundreds of MB; the cache "
+        "files are written and read with plain file I/O, not mapped), which the kernel can drop under memory pressure.\n"
     )
     publish(out, text, info, results)
     return 0

@@ -1,7 +1,9 @@
-"""Step 2a: run the frozen VGG19 base once over every usable image and cache its outputs.
+"""Step 2a: run the frozen VGG19 base once over every training and validation image, cache its outputs.
 
 The seed's Example 1 re-runs the frozen base on every image in every epoch; its output never
 changes, so we compute it once per (dataset, backbone, image size) and train the head on it.
+Test images are not cached: the test split is scored through the whole exported classifier
+(``tasks/evaluate.py``), which runs the base itself, so their cached outputs would never be read.
 The same pass also stores each fine-tuning stage's frozen-prefix output (e.g. ``block4_pool``
 for a ``block5`` stage) so stages do not recompute their frozen lower blocks every epoch.
 
@@ -28,9 +30,12 @@ from vggflow.files import atomic_write_text, file_sha256, read_rows
 
 META_FILE = "meta.json"
 
+#: The splits whose base outputs training reads (see the module docstring for the test split).
+CACHED_SPLITS = ("train", "val")
+
 
 class FeatureSet(BaseModel):
-    """Reference to cached base outputs, aligned with ``rows`` (the usable manifest rows)."""
+    """Reference to cached base outputs, aligned with ``rows_file`` (the train and val rows)."""
 
     directory: Path
     key: str
@@ -61,13 +66,19 @@ def read_meta(directory: Path) -> dict:
         return {}
 
 
+def cached_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose base outputs are cached, in cache order: the train and val splits."""
+    return rows[rows["split"].isin(CACHED_SPLITS)].reset_index(drop=True)
+
+
 def verified_layers(directory: Path, rows: pd.DataFrame) -> set[str]:
     """Layers whose arrays exist, match their recorded checksum and the current row order.
 
-    A truncated or corrupted array (checksum mismatch) is treated as missing, so it is rebuilt.
+    ``rows`` are the usable manifest rows (only their cached splits count). A truncated or
+    corrupted array (checksum mismatch) is treated as missing, so it is rebuilt.
     """
     meta = read_meta(directory)
-    if meta.get("paths_sha256") != _paths_digest(rows):
+    if meta.get("paths_sha256") != _paths_digest(cached_rows(rows)):
         return set()
     good = set()
     for name, info in meta.get("layers", {}).items():
@@ -261,9 +272,14 @@ def compute_features(
     class_names: list[str],
     progress=None,
 ) -> FeatureSet:
-    """Load the base and make sure the wanted layers are cached; returns a reference to them."""
+    """Load the base and make sure the wanted layers are cached for the train and val rows.
+
+    Returns:
+        A reference to the cached arrays (``rows_file`` lists their rows, in order).
+    """
     from vggflow.model import build_base, set_aside_base
 
+    rows = cached_rows(rows)
     directory = layer_cache_dir(cache_dir, fingerprint, weights.identity, image_size)
     started = time.perf_counter()
     wanted = set(layers) | {"avg_pool"}
@@ -273,8 +289,10 @@ def compute_features(
         extract_features(rows, data_dir, base, missing, image_size, batch_size, directory, progress)
         set_aside_base(base, weights, image_size)  # the head's classifier needs the same, untouched base
     rows_file = directory / "rows.csv"
-    if not rows_file.exists():
-        atomic_write_text(rows_file, rows[["path", "label", "split"]].to_csv(index=False))
+    listing = rows[["path", "label", "split"]].to_csv(index=False)
+    # Rewritten when it differs: a folder written by an older version may list other rows.
+    if not rows_file.is_file() or rows_file.read_text() != listing:
+        atomic_write_text(rows_file, listing)
     return FeatureSet(
         directory=directory,
         key=feature_cache_key(fingerprint, weights.identity, image_size, layers),

@@ -29,15 +29,18 @@ def test_features_are_the_classifiers_pooled_base_output_and_are_cached(tmp_path
                   cache_dir=tmp_path / "cache", fingerprint="fp", layers=["block4_pool"], class_names=classes)
     features = compute_features(**kwargs)
     assert set(features.layers) == {"avg_pool", "block4_pool"}
+    # Train and val rows only, in manifest order: test images are scored by the whole classifier.
+    cached = rows[rows["split"] != "test"].reset_index(drop=True)
+    assert features.n_images == len(cached) < len(rows)
     pooled, labels = load_layer(features, "avg_pool")
-    assert pooled.shape == (len(rows), 512) and list(labels[:3]) == [classes.index(x) for x in rows["label"][:3]]
+    assert pooled.shape == (len(cached), 512) and list(labels[:3]) == [classes.index(x) for x in cached["label"][:3]]
 
     # Same numbers as the classifier's own pooled features on the decoded image files.
     classifier = build_classifier(build_base(weights, 32), len(classes), HeadConfig(), 32)
     import keras
 
     pool = keras.Model(classifier.input, classifier.get_layer("avg_pool").output)
-    images = np.stack([load_rgb(tiny_dataset / p) for p in rows["path"][:4]]).astype(np.float32)
+    images = np.stack([load_rgb(tiny_dataset / p) for p in cached["path"][:4]]).astype(np.float32)
     np.testing.assert_allclose(pool(images).numpy(), pooled[:4], rtol=1e-4, atol=1e-4)
 
     train, train_labels = load_layer(features, "block4_pool", "train")
@@ -48,6 +51,32 @@ def test_features_are_the_classifiers_pooled_base_output_and_are_cached(tmp_path
     stamp = (directory / "avg_pool.npy").stat().st_mtime_ns
     compute_features(**kwargs)
     assert (directory / "avg_pool.npy").stat().st_mtime_ns == stamp
+
+
+def test_a_cache_folder_that_still_holds_test_rows_is_rebuilt_and_relisted(tmp_path, tiny_dataset, rows):
+    """Earlier versions cached every split: such a folder must not be read as train+val arrays."""
+    import json
+
+    from tasks.features import _paths_digest
+
+    weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=3)
+    kwargs = dict(rows=rows, data_dir=tiny_dataset, weights=weights, image_size=32, batch_size=8,
+                  cache_dir=tmp_path / "cache", fingerprint="fp", layers=[], class_names=sorted(rows["label"].unique()))
+    features = compute_features(**kwargs)
+    expected_listing = features.rows_file.read_text()
+    good = np.load(features.directory / "avg_pool.npy").copy()
+    # What an earlier version left: every row listed, arrays and meta for every row.
+    features.rows_file.write_text(rows[["path", "label", "split"]].to_csv(index=False))
+    meta_file = features.directory / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["paths_sha256"] = _paths_digest(rows)
+    meta_file.write_text(json.dumps(meta))
+    assert verified_layers(features.directory, rows) == set()
+
+    again = compute_features(**kwargs)
+    assert again.rows_file.read_text() == expected_listing
+    np.testing.assert_array_equal(np.load(again.directory / "avg_pool.npy"), good)
+    assert verified_layers(again.directory, rows) == {"avg_pool"}
 
 
 def test_corrupted_or_truncated_cache_is_detected_and_rebuilt(tmp_path, tiny_dataset, rows):
