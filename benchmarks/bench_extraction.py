@@ -9,7 +9,7 @@ Run (from the repository root; writes benchmarks/results/extraction.md)::
 For each image size, in one process and alternating (A, B, C, D, …; medians over the rounds):
 
 - **files → `extract_features`** (vggflow): `tasks.features.extract_features` on the PNG files
-  (tf.data decode/resize, compiled forward loop, memory-mapped .npy), pooled features only;
+  (tf.data decode/resize, compiled forward loop, `.npy` files written batch by batch), pooled features only;
 - **files → `extract_features`, flow layers**: the same call with the layers the training flow
   asks for (pooled features + every fine-tuning stage's frozen-prefix output);
 - **memory → compiled loop**: the same base + global average pooling as a `tf.function` over
@@ -131,7 +131,7 @@ def report(measured: list[dict], peaks: list[dict], command: str) -> str:
         "Feature extraction: files on disk vs the best in-memory forward pass",
         command,
         "vggflow's `extract_features` streams PNG files (tf.data: parallel decode + resize, batching, "
-        "prefetch) through a compiled forward loop and writes memory-mapped `.npy` files. It is compared, "
+        "prefetch) through a compiled forward loop and writes `.npy` files batch by batch. It is compared, "
         "in one process with the variants alternated, with a compiled forward loop over the same images "
         "already decoded, resized and preprocessed in memory (the best bare pass), and with "
         "`model.predict` on those arrays. Backbone: VGG19 conv base, seeded random init (same FLOPs as "
