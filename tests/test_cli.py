@@ -92,3 +92,36 @@ def test_console_script_exit_runs_cleanup_flushes_output_and_keeps_the_exit_code
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "head.epoks: unknown key" in bad.stderr
     assert bad.stdout.splitlines()[-1] == "atexit handler ran"
+
+
+def test_tensorflow_start_up_noise_is_dropped_and_everything_else_on_stderr_is_kept(capfd):
+    """TensorFlow's C++ code writes its CPU-only start-up lines (one says "CUDA error") straight to
+    file descriptor 2, ignoring TF_CPP_MIN_LOG_LEVEL; only those lines are dropped."""
+    import os
+
+    from vggflow.runtime import stderr_without_tensorflow_noise
+
+    noise = (
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+        "I0000 00:00:1795924570.439301   24263 port.cc:153] oneDNN custom operations are on. You may see ...\n"
+        "I0000 00:00:1795924570.439685   24263 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n"
+        "E0000 00:00:1795924573.291042   24263 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
+        "Failed call to cuInit: UNKNOWN ERROR (303)\n"
+    )
+    with stderr_without_tensorflow_noise():
+        os.write(2, noise.encode())
+        os.write(2, b"E0000 00:00:1.0 1 some_kernel.cc:1] a real problem\n")
+        print("a Python warning", file=sys.stderr)
+    out, err = capfd.readouterr()
+    # (pytest's own capture of sys.stderr may order the Python line first)
+    assert sorted(err.splitlines()) == ["E0000 00:00:1.0 1 some_kernel.cc:1] a real problem", "a Python warning"]
+    os.write(2, b"after\n")  # file descriptor 2 is restored
+    assert capfd.readouterr().err == "after\n"
+
+
+def test_quiet_tensorflow_import_prints_no_start_up_noise():
+    code = "from vggflow.runtime import import_tensorflow_quietly; import_tensorflow_quietly(); print('imported')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr
+    assert "cuInit" not in done.stderr and "absl::InitializeLog" not in done.stderr and "cuda drivers" not in done.stderr

@@ -220,10 +220,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from vggflow.predict import expand_inputs, format_prediction, predict_files
+    from vggflow.runtime import import_tensorflow_quietly
     from vggflow.tracking import without_type_hint_advice
 
     cfg, _, _ = _registry_client(args)
     uri = args.model or f"models:/{cfg.registry.model_name}@champion"
+    import_tensorflow_quietly()  # the model's flavour imports it; without its start-up noise
     try:
         with without_type_hint_advice():
             model = mlflow.pyfunc.load_model(uri)
@@ -244,6 +246,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vggflow.config import load_config
+    from vggflow.runtime import import_tensorflow_quietly
     from vggflow.warmup import start_local_prefect_server, start_store_creation
 
     cfg = load_config(args.config, args.overrides)
@@ -261,7 +264,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_expected_errors()
     # SIGTERM (a scheduler stopping us, `kill`) unwinds like Ctrl-C: the MLflow run is closed as KILLED.
     signal.signal(signal.SIGTERM, _interrupt)
-    import keras  # noqa: F401  (TensorFlow: the longest import, done while the others start)
+    import_tensorflow_quietly()  # the longest import, done while the others start
 
     from flows.train import train_flow
 

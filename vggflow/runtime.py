@@ -6,8 +6,13 @@ on import. Every value is a default: anything the user already set in the enviro
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 OFFLINE_DEFAULTS = {
     # TensorFlow: quiet start-up; oneDNN measured +12-20% on these CPUs (stack notes).
@@ -40,3 +45,59 @@ def configure_environment(project_dir: str | Path | None = None) -> None:
     project = Path(project_dir or Path.cwd()).resolve()
     # One result store for manual runs, the scheduler and workers started from this project.
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(project / ".vggflow" / "prefect" / "results"))
+
+
+#: TensorFlow's start-up lines on a CPU-only machine. They are logged before absl's logging is
+#: initialised, so TF_CPP_MIN_LOG_LEVEL does not hide them, and they say nothing a user can act
+#: on (one reads "CUDA error: Failed call to cuInit", which looks like a failure and is not).
+_TF_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|\] oneDNN custom operations are on"
+    r"|\] Could not find cuda drivers on your machine"
+    r"|\] failed call to cuInit"
+)
+
+
+def drop_tensorflow_startup_noise(text: str) -> str:
+    """``text`` without TensorFlow's CPU-only start-up lines (see ``_TF_STARTUP_NOISE``)."""
+    return "".join(line for line in text.splitlines(keepends=True) if not _TF_STARTUP_NOISE.search(line))
+
+
+@contextlib.contextmanager
+def stderr_without_tensorflow_noise() -> Iterator[None]:
+    """While inside, file descriptor 2 goes to a temporary file; on leaving, every line written to
+    it meanwhile except TensorFlow's start-up noise is written to stderr (nothing else is lost,
+    only delayed). Use it from the main thread, around work no other thread is logging through.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                capture.seek(0)
+                kept = drop_tensorflow_startup_noise(capture.read().decode(errors="replace"))
+                if kept:
+                    sys.stderr.write(kept)
+                    sys.stderr.flush()
+    finally:
+        os.close(saved)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and Keras and discover devices, without their start-up noise on stderr.
+
+    TensorFlow's C++ code writes to file descriptor 2 directly (see
+    :func:`stderr_without_tensorflow_noise`). Does nothing when TensorFlow is already imported.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    with stderr_without_tensorflow_noise():
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # device discovery logs here, not at some later op
