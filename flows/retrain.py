@@ -46,7 +46,10 @@ def retrain_flow(config_file: str | None = None, overrides: list[str] | None = N
         return RetrainOutcome(skipped=True, reason=decision.reason, data=data, decision=decision)
 
     # Imported only when training: the training flow's modules cost seconds to import, and a
-    # skipped run should not pay for them.
+    # skipped run should not pay for them. TensorFlow first, without its start-up noise.
+    from vggflow.runtime import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     from flows.train import train_flow
 
     summary = train_flow(config_file=config_file, overrides=overrides)
