@@ -69,6 +69,15 @@ def _head_cfg(args):
     return HeadConfig(epochs=args.epochs, patience=args.epochs, batch_size=32, learning_rate=1e-3, dense_units=128)
 
 
+def _decoded(folder: Path, part, args):
+    """The split's PNG files decoded and resized as vggflow's pipeline does, in one array."""
+    import numpy as np
+
+    from vggflow.datasets import image_dataset
+
+    return np.concatenate([b.numpy() for b in image_dataset([folder / p for p in part["path"]], None, args.size, args.batch_size)])
+
+
 def _accuracy(probabilities, labels) -> float:
     import numpy as np
 
@@ -81,7 +90,7 @@ def child_seed(args) -> dict:
     import numpy as np
     from keras.applications import VGG19, vgg19
 
-    from vggflow.datasets import image_dataset
+    import vggflow.datasets  # noqa: F401  (used by _decoded; imported before anything is timed)
     from vggflow.model import build_base, build_classifier
 
     folder, rows, weights, classes = _setup(args)
@@ -98,10 +107,7 @@ def child_seed(args) -> dict:
     data = {}
     for split in ("train", "val", "test"):
         part = rows[rows["split"] == split]
-        images = np.concatenate(
-            [b.numpy() for b in image_dataset([folder / p for p in part["path"]], None, args.size, args.batch_size)]
-        )
-        data[split] = (vgg19.preprocess_input(images), part["label"].map(index).to_numpy())
+        data[split] = (vgg19.preprocess_input(_decoded(folder, part, args)), part["label"].map(index).to_numpy())
     loaded = time.perf_counter() - started
 
     keras.utils.set_random_seed(SEED)
@@ -145,7 +151,6 @@ def child_vggflow(args) -> dict:
 
     from tasks.features import compute_features
     from tasks.train_head import train_head
-    from vggflow.datasets import image_dataset
 
     folder, rows, weights, classes = _setup(args)
     cache = Path(tempfile.mkdtemp(dir=args.scratch))
@@ -162,11 +167,8 @@ def child_vggflow(args) -> dict:
     # as vggflow's evaluate step scores it (test images are not in the feature cache).
     model = keras.saving.load_model(checkpoint)
     test = rows[rows["split"] == "test"]
-    images = np.concatenate(
-        [b.numpy() for b in image_dataset([folder / p for p in test["path"]], None, args.size, args.batch_size)]
-    )
     y_test = test["label"].map({name: i for i, name in enumerate(classes)}).to_numpy()
-    acc = _accuracy(model.predict(images, batch_size=args.batch_size, verbose=0), y_test)
+    acc = _accuracy(model.predict(_decoded(folder, test, args), batch_size=args.batch_size, verbose=0), y_test)
     np.savez(Path(args.scratch) / "vggflow_head.npz", *[w for name in ("head_dense", "predictions") for w in model.get_layer(name).get_weights()])
     shutil.rmtree(cache)
     return {"seconds": seconds, "extract_s": extracted, "head_fit_s": result.seconds, "test_acc": acc,
