@@ -122,7 +122,7 @@ def extract_features(
     """
     import tensorflow as tf
 
-    from vggflow.datasets import image_dataset, stream
+    from vggflow.datasets import image_dataset
     from vggflow.model import feature_extractor
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def extract_features(
         paths = [Path(data_dir) / p for p in rows["path"]]
         done = 0
         try:
-            for batch in stream(image_dataset(paths, None, image_size, batch_size)):
+            for batch in image_dataset(paths, None, image_size, batch_size):
                 outputs = forward(batch)
                 n = int(batch.shape[0])
                 for name in missing:

@@ -103,21 +103,26 @@ def test_corrupted_or_truncated_cache_is_detected_and_rebuilt(tmp_path, tiny_dat
     assert verified_layers(features.directory, rows.iloc[::-1]) == set()
 
 
-def test_stream_yields_every_batch_in_order_and_survives_an_early_stop():
-    import threading
+def test_every_pipeline_runs_without_tf_data_autotuning(tmp_path):
+    """Autotuning's optimisation loop made dropping an iterator wait for its next wake-up."""
+    import numpy as np
+    from PIL import Image
 
-    import tensorflow as tf
+    from vggflow.datasets import array_dataset, image_dataset
 
-    from vggflow.datasets import stream
-
-    dataset = tf.data.Dataset.range(10).map(lambda x: x * 2, num_parallel_calls=tf.data.AUTOTUNE).batch(3).prefetch(2)
-    assert [b.numpy().tolist() for b in stream(dataset)] == [[0, 2, 4], [6, 8, 10], [12, 14, 16], [18]]
-    for batch in stream(dataset):
-        break  # the generator is closed by garbage collection; its iterator still gets released
-    assert batch.numpy().tolist() == [0, 2, 4]
-    for thread in [t for t in threading.enumerate() if t.name == "tf-data-release"]:
-        thread.join(timeout=30)
-        assert not thread.is_alive()
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (9, 7), (i, 2 * i, 3 * i)).save(paths[-1])
+    pipelines = {
+        "images": image_dataset(paths, None, 32, 2),
+        "images+labels": image_dataset(paths, [0, 1, 0], 32, 2, shuffle=True, seed=1),
+        "arrays": array_dataset(np.zeros((5, 2), np.float32), np.zeros(5), 2, shuffle=True, seed=1),
+    }
+    for name, dataset in pipelines.items():
+        assert dataset.options().autotune.enabled is False, name
+        assert sum(1 for _ in dataset) == dataset.cardinality().numpy(), name
+    assert [len(b) for b in pipelines["images"]] == [2, 1]
 
 
 def test_image_dataset_resizes_mixed_sizes_and_modes_exactly_like_the_model(tmp_path):

@@ -4,13 +4,16 @@ Images stream from disk through ``tf.data`` (parallel decode of small groups of 
 shared Pillow decoder, the model's own resize, batching, prefetch) and are never all held in
 memory. Cached arrays (frozen-prefix outputs) are read from their ``.npy`` files batch by
 batch, in a seeded order that changes every epoch.
+
+Every pipeline here runs with ``tf.data``'s autotuning off (:func:`without_autotune`) and fixed,
+explicit parallelism and prefetch depths.
 """
 
 from __future__ import annotations
 
-import threading
+import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -21,6 +24,28 @@ from vggflow.model import make_resizing
 #: Files decoded per Python call (see :func:`image_dataset`): enough to make the call's fixed
 #: cost negligible, few enough that a group of large photos stays a few hundred MB.
 DECODE_GROUP = 8
+
+#: Groups of files decoded at once: one per core (decoding is a few percent of the work).
+PARALLEL_DECODES = os.cpu_count() or 1
+
+#: Batches prepared ahead of the model (decoding and resizing overlap its compute).
+PREFETCH_BATCHES = 2
+
+
+def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """``dataset`` with ``tf.data``'s autotuning off, so that dropping its iterator is immediate.
+
+    With autotuning on, every iterator runs an optimisation loop that sleeps for 10 ms, 20 ms,
+    40 ms, … (doubling up to a minute) between rounds, and destroying the iterator waited,
+    intermittently, for the loop's next wake-up: up to the iterator's own age again, with the
+    CPU idle. Keras drops each epoch's iterators, so an epoch of a stage streaming images at 64²
+    began with a 2-3 s stall (3 epochs: 61 s against 55 s with autotuning off; benchmarks 2 and 6
+    in BENCHMARKS.md). Our pipelines need no tuning: their parallelism and prefetch depths are
+    fixed (:data:`PARALLEL_DECODES`, :data:`PREFETCH_BATCHES`).
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
 
 
 def image_dataset(
@@ -58,14 +83,14 @@ def image_dataset(
         items = items.shuffle(len(path_strings), seed=seed, reshuffle_each_iteration=True)
     items = items.batch(DECODE_GROUP)
     if labels is None:
-        data = items.map(decode_group, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        data = items.map(decode_group, num_parallel_calls=PARALLEL_DECODES, deterministic=True)
     else:
-        data = items.map(lambda p, y: (decode_group(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        data = items.map(lambda p, y: (decode_group(p), y), num_parallel_calls=PARALLEL_DECODES, deterministic=True)
     # Regrouping hides the number of batches from tf.data; state it, so Keras knows where an
     # epoch ends instead of warning "Your input ran out of data" at the end of each one.
     batches = -(-len(path_strings) // batch_size)
     data = data.unbatch().batch(batch_size).apply(tf.data.experimental.assert_cardinality(batches))
-    return data.prefetch(tf.data.AUTOTUNE)
+    return without_autotune(data.prefetch(PREFETCH_BATCHES))
 
 
 def _decode_files(group_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,23 +125,6 @@ def _resize_group(flat: tf.Tensor, shapes: tf.Tensor, resize, image_size: int) -
 
     uniform = tf.reduce_all(tf.equal(shapes, shapes[0]))
     return tf.cond(uniform, same_size, one_by_one)
-
-
-def stream(dataset: tf.data.Dataset) -> Iterator:
-    """Iterate ``dataset`` once; its exhausted iterator is then destroyed off the caller's thread.
-
-    Destroying a ``tf.data`` iterator after a pass that ran alongside model compute intermittently
-    blocked the destroying thread for 1.5-3 s while using no CPU (measured at 64² and 224²: a
-    third of extracting 1,024 images at 64²; benchmarks/results/extraction.md). The wait releases
-    the GIL, so a daemon thread absorbs it while the run goes on.
-    """
-    iterator = iter(dataset)
-    try:
-        yield from iterator
-    finally:
-        holder = [iterator]
-        del iterator
-        threading.Thread(target=holder.clear, name="tf-data-release", daemon=True).start()
 
 
 def array_dataset(x, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
@@ -155,7 +163,7 @@ def array_dataset(x, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -
     rows = tf.data.Dataset.range(len(labels))
     if shuffle:
         rows = rows.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return rows.batch(batch_size).map(read_batch)
+    return without_autotune(rows.batch(batch_size).map(read_batch))
 
 
 def predict_in_batches(

@@ -91,6 +91,8 @@ def fit_stage(
 
     import tensorflow as tf
 
+    from vggflow.datasets import without_autotune
+
     # Each stage compiles a new model; TensorFlow's retracing warnings about it are noise here.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     # Same data + config + seed must give the same weights and the same chosen stage.
@@ -112,7 +114,7 @@ def fit_stage(
             # each epoch's evaluation starts a new iterator, and over arrays Keras's pipeline
             # (index permutation and slicing maps) is slow to start. That was a quarter of
             # fitting a head on 1,000 images for 10 epochs (BENCHMARKS.md, benchmark 1).
-            val_data = tf.data.Dataset.from_tensor_slices(val_data).batch(batch_size or 32)
+            val_data = without_autotune(tf.data.Dataset.from_tensor_slices(val_data).batch(batch_size or 32))
         fitted = trainable.fit(
             *train_data, batch_size=batch_size, shuffle=True, validation_data=val_data,
             epochs=epochs, callbacks=callbacks, verbose=0,
