@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "- The `all` stage unfreezes every layer: nothing is frozen, so its only saving is decoding and resizing "
         "(its cache holds the preprocessed input).\n"
         "- Validation metrics differ slightly between variants: same data and epochs, but a different shuffle "
-        "(NumPy over cached rows vs tf.data over files) and float round-off.\n"
+        "(tf.data over cached row indices vs over file paths) and float round-off.\n"
     )
     publish(out, text, info, results)
     return 0
