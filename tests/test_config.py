@@ -12,8 +12,21 @@ from vggflow.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_default_yaml_equals_built_in_defaults():
+def test_default_yaml_equals_built_in_defaults_and_spells_out_every_key():
+    import yaml
+
     assert load_config(ROOT / "configs" / "default.yaml", environ={}) == Config()
+
+    def keys(tree: dict, prefix: str = "") -> set[str]:
+        found = set()
+        for key, value in tree.items():
+            found.add(prefix + key)
+            if isinstance(value, dict):
+                found |= keys(value, f"{prefix}{key}.")
+        return found
+
+    spelled_out = keys(yaml.safe_load((ROOT / "configs" / "default.yaml").read_text()))
+    assert keys(Config().model_dump(mode="json")) - spelled_out == set()
 
 
 def test_demo_config_allows_random_init_explicitly():
