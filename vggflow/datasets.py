@@ -25,8 +25,10 @@ from vggflow.model import make_resizing
 #: cost negligible, few enough that a group of large photos stays a few hundred MB.
 DECODE_GROUP = 8
 
-#: Groups of files decoded at once: one per core (decoding is a few percent of the work).
-PARALLEL_DECODES = os.cpu_count() or 1
+#: Groups of files decoded at once: one per core this process may use (decoding is a few
+#: percent of the work). The affinity mask, not ``os.cpu_count()``: a container limited to 2 of
+#: a host's 64 cores would otherwise start 64 decoders.
+PARALLEL_DECODES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 #: Batches prepared ahead of the model (decoding and resizing overlap its compute).
 PREFETCH_BATCHES = 2
@@ -39,8 +41,8 @@ def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
     40 ms, … (doubling up to a minute) between rounds, and destroying the iterator waited,
     intermittently, for the loop's next wake-up: up to the iterator's own age again, with the
     CPU idle. Keras drops each epoch's iterators, so an epoch of a stage streaming images at 64²
-    began with a 2-3 s stall (3 epochs: 61 s against 55 s with autotuning off; benchmarks 2 and 6
-    in BENCHMARKS.md). Our pipelines need no tuning: their parallelism and prefetch depths are
+    began with a 2-3 s stall (3 epochs: 61 s against 55 s with autotuning off; BENCHMARKS.md,
+    "tf.data autotuning made every dropped iterator wait"). Our pipelines need no tuning: their parallelism and prefetch depths are
     fixed (:data:`PARALLEL_DECODES`, :data:`PREFETCH_BATCHES`).
     """
     options = tf.data.Options()
