@@ -42,8 +42,8 @@ def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
     intermittently, for the loop's next wake-up: up to the iterator's own age again, with the
     CPU idle. Keras drops each epoch's iterators, so an epoch of a stage streaming images at 64²
     began with a 2-3 s stall (3 epochs: 61 s against 55 s with autotuning off; BENCHMARKS.md,
-    "tf.data autotuning made every dropped iterator wait"). Our pipelines need no tuning: their parallelism and prefetch depths are
-    fixed (:data:`PARALLEL_DECODES`, :data:`PREFETCH_BATCHES`).
+    "tf.data autotuning made every dropped iterator wait"). Our pipelines need no tuning: their
+    parallelism and prefetch depths are fixed (:data:`PARALLEL_DECODES`, :data:`PREFETCH_BATCHES`).
     """
     options = tf.data.Options()
     options.autotune.enabled = False
@@ -138,9 +138,9 @@ def array_dataset(x, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -
     (which Prefect and MLflow threads draw from too) and reshuffled rows in ``on_epoch_end``
     while the next epoch was already being prefetched: the same stage trained differently from
     run to run. Rows are read by a plain ``map`` over batches of indices, not a Python
-    generator: Keras drops each epoch's iterator, and dropping one whose generator was still
-    running stalled the next epoch's start for up to seconds with the CPU idle (a cached
-    ``block5`` stage kept 1.2-1.5 of the 2 cores busy; BENCHMARKS.md, benchmark 6).
+    generator: with a generator, a cached ``block5`` stage kept 1.2-1.5 of the 2 cores busy,
+    the start of some epochs stalling for up to seconds with the CPU idle (BENCHMARKS.md,
+    benchmark 6; most likely the autotuning wait that :func:`without_autotune` removes).
 
     Args:
         x: rows to batch (an array, or a row view that reads from a cache file when sliced).
