@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         ["size", "process", "images/s (median)", "images/s (best)", "vs default (median)", "vs default (best)", "per round",
          "other processes' cores per round"], cross, "llrrrrrr") + "\n"
     text += (
-        "\nThe per-round values are bimodal on this shared machine: a measurement made while another process "
-        "took a core runs at about half speed (TensorFlow splits each convolution statically over 2 threads). "
-        "*best* is each setting's least disturbed round.\n"
+        "\nA round in which another process takes a core runs at up to half speed (TensorFlow splits each "
+        "convolution statically over the cores); the *other processes' cores* column shows each round's "
+        "neighbours, and *best* is each setting's least disturbed round.\n"
     )
     publish(out, text, info, results)
     return 0
