@@ -340,6 +340,39 @@ def test_to_rgb_every_mode() -> None:
         assert to_rgb(image).shape == (3, 5, 3) and to_rgb(image).dtype == np.uint8
 
 
+def test_exif_orientation_applied_same_pixels_as_pillows_copying_path_no_file_left_open(tmp_path: Path) -> None:
+    """load_rgb (in-place EXIF transpose, no RGB→RGB copy) gives the pixels of Pillow's copying path."""
+    from PIL import ImageOps
+
+    photo = pattern(7, (40, 24))
+    files = {}
+    for orientation in (1, 3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation  # EXIF Orientation
+        files[orientation] = tmp_path / f"o{orientation}.jpg"
+        photo.save(files[orientation], exif=exif.tobytes(), quality=95)
+    files["plain"] = tmp_path / "plain.jpg"
+    photo.save(files["plain"], quality=95)
+    for mode in ("L", "P", "RGBA", "CMYK", "I;16"):
+        files[mode] = tmp_path / f"{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
+        (photo.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)).save(files[mode])
+    files["gif"] = tmp_path / "anim.gif"
+    photo.save(files["gif"], save_all=True, append_images=[pattern(8, (40, 24))])
+
+    open_before = len(os.listdir("/proc/self/fd"))
+    for name, path in files.items():
+        with Image.open(path) as reference:
+            expected = to_rgb(ImageOps.exif_transpose(reference))  # the copying path, in place of ours
+        got = load_rgb(path)
+        assert got.dtype == np.uint8 and np.array_equal(got, expected), name
+        if name in (6, 8):  # rotated by 90°: width and height swap
+            assert got.shape == (40, 24, 3), name
+        else:
+            assert got.shape == (24, 40, 3), name
+    assert np.array_equal(load_rgb(files[3]), np.asarray(Image.open(files["plain"]).convert("RGB"))[::-1, ::-1])
+    assert len(os.listdir("/proc/self/fd")) == open_before  # every file handle closed
+
+
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------

@@ -48,33 +48,38 @@ def open_image(path: str | Path, max_pixels: int) -> Image.Image:
         raise ImageDecodeError("empty", "zero-byte file")
     # Pillow's own bomb check only warns below 2x its limit; we refuse above ours ourselves, from
     # the header, so the pixels are never allocated.
-    with warnings.catch_warnings():
+    try:
+        # Our own file handle, closed below: the decoded image outlives it and is returned as is
+        # (closing a Pillow image frees its pixels, so `with Image.open(path)` forced a copy).
+        handle = open(path, "rb")
+    except OSError as err:
+        raise ImageDecodeError("corrupt", f"cannot read header: {err}") from None
+    with warnings.catch_warnings(), handle:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(path)
+            image = Image.open(handle)
         except Image.DecompressionBombError as err:
             raise ImageDecodeError("too_large", f"refused unread: {err}") from None
         except (Image.UnidentifiedImageError, ValueError):
             raise ImageDecodeError("not_an_image", "not a recognised image format") from None
         except OSError as err:
             raise ImageDecodeError("corrupt", f"cannot read header: {err}") from None
-        with image:
-            if image.format not in SUPPORTED_FORMATS:
-                raise ImageDecodeError("unsupported_format", f"{image.format} images are not supported")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    "too_large", f"{width}x{height} = {width * height:,} pixels exceeds max_pixels={max_pixels:,}"
-                )
-            try:
-                image.load()
-                decoded = ImageOps.exif_transpose(image)
-            except Image.DecompressionBombError as err:
-                raise ImageDecodeError("too_large", f"refused: {err}") from None
-            except (OSError, ValueError, SyntaxError, EOFError) as err:
-                raise ImageDecodeError("corrupt", f"truncated or corrupt image data: {err}") from None
-            decoded.format = image.format
-            return decoded
+        if image.format not in SUPPORTED_FORMATS:
+            raise ImageDecodeError("unsupported_format", f"{image.format} images are not supported")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageDecodeError(
+                "too_large", f"{width}x{height} = {width * height:,} pixels exceeds max_pixels={max_pixels:,}"
+            )
+        try:
+            image.load()
+            # In place: without an orientation tag, exif_transpose would return a full copy.
+            ImageOps.exif_transpose(image, in_place=True)
+        except Image.DecompressionBombError as err:
+            raise ImageDecodeError("too_large", f"refused: {err}") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as err:
+            raise ImageDecodeError("corrupt", f"truncated or corrupt image data: {err}") from None
+        return image
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -97,6 +102,8 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
+    if mode == "RGB":
+        return np.asarray(image)  # convert("RGB") would only copy it
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
