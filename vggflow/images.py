@@ -46,15 +46,15 @@ def open_image(path: str | Path, max_pixels: int) -> Image.Image:
     path = Path(path)
     if path.stat().st_size == 0:
         raise ImageDecodeError("empty", "zero-byte file")
-    # Pillow's own bomb check only warns below 2x its limit; we refuse above ours ourselves, from
-    # the header, so the pixels are never allocated.
     try:
-        # Our own file handle, closed below: the decoded image outlives it and is returned as is
-        # (closing a Pillow image frees its pixels, so `with Image.open(path)` forced a copy).
+        # Pillow reads from our handle, closed when the decoding below is done (a multi-frame
+        # image keeps its file open after load()); the decoded first frame is returned as is.
         handle = open(path, "rb")
     except OSError as err:
         raise ImageDecodeError("corrupt", f"cannot read header: {err}") from None
     with warnings.catch_warnings(), handle:
+        # Pillow's own bomb check only warns below 2x its limit; we refuse above ours ourselves,
+        # from the header, so the pixels are never allocated.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(handle)
@@ -178,8 +178,9 @@ def inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any]:
             record.update(kind="too_small", message=f"{width}x{height} is below min_side={min_side}")
             return record
         try:
-            # The conversion training uses, so that anything validation accepts also trains.
-            rgb = Image.fromarray(to_rgb(image))
+            # The conversion training uses, so that anything validation accepts also trains (an
+            # RGB image is its own conversion: no round trip through an array for it).
+            rgb = image if image.mode == "RGB" else Image.fromarray(to_rgb(image))
         except Exception as err:  # noqa: BLE001
             record.update(kind="unsupported_format", message=f"cannot convert mode {image.mode} to RGB: {err}")
             return record
