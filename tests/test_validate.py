@@ -356,8 +356,9 @@ def test_exif_orientation_applied_same_pixels_as_pillows_copying_path_no_file_le
     for mode in ("L", "P", "RGBA", "CMYK", "I;16"):
         files[mode] = tmp_path / f"{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
         (photo.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)).save(files[mode])
-    files["gif"] = tmp_path / "anim.gif"
-    photo.save(files["gif"], save_all=True, append_images=[pattern(8, (40, 24))])
+    for extension in ("gif", "tiff", "mpo", "webp"):  # multi-frame files: the first frame is used
+        files[extension] = tmp_path / f"frames.{extension}"
+        photo.save(files[extension], save_all=True, append_images=[pattern(8, (40, 24))])
 
     open_before = len(os.listdir("/proc/self/fd"))
     for name, path in files.items():
