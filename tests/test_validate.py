@@ -359,6 +359,11 @@ def test_exif_orientation_applied_same_pixels_as_pillows_copying_path_no_file_le
     for extension in ("gif", "tiff", "mpo", "webp"):  # multi-frame files: the first frame is used
         files[extension] = tmp_path / f"frames.{extension}"
         photo.save(files[extension], save_all=True, append_images=[pattern(8, (40, 24))])
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    for extension in ("mpo", "webp", "png"):  # orientation outside plain JPEGs, multi-frame included
+        files[f"{extension} 6"] = tmp_path / f"rotated.{extension}"
+        photo.save(files[f"{extension} 6"], save_all=extension != "png", append_images=[pattern(9, (40, 24))], exif=rotated.tobytes())
 
     open_before = len(os.listdir("/proc/self/fd"))
     for name, path in files.items():
@@ -366,7 +371,7 @@ def test_exif_orientation_applied_same_pixels_as_pillows_copying_path_no_file_le
             expected = to_rgb(ImageOps.exif_transpose(reference))  # the copying path, in place of ours
         got = load_rgb(path)
         assert got.dtype == np.uint8 and np.array_equal(got, expected), name
-        if name in (6, 8):  # rotated by 90°: width and height swap
+        if name in (6, 8) or str(name).endswith(" 6"):  # rotated by 90°: width and height swap
             assert got.shape == (40, 24, 3), name
         else:
             assert got.shape == (24, 40, 3), name
