@@ -160,6 +160,45 @@ def test_image_dataset_resizes_mixed_sizes_and_modes_exactly_like_the_model(tmp_
     np.testing.assert_array_equal(np.concatenate([x for x, _ in seen]), expected[order])
 
 
+@pytest.mark.slow
+def test_large_uniform_groups_are_resized_image_by_image_with_the_same_pixels(tmp_path, monkeypatch):
+    """Above GROUP_RESIZE_MAX_PIXELS a same-size group is resized one image at a time (float32
+    copies of one photo, not of eight): same pixels, and peak memory stays near one image's."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    import vggflow.datasets as datasets
+    from vggflow.model import make_resizing
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(paths[-1])
+    resize = make_resizing(32)
+    expected = np.stack([resize(load_rgb(p).astype(np.float32)[None])[0].numpy() for p in paths])
+    monkeypatch.setattr(datasets, "GROUP_RESIZE_MAX_PIXELS", 40 * 30)  # one image fits, three do not
+    np.testing.assert_array_equal(next(iter(datasets.image_dataset(paths, None, 32, 3))).numpy(), expected)
+
+    # Eight 4000x3000 photos in one group: resizing them at once held a 1.15 GB float32 copy
+    # (measured: the process grew by 1.47 GB that way, by 0.6 GB image by image).
+    big = tmp_path / "big"
+    big.mkdir()
+    photo = Image.fromarray(rng.integers(0, 256, (3000 // 50, 4000 // 50, 3), dtype=np.uint8)).resize((4000, 3000))
+    for i in range(8):
+        photo.save(big / f"{i}.bmp")  # uncompressed: quick to write and to decode
+    script = (
+        "import resource, sys; from pathlib import Path; from vggflow.datasets import image_dataset; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        f"[b.shape for b in image_dataset(sorted(Path({str(big)!r}).iterdir()), None, 32, 8)]; "
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
+    )
+    grown_mb = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()[-1])
+    assert grown_mb < 1000, f"decoding + resizing 8 photos of 12 MP grew the process by {grown_mb} MB"
+
+
 def test_array_dataset_gives_every_row_once_per_epoch_in_a_seeded_order(tmp_path):
     """Cached stage batches: exact number of batches, each row once per epoch, a new order each
     epoch, the same orders for the same seed, and rows read from a cache file's row view."""

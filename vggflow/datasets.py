@@ -25,6 +25,12 @@ from vggflow.model import make_resizing
 #: cost negligible, few enough that a group of large photos stays a few hundred MB.
 DECODE_GROUP = 8
 
+#: Largest group (in pixels, all images together) resized in one op. Resizing works in float32,
+#: so a group of eight 12-megapixel photos needed a 1.15 GB copy of itself, two groups in flight:
+#: extracting 64 such photos peaked at 5.0 GB RSS (2.7-2.9 GB with this limit). Larger groups are
+#: resized image by image.
+GROUP_RESIZE_MAX_PIXELS = 4_000_000
+
 #: Groups of files decoded at once: one per core this process may use (decoding is a few
 #: percent of the work). The affinity mask, not ``os.cpu_count()``: a container limited to 2 of
 #: a host's 64 cores would otherwise start 64 decoders.
@@ -106,7 +112,8 @@ def _decode_files(group_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _resize_group(flat: tf.Tensor, shapes: tf.Tensor, resize, image_size: int) -> tf.Tensor:
-    """Resize a decoded group: one op when all images share a size, else image by image.
+    """Resize a decoded group: one op when all images share a size and the group is small (at
+    most :data:`GROUP_RESIZE_MAX_PIXELS`), else image by image.
 
     ``Resizing`` treats every image of a batch independently, so both paths give the same pixels.
     """
@@ -126,7 +133,8 @@ def _resize_group(flat: tf.Tensor, shapes: tf.Tensor, resize, image_size: int) -
         return tf.map_fn(resize_one, tf.range(n), fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
 
     uniform = tf.reduce_all(tf.equal(shapes, shapes[0]))
-    return tf.cond(uniform, same_size, one_by_one)
+    small = tf.size(flat, out_type=tf.int64) <= 3 * GROUP_RESIZE_MAX_PIXELS
+    return tf.cond(tf.logical_and(uniform, small), same_size, one_by_one)
 
 
 def array_dataset(x, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
