@@ -162,7 +162,7 @@ def test_image_dataset_resizes_mixed_sizes_and_modes_exactly_like_the_model(tmp_
 
 @pytest.mark.slow
 def test_large_uniform_groups_are_resized_image_by_image_with_the_same_pixels(tmp_path, monkeypatch):
-    """Above GROUP_RESIZE_MAX_PIXELS a same-size group is resized one image at a time (float32
+    """Above BATCH_MAX_PIXELS a same-size group is resized one image at a time (float32
     copies of one photo, not of eight): same pixels, and peak memory stays near one image's."""
     import subprocess
     import sys
@@ -179,7 +179,7 @@ def test_large_uniform_groups_are_resized_image_by_image_with_the_same_pixels(tm
         Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(paths[-1])
     resize = make_resizing(32)
     expected = np.stack([resize(load_rgb(p).astype(np.float32)[None])[0].numpy() for p in paths])
-    monkeypatch.setattr(datasets, "GROUP_RESIZE_MAX_PIXELS", 40 * 30)  # one image fits, three do not
+    monkeypatch.setattr(datasets, "BATCH_MAX_PIXELS", 40 * 30)  # one image fits, three do not
     np.testing.assert_array_equal(next(iter(datasets.image_dataset(paths, None, 32, 3))).numpy(), expected)
 
     # Eight 4000x3000 photos in one group: resizing them at once held a 1.15 GB float32 copy
@@ -234,3 +234,47 @@ def test_array_dataset_gives_every_row_once_per_epoch_in_a_seeded_order(tmp_path
     assert epochs(seed=8) != first
     plain = [int(r) for x, _ in array_dataset(view, labels, batch, shuffle=False, seed=7) for r in x.numpy()[:, 0] / 3]
     assert plain == list(range(n))
+
+
+def test_images_are_fed_to_a_classifier_in_batches_capped_by_count_and_pixels(tmp_path, monkeypatch):
+    """predict_in_batches (evaluate, champion re-scoring) and predict_files (`vggflow predict`):
+    same-size batches of at most batch_size images and BATCH_MAX_PIXELS pixels, results in input
+    order. Uncapped, 32 photos of 12 megapixels made evaluation grow by 15 GB."""
+    import pandas as pd
+    from PIL import Image
+
+    import vggflow.datasets as datasets
+    import vggflow.predict as predict_module
+
+    rng = np.random.default_rng(2)
+    sizes = [(40, 30), (40, 30), (40, 30), (20, 20), (40, 30), (20, 20), (20, 20), (40, 30), (20, 20)]
+    paths = []
+    for i, size in enumerate(sizes):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
+    means = np.array([load_rgb(p).mean() for p in paths])
+    budget = 2 * 40 * 30  # two of the large images, five of the small ones
+    monkeypatch.setattr(datasets, "BATCH_MAX_PIXELS", budget)
+    monkeypatch.setattr(predict_module, "BATCH_MAX_PIXELS", budget)
+    seen: list[tuple[int, ...]] = []
+
+    def record(batch: np.ndarray) -> np.ndarray:
+        assert batch.dtype == np.uint8  # raw pixels, as a client sends them
+        seen.append(batch.shape)
+        return batch.reshape(len(batch), -1).mean(axis=1, keepdims=True)
+
+    got = datasets.predict_in_batches(record, paths, batch_size=4)
+    np.testing.assert_allclose(got[:, 0], means)
+    assert all(n <= 4 and n * h * w <= budget for n, h, w, _ in seen)
+    assert sum(n for n, *_ in seen) == len(paths) and max(n for n, h, *_ in seen if h == 30) == 2
+
+    class Model:  # the registered pyfunc's interface: a frame with per-image label probabilities
+        def predict(self, batch: np.ndarray) -> pd.DataFrame:
+            seen.append(batch.shape)
+            return pd.DataFrame({"probabilities": [{"mean": float(image.mean()) / 255} for image in batch]})
+
+    seen.clear()
+    predictions = list(predict_module.predict_files(Model(), paths, top_k=1, batch_size=4))
+    assert [p.path for p in predictions] == [str(p) for p in paths]
+    np.testing.assert_allclose([p.top[0][1] for p in predictions], means / 255)
+    assert all(n * h * w <= budget for n, h, w, _ in seen) and max(n for n, h, *_ in seen if h == 30) == 2

@@ -18,18 +18,12 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from vggflow.images import load_rgb
+from vggflow.images import BATCH_MAX_PIXELS, load_rgb
 from vggflow.model import make_resizing
 
 #: Files decoded per Python call (see :func:`image_dataset`): enough to make the call's fixed
 #: cost negligible, few enough that a group of large photos stays a few hundred MB.
 DECODE_GROUP = 8
-
-#: Largest group (in pixels, all images together) resized in one op. Resizing works in float32,
-#: so a group of eight 12-megapixel photos needed a 1.15 GB copy of itself, two groups in flight:
-#: extracting 64 such photos peaked at 5.0 GB RSS (2.7-2.9 GB with this limit). Larger groups are
-#: resized image by image.
-GROUP_RESIZE_MAX_PIXELS = 4_000_000
 
 #: Groups of files decoded at once: one per core this process may use (decoding is a few
 #: percent of the work). The affinity mask, not ``os.cpu_count()``: a container limited to 2 of
@@ -113,9 +107,11 @@ def _decode_files(group_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _resize_group(flat: tf.Tensor, shapes: tf.Tensor, resize, image_size: int) -> tf.Tensor:
     """Resize a decoded group: one op when all images share a size and the group is small (at
-    most :data:`GROUP_RESIZE_MAX_PIXELS`), else image by image.
+    most :data:`vggflow.images.BATCH_MAX_PIXELS`), else image by image.
 
     ``Resizing`` treats every image of a batch independently, so both paths give the same pixels.
+    A group of eight 12-megapixel photos resized at once needed a 1.15 GB float32 copy of itself
+    (two groups in flight): extracting 64 such photos peaked at 5.0 GB RSS, 2.7-2.9 GB image by image.
     """
     n = tf.shape(shapes)[0]
 
@@ -133,7 +129,7 @@ def _resize_group(flat: tf.Tensor, shapes: tf.Tensor, resize, image_size: int) -
         return tf.map_fn(resize_one, tf.range(n), fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
 
     uniform = tf.reduce_all(tf.equal(shapes, shapes[0]))
-    small = tf.size(flat, out_type=tf.int64) <= 3 * GROUP_RESIZE_MAX_PIXELS
+    small = tf.size(flat, out_type=tf.int64) <= 3 * BATCH_MAX_PIXELS
     return tf.cond(tf.logical_and(uniform, small), same_size, one_by_one)
 
 
@@ -185,17 +181,23 @@ def predict_in_batches(
     """Class probabilities for image files, fed as raw uint8 RGB batches to ``predict``.
 
     Images are grouped by size (a batch must share a shape) and handed over undecorated, as a
-    client of the registered model would: resizing and preprocessing are the model's job.
+    client of the registered model would: resizing and preprocessing are the model's job. A batch
+    holds at most ``batch_size`` images and :data:`vggflow.images.BATCH_MAX_PIXELS` pixels (the
+    model resizes in float32: 32 photos of 12 megapixels made evaluation grow by 15 GB).
     """
-    images = {}
+    images: dict[int, np.ndarray] = {}
     by_shape: dict[tuple[int, ...], list[int]] = {}
     out: list[np.ndarray | None] = [None] * len(paths)
     for index, path in enumerate(paths):
-        images[index] = load_rgb(path, max_pixels)
-        by_shape.setdefault(images[index].shape, []).append(index)
-        if len(by_shape[images[index].shape]) == batch_size:
-            _flush(predict, by_shape.pop(images[index].shape), images, out)
-        elif len(images) >= 4 * batch_size:
+        image = images[index] = load_rgb(path, max_pixels)
+        group = by_shape.setdefault(image.shape, [])
+        if group and (len(group) + 1) * _pixels(image) > BATCH_MAX_PIXELS:
+            _flush(predict, group, images, out)
+            group.clear()
+        group.append(index)
+        if len(group) == batch_size:
+            _flush(predict, by_shape.pop(image.shape), images, out)
+        elif len(images) >= 4 * batch_size or sum(map(_pixels, images.values())) > 4 * BATCH_MAX_PIXELS:
             # Many different sizes: flush everything rather than hold the whole set in memory.
             for indices in by_shape.values():
                 _flush(predict, indices, images, out)
@@ -203,6 +205,10 @@ def predict_in_batches(
     for indices in by_shape.values():
         _flush(predict, indices, images, out)
     return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def _pixels(image: np.ndarray) -> int:
+    return image.shape[0] * image.shape[1]
 
 
 def _flush(predict, indices: list[int], images: dict, out: list) -> None:
