@@ -92,7 +92,7 @@ def evaluate_classifier(
     atomic_write_text(files["predictions"], predictions.to_csv(index=False))
     worst = report.worst_misclassified(y_true, probabilities, cfg.worst_examples)
     files["misclassified"] = report.plot_misclassified_grid(
-        [load_rgb(paths[i]) for i in worst],
+        [report.shrink_for_figure(load_rgb(paths[i])) for i in worst],  # not 16 full-size photos at once
         [class_names[y_true[i]] for i in worst],
         [class_names[y_pred[i]] for i in worst],
         [float(probabilities[i].max()) for i in worst],
