@@ -278,3 +278,28 @@ def test_images_are_fed_to_a_classifier_in_batches_capped_by_count_and_pixels(tm
     assert [p.path for p in predictions] == [str(p) for p in paths]
     np.testing.assert_allclose([p.top[0][1] for p in predictions], means / 255)
     assert all(n * h * w <= budget for n, h, w, _ in seen) and max(n for n, h, *_ in seen if h == 30) == 2
+
+
+def test_the_registered_models_code_slices_large_inputs():
+    """A client's batch of big photos reaches the Keras model in slices of at most 4 MP (the
+    model resizes in float32); small-image batches stay whole. Same rows, same order."""
+    from vggflow.pyfunc_model import VggflowClassifier
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, ...]] = []
+
+        def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+            assert batch.dtype == np.float32
+            self.calls.append(batch.shape)
+            return np.stack([batch.reshape(len(batch), -1).mean(axis=1), np.zeros(len(batch))], axis=1)
+
+    wrapper = VggflowClassifier()
+    wrapper.model, wrapper.class_names = Recorder(), ["bright", "dark"]
+    photos = np.stack([np.full((1000, 1500, 3), 10 * i, dtype=np.uint8) for i in range(7)])  # 1.5 MP each
+    probabilities = wrapper.predict_proba(photos)
+    np.testing.assert_array_equal(probabilities[:, 0], [10.0 * i for i in range(7)])
+    assert [shape[0] for shape in wrapper.model.calls] == [2, 2, 2, 1]
+    wrapper.model.calls.clear()
+    frame = wrapper.predict(None, np.zeros((32, 224, 224, 3), dtype=np.uint8))
+    assert len(frame) == 32 and [shape[0] for shape in wrapper.model.calls] == [32]

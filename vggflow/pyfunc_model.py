@@ -23,6 +23,11 @@ import pandas as pd
 class VggflowClassifier(mlflow.pyfunc.PythonModel):
     """Raw RGB images in, class names and probabilities out."""
 
+    #: Pixels (all images together) per call of the Keras model, as vggflow's own batching
+    #: (``vggflow.images.BATCH_MAX_PIXELS``): the model resizes in float32, and a batch of 32
+    #: photos of 12 megapixels made a process grow by 15 GB. Larger inputs run in slices.
+    max_pixels_per_call = 4_000_000
+
     def load_context(self, context) -> None:
         import keras
 
@@ -43,7 +48,11 @@ class VggflowClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError(f"expected RGB images shaped (N, H, W, 3) or (H, W, 3), got {batch.shape}")
         if len(batch) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        return np.asarray(self.model.predict_on_batch(batch.astype(np.float32)))
+        step = max(1, self.max_pixels_per_call // (batch.shape[1] * batch.shape[2]))
+        return np.concatenate([
+            np.asarray(self.model.predict_on_batch(batch[start : start + step].astype(np.float32)))
+            for start in range(0, len(batch), step)
+        ])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         probabilities = self.predict_proba(model_input)
