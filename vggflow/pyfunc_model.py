@@ -48,7 +48,7 @@ class VggflowClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError(f"expected RGB images shaped (N, H, W, 3) or (H, W, 3), got {batch.shape}")
         if len(batch) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        step = max(1, self.max_pixels_per_call // (batch.shape[1] * batch.shape[2]))
+        step = max(1, self.max_pixels_per_call // max(1, batch.shape[1] * batch.shape[2]))
         return np.concatenate([
             np.asarray(self.model.predict_on_batch(batch[start : start + step].astype(np.float32)))
             for start in range(0, len(batch), step)
