@@ -163,7 +163,8 @@ def test_image_dataset_resizes_mixed_sizes_and_modes_exactly_like_the_model(tmp_
 @pytest.mark.slow
 def test_large_uniform_groups_are_resized_image_by_image_with_the_same_pixels(tmp_path, monkeypatch):
     """Above BATCH_MAX_PIXELS a same-size group is resized one image at a time (float32
-    copies of one photo, not of eight): same pixels, and peak memory stays near one image's."""
+    copies of one photo, not of eight): same pixels, and peak memory stays well under the
+    group's float32 copy."""
     import subprocess
     import sys
 
