@@ -20,7 +20,9 @@ pytest.importorskip("keras")
 pytestmark = pytest.mark.slow
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = ["bench_extraction", "bench_example1", "bench_finetune", "bench_settings", "bench_memory", "bench_rerun"]
+SCRIPTS = [
+    "bench_extraction", "bench_example1", "bench_finetune", "bench_settings", "bench_memory", "bench_rerun", "bench_photos",
+]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
