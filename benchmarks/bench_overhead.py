@@ -166,8 +166,11 @@ def main() -> None:
     lines += ["", "TensorFlow compute parts (medians): " + ", ".join(
         f"{k} {statistics.median(o['compute_parts'].get(k, 0.0) for o in results['server']):.1f} s"
         for k in sorted(results["server"][0]["compute_parts"]))]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    # A smoke run is not a measurement: it must not replace the results file.
+    out = Path(tempfile.mkdtemp(prefix="vggflow-bench-smoke-")) / RESULTS.name if args.smoke else RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
     print("\n".join(lines))
 
 

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = [
     "bench_extraction", "bench_example1", "bench_finetune", "bench_settings", "bench_memory", "bench_rerun", "bench_photos",
+    "bench_cli",
 ]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -125,3 +125,35 @@ def test_quiet_tensorflow_import_prints_no_start_up_noise():
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr
     assert "cuInit" not in done.stderr and "absl::InitializeLog" not in done.stderr and "cuda drivers" not in done.stderr
+
+
+def test_imports_without_gc_pauses_the_collector_then_freezes_what_it_created():
+    """The short commands import MLflow/TensorFlow under it (benchmarks/results/cli.md)."""
+    import gc
+
+    from vggflow.runtime import imports_without_gc
+
+    collections: list[int] = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    frozen_before = gc.get_freeze_count()
+    try:
+        with imports_without_gc():
+            assert not gc.isenabled()
+            for _ in range(50_000):  # far past the threshold that would start a collection
+                cycle: list = []
+                cycle.append(cycle)
+        assert collections == []
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen_before + 50_000
+        gc.disable()
+        with imports_without_gc():
+            pass
+        assert not gc.isenabled()  # a caller's disabled collector stays disabled
+    finally:
+        gc.callbacks.remove(count)
+        gc.enable()
+        gc.unfreeze()

@@ -173,10 +173,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _registry_client(args: argparse.Namespace):
     """The config, an MLflow client on its store, and the registry lock folder."""
     from vggflow.config import load_config
-    from vggflow.tracking import connect, lock_dir
+    from vggflow.runtime import imports_without_gc
 
     cfg = load_config(args.config, args.overrides)
-    client, _ = connect(cfg.tracking)
+    with imports_without_gc():  # MLflow's import and store set-up
+        from vggflow.tracking import connect, lock_dir
+
+        client, _ = connect(cfg.tracking)
     return cfg, client, lock_dir(cfg.tracking, cfg.work_dir)
 
 
@@ -216,16 +219,18 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    from vggflow.runtime import import_tensorflow_quietly, imports_without_gc
 
-    from vggflow.predict import expand_inputs, format_prediction, predict_files
-    from vggflow.runtime import import_tensorflow_quietly
-    from vggflow.tracking import without_type_hint_advice
+    with imports_without_gc():
+        import mlflow
+        from mlflow.exceptions import MlflowException
 
-    cfg, _, _ = _registry_client(args)
+        from vggflow.predict import expand_inputs, format_prediction, predict_files
+        from vggflow.tracking import without_type_hint_advice
+
+        cfg, _, _ = _registry_client(args)  # a bad config or store fails before TensorFlow's import
+        import_tensorflow_quietly()  # the model's flavour imports it; without its start-up noise
     uri = args.model or f"models:/{cfg.registry.model_name}@champion"
-    import_tensorflow_quietly()  # the model's flavour imports it; without its start-up noise
     try:
         with without_type_hint_advice():
             model = mlflow.pyfunc.load_model(uri)
@@ -264,6 +269,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_expected_errors()
     # SIGTERM (a scheduler stopping us, `kill`) unwinds like Ctrl-C: the MLflow run is closed as KILLED.
     signal.signal(signal.SIGTERM, _interrupt)
+    # Not under `imports_without_gc` (as `predict` is): these imports overlap the server's and
+    # the store's start-up, which stay the critical path; it changed nothing here (BENCHMARKS.md).
     import_tensorflow_quietly()  # the longest import, done while the others start
 
     from flows.train import train_flow
