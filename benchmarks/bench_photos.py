@@ -137,12 +137,18 @@ def measure_decode(variant: str, paths: list[Path], scratch: Path) -> dict:
             "digest": digest.hexdigest()[:16]}
 
 
+_DEFAULT_CAP: list[int] = []
+
+
 def _set_cap(capped: bool) -> None:
     import vggflow.datasets
+    import vggflow.images
 
+    if not _DEFAULT_CAP:
+        _DEFAULT_CAP.append(vggflow.images.BATCH_MAX_PIXELS)
     # The decode groups read it when their map function is traced (each extract_features call),
-    # predict_in_batches on every image: raising it restores the batching before the cap.
-    vggflow.datasets.BATCH_MAX_PIXELS = 4_000_000 if capped else 10**15
+    # `batch_has_room` (predict_in_batches) for every image: raised, it restores the batching before the cap.
+    vggflow.datasets.BATCH_MAX_PIXELS = vggflow.images.BATCH_MAX_PIXELS = _DEFAULT_CAP[0] if capped else 10**15
 
 
 def _base(image_size: int, scratch: Path):

@@ -245,6 +245,7 @@ def test_images_are_fed_to_a_classifier_in_batches_capped_by_count_and_pixels(tm
     from PIL import Image
 
     import vggflow.datasets as datasets
+    import vggflow.images
     import vggflow.predict as predict_module
 
     rng = np.random.default_rng(2)
@@ -255,8 +256,7 @@ def test_images_are_fed_to_a_classifier_in_batches_capped_by_count_and_pixels(tm
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
     means = np.array([load_rgb(p).mean() for p in paths])
     budget = 2 * 40 * 30  # two of the large images, five of the small ones
-    monkeypatch.setattr(datasets, "BATCH_MAX_PIXELS", budget)
-    monkeypatch.setattr(predict_module, "BATCH_MAX_PIXELS", budget)
+    monkeypatch.setattr(vggflow.images, "BATCH_MAX_PIXELS", budget)  # the one rule both batchers use
     seen: list[tuple[int, ...]] = []
 
     def record(batch: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from vggflow.images import BATCH_MAX_PIXELS, load_rgb
+from vggflow.images import BATCH_MAX_PIXELS, batch_has_room, load_rgb
 from vggflow.model import make_resizing
 
 #: Files decoded per Python call (see :func:`image_dataset`): enough to make the call's fixed
@@ -182,8 +182,9 @@ def predict_in_batches(
 
     Images are grouped by size (a batch must share a shape) and handed over undecorated, as a
     client of the registered model would: resizing and preprocessing are the model's job. A batch
-    holds at most ``batch_size`` images and :data:`vggflow.images.BATCH_MAX_PIXELS` pixels (the
-    model resizes in float32: 32 photos of 12 megapixels made evaluation grow by 15 GB).
+    holds at most ``batch_size`` images and :data:`vggflow.images.BATCH_MAX_PIXELS` pixels
+    (:func:`vggflow.images.batch_has_room`; the model resizes in float32: 32 photos of 12
+    megapixels made evaluation grow by 15 GB).
     """
     images: dict[int, np.ndarray] = {}
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -191,11 +192,8 @@ def predict_in_batches(
     for index, path in enumerate(paths):
         image = images[index] = load_rgb(path, max_pixels)
         group = by_shape.setdefault(image.shape, [])
-        if group and (len(group) + 1) * _pixels(image) > BATCH_MAX_PIXELS:
-            _flush(predict, group, images, out)
-            group.clear()
         group.append(index)
-        if len(group) == batch_size:
+        if not batch_has_room(len(group), image.shape, batch_size):
             _flush(predict, by_shape.pop(image.shape), images, out)
         elif len(images) >= 4 * batch_size or sum(map(_pixels, images.values())) > 4 * BATCH_MAX_PIXELS:
             # Many different sizes: flush everything rather than hold the whole set in memory.

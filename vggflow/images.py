@@ -23,6 +23,18 @@ from PIL import Image, ImageOps
 #: image per batch. 224x224 images: up to 79 per batch before this limit applies.
 BATCH_MAX_PIXELS = 4_000_000
 
+
+
+def batch_has_room(count: int, image_shape: Sequence[int], batch_size: int) -> bool:
+    """Whether a batch of ``count`` images of ``image_shape`` can take one more of that shape.
+
+    The one rule for batches handed to a classifier (evaluation, champion re-scoring,
+    `vggflow predict`): at most ``batch_size`` images and :data:`BATCH_MAX_PIXELS` pixels. An
+    image over half the limit always travels alone.
+    """
+    return count < batch_size and (count + 1) * image_shape[0] * image_shape[1] <= BATCH_MAX_PIXELS
+
+
 #: Formats accepted as training images (Pillow format names).
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO"})
 

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from vggflow.images import BATCH_MAX_PIXELS, ImageDecodeError, load_rgb
+from vggflow.images import ImageDecodeError, batch_has_room, load_rgb
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def expand_inputs(inputs: list[str]) -> Iterator[Path]:
 def predict_files(model, paths: list[Path], top_k: int, batch_size: int = 16) -> Iterator[Prediction]:
     """Predictions for ``paths`` with a loaded pyfunc model, in input order.
 
-    Consecutive same-sized images share a batch (at most ``batch_size`` images and
-    :data:`vggflow.images.BATCH_MAX_PIXELS` pixels: the model resizes in float32); a file that
+    Consecutive same-sized images share a batch (:func:`vggflow.images.batch_has_room`: the
+    model resizes in float32); a file that
     cannot be decoded yields a :class:`Prediction` with ``error`` set.
     """
     batch: list[tuple[Path, np.ndarray]] = []
@@ -69,10 +69,11 @@ def predict_files(model, paths: list[Path], top_k: int, batch_size: int = 16) ->
             yield from flush()
             yield Prediction(str(path), [], f"unreadable: {err.strerror or err}")
             continue
-        pixels = (len(batch) + 1) * image.shape[0] * image.shape[1]
-        if batch and (batch[0][1].shape != image.shape or len(batch) >= batch_size or pixels > BATCH_MAX_PIXELS):
+        if batch and batch[0][1].shape != image.shape:
             yield from flush()
         batch.append((path, image))
+        if not batch_has_room(len(batch), image.shape, batch_size):
+            yield from flush()
     yield from flush()
 
 
