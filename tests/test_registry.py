@@ -256,3 +256,34 @@ def test_registry_promote_and_rollback_commands(lab: Lab, capsys) -> None:
 
     assert main(["promote", "99", "--reason", "typo"]) == 1
     assert "has no version 99" in capsys.readouterr().err
+
+
+def test_predict_command_labels_files_and_stops_quietly_when_its_reader_goes(lab: Lab) -> None:
+    """`vggflow predict` as a user runs it (the console script, the champion), also piped into
+    `head`: a closed stdout ends it with the shell's SIGPIPE code (141), not a traceback."""
+    first, metrics = lab.register(lab.trained_checkpoint(epochs=5))
+    lab.gate(first, metrics)
+    vggflow = str(Path(sys.executable).with_name("vggflow"))
+    folder = lab.data_dir / lab.classes[0]
+    (folder / "notes.txt").write_text("not an image")
+
+    done = subprocess.run([vggflow, "predict", str(folder), "--top-k", "2"], cwd=lab.root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(list(folder.glob("*.png")))
+    path, ranked = lines[0].split("\t")
+    assert Path(path).parent == folder and ranked.split()[0] in lab.classes and len(ranked.split()) == 4
+    assert "notes.txt\tERROR not_an_image" in done.stderr and "1 file(s) could not be read" in done.stderr
+
+    many = lab.root / "many"
+    many.mkdir()
+    image = next(folder.glob("*.png"))
+    for i in range(1000):  # several flushes of stdout's 8 KB buffer: the later ones fail
+        (many / f"{i:05d}.png").symlink_to(image)
+    reader = subprocess.Popen([vggflow, "predict", str(many)], cwd=lab.root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().startswith(str(many))
+    reader.stdout.close()  # as `head -1` does
+    _, err = reader.communicate(timeout=300)
+    assert reader.returncode == 141 and "Traceback" not in err, err

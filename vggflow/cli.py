@@ -402,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vggflow {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read our output stopped (`vggflow predict DIR | head`): stop quietly, as Unix
+        # tools do, with a shell's code for SIGPIPE. Stdout now goes nowhere, so the exit's flush
+        # of what is still buffered cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
 
 
 def console() -> NoReturn:
