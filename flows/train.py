@@ -119,14 +119,19 @@ def train_flow(
                 break
         chosen = choose_freeze_configuration(results, metric)
         report_dir = cfg.work_dir / "runs" / run_id
-        evaluation = evaluate_task(chosen.checkpoint, validated.rows_file, cfg.data.dir, validated.class_names, cfg.evaluate, report_dir)
+        scores_dir = cfg.work_dir / "scores"
+        evaluation = evaluate_task(
+            chosen.checkpoint, validated.rows_file, cfg.data.dir, validated.class_names, cfg.evaluate, report_dir,
+            scores_dir, validated.fingerprint,
+        )
         compute = {"features": features.seconds, **{f"fit_{r.stage}": r.seconds for r in results}, "evaluate": evaluation.seconds}
         log_results_task(run_id, results, chosen, evaluation, metric, skipped, report_dir, compute)
         model_uri = log_model_task(run_id, chosen.checkpoint, validated.class_names, size, report_dir)
         version = register_task(model_uri, cfg.registry, run_id, chosen, evaluation)
         decision = promote_if_better_task(
             cfg.registry, version.version, evaluation.metrics, run_id, validated.rows_file, cfg.data.dir,
-            validated.class_names, cfg.evaluate.batch_size, lock_dir(cfg.tracking, cfg.work_dir),
+            validated.class_names, cfg.evaluate.batch_size, lock_dir(cfg.tracking, cfg.work_dir), scores_dir,
+            validated.fingerprint,
         )
         model_card_task(cfg, run_id, version, data, validated, weights, results, chosen, evaluation, decision, report_dir)
     except BaseException as error:

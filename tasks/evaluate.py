@@ -2,20 +2,25 @@
 
 The classifier is fed raw decoded images exactly as a client of the registered model would
 (its own resize and preprocessing inside), so the reported numbers are the exported model's.
+Its test-set probabilities are kept, keyed by the checkpoint's content and the test images: a
+re-run that chose the same checkpoint on the same data reuses them instead of scoring again.
 """
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
+from vggflow.caching import stable_hash
 from vggflow.config import EvaluateConfig
-from vggflow.files import atomic_write_text, read_rows
+from vggflow.files import atomic_write_bytes, atomic_write_text, file_sha256, read_rows
 
 
 class Evaluation(BaseModel):
@@ -27,6 +32,49 @@ class Evaluation(BaseModel):
     class_names: list[str]
     files: dict[str, Path]
     seconds: float = 0.0
+    scores_reused: bool = False
+
+
+def reuse_or_compute(cache_file: Path | None, n_rows: int, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
+    """``compute()``, or the array an identical earlier call saved in ``cache_file``.
+
+    The file's name must identify everything the array depends on (see :func:`scores_file`). An
+    unreadable file or one with another number of rows is recomputed and replaced.
+
+    Returns:
+        The array, and whether it was reused.
+    """
+    if cache_file is not None:
+        try:
+            cached = np.load(cache_file, allow_pickle=False)
+            if len(cached) == n_rows:
+                return cached, True
+        except (OSError, ValueError, EOFError):
+            pass
+    values = np.asarray(compute())
+    if cache_file is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, values, allow_pickle=False)
+        atomic_write_bytes(cache_file, buffer.getvalue())
+    return values, False
+
+
+def scores_file(scores_dir: Path | None, model_identity: str, data_fingerprint: str, test_rows: pd.DataFrame,
+                class_names: list[str], batch_size: int) -> Path | None:
+    """Where the test-set scores of one model on one data version are kept (None: not kept).
+
+    Args:
+        scores_dir: the folder of kept scores (``None`` turns keeping off).
+        model_identity: what identifies the model's weights (a checkpoint's sha256, a registered version).
+        data_fingerprint: the validated dataset's content fingerprint (the test images' content).
+        test_rows: the rows scored (paths and labels, in order).
+        class_names: the class list the scores are indexed by.
+        batch_size: batch size of the scoring (batches change float round-off).
+    """
+    if scores_dir is None or not data_fingerprint:
+        return None
+    key = stable_hash(model_identity, data_fingerprint, list(test_rows["path"]), list(test_rows["label"]), class_names, batch_size)
+    return Path(scores_dir) / f"{key}.npy"
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict[str, float], np.ndarray]:
@@ -57,24 +105,37 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict[
 
 
 def evaluate_classifier(
-    checkpoint: Path, test_rows: pd.DataFrame, data_dir: Path, class_names: list[str], cfg: EvaluateConfig, out_dir: Path
+    checkpoint: Path,
+    test_rows: pd.DataFrame,
+    data_dir: Path,
+    class_names: list[str],
+    cfg: EvaluateConfig,
+    out_dir: Path,
+    scores_dir: Path | None = None,
+    data_fingerprint: str = "",
 ) -> Evaluation:
     """Score a saved classifier on the test rows and write the report files into ``out_dir``.
 
     Files: confusion matrix PNG, per-class CSV + chart, predictions CSV, a grid of the worst
-    misclassified test images.
+    misclassified test images. With ``scores_dir`` and ``data_fingerprint``, the probabilities
+    are kept there and reused by a later call on the same checkpoint content and test images.
     """
-    import keras
-
     from tasks import report
     from vggflow.datasets import predict_in_batches
     from vggflow.images import load_rgb
 
-    model = keras.saving.load_model(checkpoint, compile=False)
     paths = [Path(data_dir) / p for p in test_rows["path"]]
+
+    def predict_test_set() -> np.ndarray:
+        import keras
+
+        model = keras.saving.load_model(checkpoint, compile=False)
+        return predict_in_batches(lambda batch: model.predict_on_batch(batch.astype(np.float32)), paths, cfg.batch_size)
+
+    cache = scores_file(scores_dir, f"checkpoint-{file_sha256(checkpoint)}", data_fingerprint, test_rows, class_names, cfg.batch_size)
     started = time.perf_counter()
-    probabilities = predict_in_batches(lambda batch: model.predict_on_batch(batch.astype(np.float32)), paths, cfg.batch_size)
-    seconds = time.perf_counter() - started
+    probabilities, reused = reuse_or_compute(cache, len(paths), predict_test_set)
+    seconds = 0.0 if reused else time.perf_counter() - started
     index = {name: i for i, name in enumerate(class_names)}
     y_true = test_rows["label"].map(index).to_numpy()
     y_pred = probabilities.argmax(axis=1)
@@ -103,14 +164,26 @@ def evaluate_classifier(
             metrics[f"{name}_{row['class']}"] = float(row[name])
     return Evaluation(
         metrics=metrics, n_test=len(y_true), confusion=confusion.tolist(), class_names=class_names, files=files,
-        seconds=seconds,
+        seconds=seconds, scores_reused=reused,
     )
 
 
 @task(name="evaluate")
 def evaluate_task(
-    checkpoint: Path, rows_file: Path, data_dir: Path, class_names: list[str], cfg: EvaluateConfig, out_dir: Path
+    checkpoint: Path,
+    rows_file: Path,
+    data_dir: Path,
+    class_names: list[str],
+    cfg: EvaluateConfig,
+    out_dir: Path,
+    scores_dir: Path | None = None,
+    data_fingerprint: str = "",
 ) -> Evaluation:
     """Prefect shell: evaluate the chosen classifier on the test split of the validated rows."""
     rows = read_rows(rows_file)
-    return evaluate_classifier(checkpoint, rows[rows["split"] == "test"], data_dir, class_names, cfg, out_dir)
+    evaluation = evaluate_classifier(
+        checkpoint, rows[rows["split"] == "test"], data_dir, class_names, cfg, out_dir, scores_dir, data_fingerprint
+    )
+    if evaluation.scores_reused:
+        print(f"evaluate: same checkpoint, same test images: reused its {evaluation.n_test} test-set scores")
+    return evaluation

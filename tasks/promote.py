@@ -17,7 +17,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.evaluate import score
+from tasks.evaluate import reuse_or_compute, score, scores_file
 from vggflow.config import RegistryConfig
 from vggflow.files import read_rows
 
@@ -97,27 +97,41 @@ def current_champion(client, name: str):
         return None
 
 
-def evaluate_registered(model_uri: str, test_rows: pd.DataFrame, data_dir: Path, class_names: list[str], batch_size: int) -> dict[str, float]:
+def evaluate_registered(
+    model_uri: str,
+    test_rows: pd.DataFrame,
+    data_dir: Path,
+    class_names: list[str],
+    batch_size: int,
+    scores_cache: Path | None = None,
+) -> dict[str, float]:
     """Score a registered model on test rows through its public pyfunc interface.
 
     Labels are matched by name, so a champion trained on another class list is scored fairly
-    (a class it does not know is simply a wrong answer).
+    (a class it does not know is simply a wrong answer). With ``scores_cache`` (see
+    :func:`tasks.evaluate.scores_file`), the predictions are kept there and reused.
     """
-    import mlflow
-
-    from vggflow.datasets import predict_in_batches
-    from vggflow.tracking import without_type_hint_advice
-
-    with without_type_hint_advice():
-        model = mlflow.pyfunc.load_model(model_uri)
     index = {name: i for i, name in enumerate(class_names)}
-
-    def predict(batch):
-        labels = model.predict(batch)["label"]
-        return labels.map(index).fillna(-1).astype(int).to_numpy()[:, None]
-
     paths = [Path(data_dir) / p for p in test_rows["path"]]
-    predicted = predict_in_batches(predict, paths, batch_size)
+
+    def predict_test_set():
+        import mlflow
+
+        from vggflow.datasets import predict_in_batches
+        from vggflow.tracking import without_type_hint_advice
+
+        with without_type_hint_advice():
+            model = mlflow.pyfunc.load_model(model_uri)
+
+        def predict(batch):
+            labels = model.predict(batch)["label"]
+            return labels.map(index).fillna(-1).astype(int).to_numpy()[:, None]
+
+        return predict_in_batches(predict, paths, batch_size)
+
+    predicted, reused = reuse_or_compute(scores_cache, len(paths), predict_test_set)
+    if reused:
+        print(f"{model_uri}: same version, same test images: reused its {len(paths)} test-set predictions")
     y_true = test_rows["label"].map(index).to_numpy()
     metrics, _ = score(y_true, predicted[:, 0] if len(predicted) else predicted, len(class_names))
     return metrics
@@ -179,18 +193,26 @@ def promote_if_better(
     data_dir: Path,
     class_names: list[str],
     batch_size: int,
+    scores_dir: Path | None = None,
+    data_fingerprint: str = "",
 ) -> Decision:
     """Re-evaluate the current champion on the candidate's test rows, decide, apply and log.
 
     The champion is loaded by version number (not by alias), so what was evaluated is what the
     decision names even if the alias moves meanwhile; callers hold :func:`promotion_lock`.
+    With ``scores_dir`` and ``data_fingerprint``, the champion's predictions on these test
+    images are kept and reused by the next candidate on the same data (a registered version
+    never changes).
     """
     champion = current_champion(client, cfg.model_name)
     champion_version = str(champion.version) if champion is not None else None
     champion_metrics = None
     if champion_version is not None and champion_version != str(candidate_version):
+        # The version's identity: its number alone could be reused by a re-created registry.
+        identity = f"registered-{cfg.model_name}-{champion_version}-{champion.run_id}-{champion.source}-{champion.creation_timestamp}"
         champion_metrics = evaluate_registered(
-            f"models:/{cfg.model_name}/{champion_version}", test_rows, data_dir, class_names, batch_size
+            f"models:/{cfg.model_name}/{champion_version}", test_rows, data_dir, class_names, batch_size,
+            scores_file(scores_dir, identity, data_fingerprint, test_rows, class_names, batch_size),
         )
     decision = decide(candidate_metrics, champion_metrics, cfg, str(candidate_version), champion_version if champion_metrics else None)
     if cfg.promote:
@@ -216,6 +238,8 @@ def promote_if_better_task(
     class_names: list[str],
     batch_size: int,
     lock_dir: Path,
+    scores_dir: Path | None = None,
+    data_fingerprint: str = "",
 ) -> Decision:
     """Prefect shell: the gate, under the promotion lock (registry I/O: retried)."""
     from mlflow.tracking import MlflowClient
@@ -224,7 +248,7 @@ def promote_if_better_task(
     with promotion_lock(Path(lock_dir)):
         decision = promote_if_better(
             MlflowClient(), cfg, candidate_version, candidate_metrics, run_id, rows[rows["split"] == "test"],
-            data_dir, class_names, batch_size,
+            data_dir, class_names, batch_size, scores_dir, data_fingerprint,
         )
     print(("PROMOTED: " if decision.promoted else "not promoted: ") + decision.reason)
     return decision

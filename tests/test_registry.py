@@ -287,3 +287,46 @@ def test_predict_command_labels_files_and_stops_quietly_when_its_reader_goes(lab
     reader.stdout.close()  # as `head -1` does
     _, err = reader.communicate(timeout=300)
     assert reader.returncode == 141 and "Traceback" not in err, err
+
+
+def test_test_set_scores_are_reused_only_for_the_same_model_and_test_images(lab: Lab, capsys) -> None:
+    """A re-run that chose the same checkpoint (or meets the same champion) on the same data
+    does not score the test set again; another checkpoint, champion or data version does."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.evaluate import evaluate_classifier
+    from vggflow.config import EvaluateConfig
+
+    scores, cfg = lab.root / "scores", EvaluateConfig(batch_size=8)
+    trained = lab.trained_checkpoint(epochs=5)
+
+    def evaluate(checkpoint: Path, fingerprint: str, name: str):
+        return evaluate_classifier(checkpoint, lab.test_rows, lab.data_dir, lab.classes, cfg, lab.root / name, scores, fingerprint)
+
+    first = evaluate(trained, "data-1", "first")
+    again = evaluate(trained, "data-1", "again")
+    assert not first.scores_reused and first.seconds > 0
+    assert again.scores_reused and again.seconds == 0 and again.metrics == first.metrics
+    assert (lab.root / "again" / "confusion_matrix.png").is_file()  # the report is still written
+    assert not evaluate(trained, "data-2", "new-data").scores_reused
+    assert not evaluate(lab.constant_checkpoint(lab.classes[0]), "data-1", "other-model").scores_reused
+    for f in scores.glob("*.npy"):
+        f.write_bytes(f.read_bytes()[:20])  # damaged: scored again, same numbers
+    repaired = evaluate(trained, "data-1", "repaired")
+    assert not repaired.scores_reused and repaired.metrics == first.metrics
+
+    champion, metrics = lab.register(trained)
+    lab.gate(champion, metrics)
+    candidate, candidate_metrics = lab.register(lab.constant_checkpoint(lab.classes[1]))
+
+    def gate(fingerprint: str):
+        return promote_if_better(
+            MlflowClient(), RegistryConfig(thresholds={"accuracy": 0.0}, promote=False), candidate.version, candidate_metrics,
+            candidate.run_id, lab.test_rows, lab.data_dir, lab.classes, 8, scores, fingerprint,
+        )
+
+    capsys.readouterr()
+    decisions = [gate("data-1"), gate("data-1"), gate("data-2")]
+    reused = [line for line in capsys.readouterr().out.splitlines() if "reused its" in line]
+    assert len(reused) == 1 and f"models:/{NAME}/{champion.version}" in reused[0]
+    assert decisions[0].champion_value == decisions[1].champion_value == decisions[2].champion_value is not None
