@@ -46,6 +46,21 @@ def test_bad_input_gives_a_clear_error_and_exit_code(project, args, code, messag
     assert "Traceback" not in done.stderr + done.stdout
 
 
+def test_registry_commands_before_any_training_explain_and_create_nothing(project, capsys):
+    """A read-only registry command must not leave an empty store behind (a stray mlflow/ folder)."""
+    assert main(["registry"]) == 0
+    assert "no registered versions yet (run `vggflow train`)" in capsys.readouterr().out
+    for args, hint in (
+        (["predict", "photo.jpg"], "or pass --model with a saved model folder"),
+        (["promote", "1", "--reason", "looks good"], "run `vggflow train` first"),
+        (["rollback"], "run `vggflow train` first"),
+    ):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "no model registry here yet" in err and "mlflow.db does not exist" in err and hint in err, err
+    assert list(project.iterdir()) == []
+
+
 def test_unwritable_tracking_store_is_refused_before_any_work(project, tiny_dataset, monkeypatch):
     blocker = project / "not-a-folder"
     blocker.write_text("a file where the store's folder should be")

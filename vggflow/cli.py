@@ -170,12 +170,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if result.ok else 2
 
 
+class _NoStoreYet(VggflowError):
+    """A registry command found no tracking store: nothing was ever trained or registered here."""
+
+
 def _registry_client(args: argparse.Namespace):
-    """The config, an MLflow client on its store, and the registry lock folder."""
+    """The config, an MLflow client on its store, and the registry lock folder.
+
+    Raises:
+        _NoStoreYet: the configured sqlite store does not exist. A command that only reads the
+            registry must not create an empty store (a stray ``mlflow/`` folder) as a side effect.
+    """
     from vggflow.config import load_config
     from vggflow.runtime import imports_without_gc
+    from vggflow.tracking import sqlite_path
 
     cfg = load_config(args.config, args.overrides)
+    db = sqlite_path(cfg.tracking.effective_uri)
+    if db is not None and not db.exists():
+        raise _NoStoreYet(f"no model registry here yet: {db} does not exist (run `vggflow train` first)")
     with imports_without_gc():  # MLflow's import and store set-up
         from vggflow.tracking import connect, lock_dir
 
@@ -185,8 +198,14 @@ def _registry_client(args: argparse.Namespace):
 
 def cmd_registry(args: argparse.Namespace) -> int:
     from tasks.promote import registry_table
+    from vggflow.config import load_config
 
-    cfg, client, _ = _registry_client(args)
+    try:
+        cfg, client, _ = _registry_client(args)
+    except _NoStoreYet:
+        name = load_config(args.config, args.overrides).registry.model_name
+        print(f"{name}: no registered versions yet (run `vggflow train`)")
+        return 0
     table = registry_table(client, cfg.registry.model_name)
     if table.empty:
         print(f"{cfg.registry.model_name}: no registered versions yet (run `vggflow train`)")
@@ -228,7 +247,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from vggflow.predict import expand_inputs, format_prediction, predict_files
         from vggflow.tracking import without_type_hint_advice
 
-        cfg, _, _ = _registry_client(args)  # a bad config or store fails before TensorFlow's import
+        try:
+            cfg, _, _ = _registry_client(args)  # a bad config or store fails before TensorFlow's import
+        except _NoStoreYet as err:
+            if not (args.model and Path(args.model).exists()):  # a model folder needs no registry
+                raise VggflowError(f"{err}; or pass --model with a saved model folder") from None
+            from vggflow.config import load_config
+
+            cfg = load_config(args.config, args.overrides)
         import_tensorflow_quietly()  # the model's flavour imports it; without its start-up noise
     uri = args.model or f"models:/{cfg.registry.model_name}@champion"
     try:
