@@ -173,6 +173,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 class _NoStoreYet(VggflowError):
     """A registry command found no tracking store: nothing was ever trained or registered here."""
 
+    def __init__(self, message: str, cfg) -> None:
+        super().__init__(message)
+        self.cfg = cfg  # the loaded config, for commands that can go on without a store
+
 
 def _registry_client(args: argparse.Namespace):
     """The config, an MLflow client on its store, and the registry lock folder.
@@ -188,7 +192,7 @@ def _registry_client(args: argparse.Namespace):
     cfg = load_config(args.config, args.overrides)
     db = sqlite_path(cfg.tracking.effective_uri)
     if db is not None and not db.exists():
-        raise _NoStoreYet(f"no model registry here yet: {db} does not exist (run `vggflow train` first)")
+        raise _NoStoreYet(f"no model registry here yet: {db} does not exist (run `vggflow train` first)", cfg)
     with imports_without_gc():  # MLflow's import and store set-up
         from vggflow.tracking import connect, lock_dir
 
@@ -198,16 +202,13 @@ def _registry_client(args: argparse.Namespace):
 
 def cmd_registry(args: argparse.Namespace) -> int:
     from tasks.promote import registry_table
-    from vggflow.config import load_config
 
     try:
         cfg, client, _ = _registry_client(args)
-    except _NoStoreYet:
-        name = load_config(args.config, args.overrides).registry.model_name
-        print(f"{name}: no registered versions yet (run `vggflow train`)")
-        return 0
-    table = registry_table(client, cfg.registry.model_name)
-    if table.empty:
+        table = registry_table(client, cfg.registry.model_name)
+    except _NoStoreYet as err:
+        cfg, table = err.cfg, None
+    if table is None or table.empty:
         print(f"{cfg.registry.model_name}: no registered versions yet (run `vggflow train`)")
         return 0
     print(f"{cfg.registry.model_name} ({cfg.tracking.effective_uri})")
@@ -252,9 +253,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except _NoStoreYet as err:
             if not (args.model and Path(args.model).exists()):  # a model folder needs no registry
                 raise VggflowError(f"{err}; or pass --model with a saved model folder") from None
-            from vggflow.config import load_config
-
-            cfg = load_config(args.config, args.overrides)
+            cfg = err.cfg
         import_tensorflow_quietly()  # the model's flavour imports it; without its start-up noise
     uri = args.model or f"models:/{cfg.registry.model_name}@champion"
     try:

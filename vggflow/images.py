@@ -24,7 +24,6 @@ from PIL import Image, ImageOps
 BATCH_MAX_PIXELS = 4_000_000
 
 
-
 def batch_has_room(count: int, image_shape: Sequence[int], batch_size: int) -> bool:
     """Whether a batch of ``count`` images of ``image_shape`` can take one more of that shape.
 

@@ -44,8 +44,8 @@ def predict_files(model, paths: list[Path], top_k: int, batch_size: int = 16) ->
     """Predictions for ``paths`` with a loaded pyfunc model, in input order.
 
     Consecutive same-sized images share a batch (:func:`vggflow.images.batch_has_room`: the
-    model resizes in float32); a file that
-    cannot be decoded yields a :class:`Prediction` with ``error`` set.
+    model resizes in float32); a file that cannot be decoded yields a :class:`Prediction` with
+    ``error`` set.
     """
     batch: list[tuple[Path, np.ndarray]] = []
 
