@@ -119,10 +119,9 @@ def train_flow(
                 break
         chosen = choose_freeze_configuration(results, metric)
         report_dir = cfg.work_dir / "runs" / run_id
-        scores_dir = cfg.work_dir / "scores"
+        scores_dir = cfg.work_dir / "scores" / validated.fingerprint  # test-set scores kept per data version
         evaluation = evaluate_task(
-            chosen.checkpoint, validated.rows_file, cfg.data.dir, validated.class_names, cfg.evaluate, report_dir,
-            scores_dir, validated.fingerprint,
+            chosen.checkpoint, validated.rows_file, cfg.data.dir, validated.class_names, cfg.evaluate, report_dir, scores_dir
         )
         compute = {"features": features.seconds, **{f"fit_{r.stage}": r.seconds for r in results}, "evaluate": evaluation.seconds}
         log_results_task(run_id, results, chosen, evaluation, metric, skipped, report_dir, compute)
@@ -131,7 +130,6 @@ def train_flow(
         decision = promote_if_better_task(
             cfg.registry, version.version, evaluation.metrics, run_id, validated.rows_file, cfg.data.dir,
             validated.class_names, cfg.evaluate.batch_size, lock_dir(cfg.tracking, cfg.work_dir), scores_dir,
-            validated.fingerprint,
         )
         model_card_task(cfg, run_id, version, data, validated, weights, results, chosen, evaluation, decision, report_dir)
     except BaseException as error:

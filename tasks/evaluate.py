@@ -59,21 +59,22 @@ def reuse_or_compute(cache_file: Path | None, n_rows: int, compute: Callable[[],
     return values, False
 
 
-def scores_file(scores_dir: Path | None, model_identity: str, data_fingerprint: str, test_rows: pd.DataFrame,
-                class_names: list[str], batch_size: int) -> Path | None:
+def scores_file(scores_dir: Path | None, model_identity: str, test_rows: pd.DataFrame, class_names: list[str],
+                batch_size: int) -> Path | None:
     """Where the test-set scores of one model on one data version are kept (None: not kept).
 
     Args:
-        scores_dir: the folder of kept scores (``None`` turns keeping off).
+        scores_dir: the kept scores of one data version: a folder named by the validated
+            dataset's content fingerprint, which covers the test images' content (``None``
+            turns keeping off).
         model_identity: what identifies the model's weights (a checkpoint's sha256, a registered version).
-        data_fingerprint: the validated dataset's content fingerprint (the test images' content).
         test_rows: the rows scored (paths and labels, in order).
         class_names: the class list the scores are indexed by.
         batch_size: batch size of the scoring (batches change float round-off).
     """
-    if scores_dir is None or not data_fingerprint:
+    if scores_dir is None:
         return None
-    key = stable_hash(model_identity, data_fingerprint, list(test_rows["path"]), list(test_rows["label"]), class_names, batch_size)
+    key = stable_hash(model_identity, list(test_rows["path"]), list(test_rows["label"]), class_names, batch_size)
     return Path(scores_dir) / f"{key}.npy"
 
 
@@ -112,13 +113,12 @@ def evaluate_classifier(
     cfg: EvaluateConfig,
     out_dir: Path,
     scores_dir: Path | None = None,
-    data_fingerprint: str = "",
 ) -> Evaluation:
     """Score a saved classifier on the test rows and write the report files into ``out_dir``.
 
     Files: confusion matrix PNG, per-class CSV + chart, predictions CSV, a grid of the worst
-    misclassified test images. With ``scores_dir`` and ``data_fingerprint``, the probabilities
-    are kept there and reused by a later call on the same checkpoint content and test images.
+    misclassified test images. With ``scores_dir`` (this data version's, see :func:`scores_file`),
+    the probabilities are kept there and reused by a later call on the same checkpoint content.
     """
     from tasks import report
     from vggflow.datasets import predict_in_batches
@@ -132,7 +132,7 @@ def evaluate_classifier(
         model = keras.saving.load_model(checkpoint, compile=False)
         return predict_in_batches(lambda batch: model.predict_on_batch(batch.astype(np.float32)), paths, cfg.batch_size)
 
-    cache = scores_file(scores_dir, f"checkpoint-{file_sha256(checkpoint)}", data_fingerprint, test_rows, class_names, cfg.batch_size)
+    cache = scores_file(scores_dir, f"checkpoint-{file_sha256(checkpoint)}", test_rows, class_names, cfg.batch_size)
     started = time.perf_counter()
     probabilities, reused = reuse_or_compute(cache, len(paths), predict_test_set)
     seconds = 0.0 if reused else time.perf_counter() - started
@@ -177,13 +177,10 @@ def evaluate_task(
     cfg: EvaluateConfig,
     out_dir: Path,
     scores_dir: Path | None = None,
-    data_fingerprint: str = "",
 ) -> Evaluation:
     """Prefect shell: evaluate the chosen classifier on the test split of the validated rows."""
     rows = read_rows(rows_file)
-    evaluation = evaluate_classifier(
-        checkpoint, rows[rows["split"] == "test"], data_dir, class_names, cfg, out_dir, scores_dir, data_fingerprint
-    )
+    evaluation = evaluate_classifier(checkpoint, rows[rows["split"] == "test"], data_dir, class_names, cfg, out_dir, scores_dir)
     if evaluation.scores_reused:
         print(f"evaluate: same checkpoint, same test images: reused its {evaluation.n_test} test-set scores")
     return evaluation

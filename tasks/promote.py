@@ -194,15 +194,14 @@ def promote_if_better(
     class_names: list[str],
     batch_size: int,
     scores_dir: Path | None = None,
-    data_fingerprint: str = "",
 ) -> Decision:
     """Re-evaluate the current champion on the candidate's test rows, decide, apply and log.
 
     The champion is loaded by version number (not by alias), so what was evaluated is what the
     decision names even if the alias moves meanwhile; callers hold :func:`promotion_lock`.
-    With ``scores_dir`` and ``data_fingerprint``, the champion's predictions on these test
-    images are kept and reused by the next candidate on the same data (a registered version
-    never changes).
+    With ``scores_dir`` (this data version's, see :func:`tasks.evaluate.scores_file`), the
+    champion's predictions are kept and reused by the next candidate on the same data (a
+    registered version never changes).
     """
     champion = current_champion(client, cfg.model_name)
     champion_version = str(champion.version) if champion is not None else None
@@ -212,7 +211,7 @@ def promote_if_better(
         identity = f"registered-{cfg.model_name}-{champion_version}-{champion.run_id}-{champion.source}-{champion.creation_timestamp}"
         champion_metrics = evaluate_registered(
             f"models:/{cfg.model_name}/{champion_version}", test_rows, data_dir, class_names, batch_size,
-            scores_file(scores_dir, identity, data_fingerprint, test_rows, class_names, batch_size),
+            scores_file(scores_dir, identity, test_rows, class_names, batch_size),
         )
     decision = decide(candidate_metrics, champion_metrics, cfg, str(candidate_version), champion_version if champion_metrics else None)
     if cfg.promote:
@@ -239,7 +238,6 @@ def promote_if_better_task(
     batch_size: int,
     lock_dir: Path,
     scores_dir: Path | None = None,
-    data_fingerprint: str = "",
 ) -> Decision:
     """Prefect shell: the gate, under the promotion lock (registry I/O: retried)."""
     from mlflow.tracking import MlflowClient
@@ -248,7 +246,7 @@ def promote_if_better_task(
     with promotion_lock(Path(lock_dir)):
         decision = promote_if_better(
             MlflowClient(), cfg, candidate_version, candidate_metrics, run_id, rows[rows["split"] == "test"],
-            data_dir, class_names, batch_size, scores_dir, data_fingerprint,
+            data_dir, class_names, batch_size, scores_dir,
         )
     print(("PROMOTED: " if decision.promoted else "not promoted: ") + decision.reason)
     return decision

@@ -301,7 +301,7 @@ def test_test_set_scores_are_reused_only_for_the_same_model_and_test_images(lab:
     trained = lab.trained_checkpoint(epochs=5)
 
     def evaluate(checkpoint: Path, fingerprint: str, name: str):
-        return evaluate_classifier(checkpoint, lab.test_rows, lab.data_dir, lab.classes, cfg, lab.root / name, scores, fingerprint)
+        return evaluate_classifier(checkpoint, lab.test_rows, lab.data_dir, lab.classes, cfg, lab.root / name, scores / fingerprint)
 
     first = evaluate(trained, "data-1", "first")
     again = evaluate(trained, "data-1", "again")
@@ -310,7 +310,7 @@ def test_test_set_scores_are_reused_only_for_the_same_model_and_test_images(lab:
     assert (lab.root / "again" / "confusion_matrix.png").is_file()  # the report is still written
     assert not evaluate(trained, "data-2", "new-data").scores_reused
     assert not evaluate(lab.constant_checkpoint(lab.classes[0]), "data-1", "other-model").scores_reused
-    for f in scores.glob("*.npy"):
+    for f in scores.glob("*/*.npy"):
         f.write_bytes(f.read_bytes()[:20])  # damaged: scored again, same numbers
     repaired = evaluate(trained, "data-1", "repaired")
     assert not repaired.scores_reused and repaired.metrics == first.metrics
@@ -322,7 +322,7 @@ def test_test_set_scores_are_reused_only_for_the_same_model_and_test_images(lab:
     def gate(fingerprint: str):
         return promote_if_better(
             MlflowClient(), RegistryConfig(thresholds={"accuracy": 0.0}, promote=False), candidate.version, candidate_metrics,
-            candidate.run_id, lab.test_rows, lab.data_dir, lab.classes, 8, scores, fingerprint,
+            candidate.run_id, lab.test_rows, lab.data_dir, lab.classes, 8, scores / fingerprint,
         )
 
     capsys.readouterr()
