@@ -146,7 +146,7 @@ def _set_cap(capped: bool) -> None:
 
     if not _DEFAULT_CAP:
         _DEFAULT_CAP.append(vggflow.images.BATCH_MAX_PIXELS)
-    # The decode groups read it when their map function is traced (each extract_features call),
+    # `image_dataset` reads it when it builds a pipeline (each extract_features call),
     # `batch_has_room` (predict_in_batches) for every image: raised, it restores the batching before the cap.
     vggflow.datasets.BATCH_MAX_PIXELS = vggflow.images.BATCH_MAX_PIXELS = _DEFAULT_CAP[0] if capped else 10**15
 
@@ -167,8 +167,9 @@ def measure_extract(variant: str, paths: list[Path], scratch: Path, image_size: 
 
     _set_cap(variant == "capped")
     base = _base(image_size, scratch)
-    rows = pd.DataFrame({"path": [p.relative_to(folder).as_posix() for p in paths],
-                         "label": [p.parent.name for p in paths]})
+    # As validation hands them over: with each photo's measured size (all alike here).
+    rows = common.with_measured_sizes(pd.DataFrame({"path": [p.relative_to(folder).as_posix() for p in paths],
+                                                    "label": [p.parent.name for p in paths]}), folder)
     target = Path(tempfile.mkdtemp(dir=scratch))
     rss0 = _memory_kib("VmRSS")
     reset = _reset_peak()

@@ -362,7 +362,8 @@ def fashion_mnist_folder(n_images: int, root: Path | None = None, seed: int = 1)
 
 
 def dataset_rows(folder: Path):
-    """The rows vggflow would use (``path``, ``label``, ``split``), split by content hash as validation does."""
+    """The rows vggflow would use (``vggflow.files.ROWS_COLUMNS``): split by content hash and
+    measured (height, width) as validation does."""
     import pandas as pd
 
     from tasks.validate import split_of
@@ -371,7 +372,19 @@ def dataset_rows(folder: Path):
     cfg = DataConfig()
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.png"))
     splits = [split_of(hashlib.sha256((folder / p).read_bytes()).hexdigest(), cfg) for p in paths]
-    return pd.DataFrame({"path": paths, "label": [p.split("/")[0] for p in paths], "split": splits})
+    rows = pd.DataFrame({"path": paths, "label": [p.split("/")[0] for p in paths], "split": splits})
+    return with_measured_sizes(rows, folder)
+
+
+def with_measured_sizes(rows, folder: Path):
+    """``rows`` plus each image's ``height`` and ``width``, as validation hands them to training."""
+    from PIL import Image
+
+    sizes = []
+    for path in rows["path"]:
+        with Image.open(folder / path) as image:
+            sizes.append(image.size)
+    return rows.assign(height=[h for _, h in sizes], width=[w for w, _ in sizes])
 
 
 def fingerprint(rows) -> str:

@@ -26,7 +26,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from vggflow.caching import key_when_valid
-from vggflow.files import atomic_write_text, file_sha256, read_rows
+from vggflow.files import ROWS_COLUMNS, atomic_write_text, file_sha256, read_rows
 
 META_FILE = "meta.json"
 
@@ -122,7 +122,7 @@ def extract_features(
     """
     import tensorflow as tf
 
-    from vggflow.datasets import image_dataset
+    from vggflow.datasets import common_image_shape, file_errors_as_data_errors, image_dataset
     from vggflow.model import feature_extractor
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -151,14 +151,15 @@ def extract_features(
         paths = [Path(data_dir) / p for p in rows["path"]]
         done = 0
         try:
-            for batch in image_dataset(paths, None, image_size, batch_size):
-                outputs = forward(batch)
-                n = int(batch.shape[0])
-                for name in missing:
-                    handles[name].write(np.ascontiguousarray(outputs[name].numpy(), dtype=np.float32).data)
-                done += n
-                if progress:
-                    progress(done, total)
+            with file_errors_as_data_errors():
+                for batch in image_dataset(paths, None, image_size, batch_size, same_shape=common_image_shape(rows)):
+                    outputs = forward(batch)
+                    n = int(batch.shape[0])
+                    for name in missing:
+                        handles[name].write(np.ascontiguousarray(outputs[name].numpy(), dtype=np.float32).data)
+                    done += n
+                    if progress:
+                        progress(done, total)
         finally:
             for handle in handles.values():
                 handle.close()
@@ -289,7 +290,7 @@ def compute_features(
         extract_features(rows, data_dir, base, missing, image_size, batch_size, directory, progress)
         set_aside_base(base, weights, image_size)  # the head's classifier needs the same, untouched base
     rows_file = directory / "rows.csv"
-    listing = rows[["path", "label", "split"]].to_csv(index=False)
+    listing = rows[[c for c in ROWS_COLUMNS if c in rows.columns]].to_csv(index=False)
     # Rewritten when it differs: a folder written by an older version may list other rows.
     if not rows_file.is_file() or rows_file.read_text() != listing:
         atomic_write_text(rows_file, listing)

@@ -98,7 +98,7 @@ def run_stage(
     import keras
 
     from tasks.features import load_layer
-    from vggflow.datasets import array_dataset, image_dataset
+    from vggflow.datasets import array_dataset, common_image_shape, file_errors_as_data_errors, image_dataset
     from vggflow.model import suffix_model, unfreeze_to
     from vggflow.training import finish_stage, fit_stage
 
@@ -125,11 +125,13 @@ def run_stage(
                 cfg.batch_size,
                 shuffle=name == "train",
                 seed=seed,
+                same_shape=common_image_shape(rows),
             )
             for name in ("train", "val")
         )
         n_train = len(split["train"])
-    fit = fit_stage(trainable, train, val, stage.learning_rate, stage.epochs, cfg.patience, on_epoch)
+    with file_errors_as_data_errors():  # an image that changed since validation: named, one line
+        fit = fit_stage(trainable, train, val, stage.learning_rate, stage.epochs, cfg.patience, on_epoch)
     return finish_stage(model, checkpoint, stage.label, stage.unfreeze_from, stage.learning_rate, freeze, fit, n_train, prefix)
 
 

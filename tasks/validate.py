@@ -35,6 +35,7 @@ import pandas as pd
 
 from vggflow.config import DataConfig, ValidationConfig
 from vggflow.errors import DataError, VggflowError
+from vggflow.files import ROWS_COLUMNS
 from vggflow.images import blank_inspection, inspect_files
 
 #: Version of the report/manifest format documented in docs/validation.md.
@@ -1090,7 +1091,8 @@ def run_validation(data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, p
     result = validate_dataset(Path(data_cfg.dir), data_cfg, cfg, previous)
     files = write_validation_outputs(result, out_dir)
     rows_file = out_dir / "rows.csv"
-    atomic_write_text(rows_file, result.usable[["path", "label", "split"]].to_csv(index=False))
+    # Each image's size too: a dataset whose images all share one is decoded in whole groups.
+    atomic_write_text(rows_file, result.usable[list(ROWS_COLUMNS)].to_csv(index=False))
     validated = ValidatedData(
         ok=result.ok,
         summary=format_summary(result),

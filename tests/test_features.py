@@ -8,7 +8,11 @@ import pytest
 
 pytest.importorskip("keras")
 
+
 from tasks.features import compute_features, layer_cache_dir, load_layer, verified_layers  # noqa: E402
+from vggflow.datasets import common_image_shape, file_errors_as_data_errors  # noqa: E402
+from vggflow.errors import DataError  # noqa: E402
+from vggflow.files import read_rows  # noqa: E402
 from vggflow.config import BackboneConfig, HeadConfig  # noqa: E402
 from vggflow.images import load_rgb  # noqa: E402
 from vggflow.model import build_base, build_classifier, resolve_weights  # noqa: E402
@@ -19,7 +23,8 @@ def rows(tiny_dataset) -> pd.DataFrame:
     paths = sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.png"))
     labels = [p.split("/")[0] for p in paths]
     splits = ["train", "val", "test"] * (len(paths) // 3)
-    return pd.DataFrame({"path": paths, "label": labels, "split": splits})
+    # As read back from validation's rows file: strings, each image's measured size included.
+    return pd.DataFrame({"path": paths, "label": labels, "split": splits, "height": "32", "width": "32"})
 
 
 def test_features_are_the_classifiers_pooled_base_output_and_are_cached(tmp_path, tiny_dataset, rows):
@@ -45,6 +50,8 @@ def test_features_are_the_classifiers_pooled_base_output_and_are_cached(tmp_path
 
     train, train_labels = load_layer(features, "block4_pool", "train")
     assert train.shape[0] == len(train_labels) == (rows["split"] == "train").sum()
+    # The rows the stages stream from keep the measured sizes (so they decode whole groups too).
+    assert common_image_shape(read_rows(features.rows_file)) == (32, 32)
 
     # Second call: nothing recomputed (files untouched).
     directory = layer_cache_dir(tmp_path / "cache", "fp", weights.identity, 32)
@@ -149,15 +156,36 @@ def test_image_dataset_resizes_mixed_sizes_and_modes_exactly_like_the_model(tmp_
     batches = [b.numpy() for b in dataset]
     assert [len(b) for b in batches] == [3, 3, 3, 3, 2]
     np.testing.assert_array_equal(np.concatenate(batches), np.concatenate([expected, expected]))
-    # A group whose files all share one size is resized in one op: same pixels.
+    # Files validation measured as all alike are resized a whole decode group per op: same pixels.
     same = [paths[i] for i in (0, 3, 6)]
-    np.testing.assert_array_equal(next(iter(image_dataset(same, None, 32, 3))).numpy(), expected[[0, 3, 6]])
+    for batch_size in (3, 2):
+        grouped = [b.numpy() for b in image_dataset(same, None, 32, batch_size, same_shape=(30, 40))]
+        np.testing.assert_array_equal(np.concatenate(grouped), expected[[0, 3, 6]])
+    x, y = next(iter(image_dataset(same, [5, 6, 7], 32, 3, same_shape=(30, 40))))
+    np.testing.assert_array_equal(x.numpy(), expected[[0, 3, 6]])
+    assert list(y.numpy()) == [5, 6, 7]
+    # A file that changed since validation is named in one line, not reshaped into garbage.
+    with pytest.raises(DataError, match=r"^\S+2\.png: 17x50 pixels, but validation measured 40x30: .*run it again$"):
+        with file_errors_as_data_errors():
+            list(image_dataset(same + [paths[2]], None, 32, 4, same_shape=(30, 40)))
+    (tmp_path / "7.png").write_bytes(b"no longer an image")
+    with pytest.raises(DataError, match=r"^\S+7\.png: not a recognised image format; it changed during this run"):
+        with file_errors_as_data_errors():
+            list(image_dataset(paths + [tmp_path / "7.png"], None, 32, 4))
 
     labels = np.arange(len(paths))
     seen = [(x.numpy(), y.numpy()) for x, y in image_dataset(paths, labels, 32, 2, shuffle=True, seed=1)]
     order = np.concatenate([y for _, y in seen])
     assert sorted(order) == list(labels) and list(order) != list(labels)
     np.testing.assert_array_equal(np.concatenate([x for x, _ in seen]), expected[order])
+
+
+def test_common_image_shape_only_when_validation_measured_one_size_for_all():
+    rows = pd.DataFrame({"path": ["a", "b"], "height": ["30", "30"], "width": ["40", "40"]})
+    assert common_image_shape(rows) == (30, 40)
+    assert common_image_shape(rows.assign(width=["40", "41"])) is None
+    assert common_image_shape(rows[["path"]]) is None  # a rows file from an older version
+    assert common_image_shape(rows.iloc[:0]) is None
 
 
 @pytest.mark.slow
@@ -180,8 +208,9 @@ def test_large_uniform_groups_are_resized_image_by_image_with_the_same_pixels(tm
         Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(paths[-1])
     resize = make_resizing(32)
     expected = np.stack([resize(load_rgb(p).astype(np.float32)[None])[0].numpy() for p in paths])
-    monkeypatch.setattr(datasets, "BATCH_MAX_PIXELS", 40 * 30)  # one image fits, three do not
-    np.testing.assert_array_equal(next(iter(datasets.image_dataset(paths, None, 32, 3))).numpy(), expected)
+    monkeypatch.setattr(datasets, "BATCH_MAX_PIXELS", 40 * 30)  # one image fits, a group does not
+    same = datasets.image_dataset(paths, None, 32, 3, same_shape=(30, 40))
+    np.testing.assert_array_equal(next(iter(same)).numpy(), expected)
 
     # Eight 4000x3000 photos in one group: resizing them at once held a 1.15 GB float32 copy
     # (measured: the process grew by 1.47 GB that way, by 0.6 GB image by image).
@@ -193,7 +222,7 @@ def test_large_uniform_groups_are_resized_image_by_image_with_the_same_pixels(tm
     script = (
         "import resource, sys; from pathlib import Path; from vggflow.datasets import image_dataset; "
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        f"[b.shape for b in image_dataset(sorted(Path({str(big)!r}).iterdir()), None, 32, 8)]; "
+        f"[b.shape for b in image_dataset(sorted(Path({str(big)!r}).iterdir()), None, 32, 8, same_shape=(3000, 4000))]; "
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
     )
     grown_mb = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()[-1])

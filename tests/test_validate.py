@@ -258,6 +258,16 @@ def test_usable_rows_decode_through_the_shared_path(corpus, result: ValidationRe
     assert formats["cats/SHOUTING.JPG"] == "JPEG"
 
 
+def test_rows_file_lists_the_usable_rows_with_their_measured_sizes(corpus, result: ValidationResult, tmp_path) -> None:
+    """Training reads rows.csv, not the manifest: each image's decoded size travels with it."""
+    from vggflow.files import ROWS_COLUMNS, read_rows
+
+    validated = validation.run_validation(DataConfig(dir=corpus[0]), SERIAL, tmp_path, None)
+    rows = read_rows(validated.rows_file)
+    assert tuple(rows.columns) == ROWS_COLUMNS
+    assert rows.astype({"height": int, "width": int}).equals(result.usable[list(ROWS_COLUMNS)].reset_index(drop=True))
+
+
 def test_manifest_columns_and_types(result: ValidationResult) -> None:
     manifest = result.manifest
     assert tuple(manifest.columns) == MANIFEST_COLUMNS

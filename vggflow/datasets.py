@@ -12,13 +12,17 @@ explicit parallelism and prefetch depths.
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from vggflow.images import BATCH_MAX_PIXELS, batch_has_room, load_rgb
+from vggflow.errors import DataError
+from vggflow.images import BATCH_MAX_PIXELS, ImageDecodeError, batch_has_room, load_rgb
 from vggflow.model import make_resizing
 
 #: Files decoded per Python call (see :func:`image_dataset`): enough to make the call's fixed
@@ -57,6 +61,7 @@ def image_dataset(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
+    same_shape: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """A batched dataset of ``(image_size, image_size, 3)`` float32 RGB images (0..255) [and labels].
 
@@ -64,19 +69,49 @@ def image_dataset(
     :data:`DECODE_GROUP` files per call, groups in parallel; resizing uses the same Keras
     ``Resizing`` layer that the classifier carries, so an image looks the same to training and
     to the registered model.
+
+    Args:
+        paths: image files.
+        labels: one class index per file, or None for images only.
+        image_size: square output side.
+        batch_size: images per batch (the last batch may be smaller).
+        shuffle: reshuffle the files every epoch.
+        seed: makes the orders reproducible.
+        same_shape: every file's ``(height, width)`` when validation found them all alike
+            (:func:`common_image_shape`). A decode group of such small images is then resized in
+            one op; otherwise every image is resized on its own. ``Resizing`` treats each image
+            of a batch independently, so the pixels are the same either way.
     """
     resize = make_resizing(image_size)
     path_strings = [str(p) for p in paths]
+    # Chosen here, once, not per group in the graph: a `tf.cond` between a whole-group resize
+    # and a per-image `map_fn` made every group pay for the loop (at 64², ~20 % of the input
+    # pipeline's CPU and 0.07 s more to build and start it; BENCHMARKS.md, benchmark 2).
+    grouped = same_shape is not None and DECODE_GROUP * same_shape[0] * same_shape[1] <= BATCH_MAX_PIXELS
+    decode_files = partial(_decode_files, same_shape=same_shape)
 
-    def decode_group(group_paths: tf.Tensor) -> tf.Tensor:
+    def decode(group_paths: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         # One Python call per group of files, not per file: a per-file `numpy_function` cost
         # ~0.3 ms of interpreter hand-over per image, more than Pillow's decode of a small PNG
         # (at 64², ~5 % of the CPU time per image went to the input pipeline; BENCHMARKS.md).
         # Small groups, not whole batches: a call holds its files' full-size pixels until resized.
-        flat, shapes = tf.numpy_function(_decode_files, [group_paths], (tf.uint8, tf.int32), stateful=False)
+        flat, shapes = tf.numpy_function(decode_files, [group_paths], (tf.uint8, tf.int32), stateful=False)
         flat.set_shape([None])
         shapes.set_shape([None, 3])
-        return _resize_group(flat, shapes, resize, image_size)
+        return flat, shapes
+
+    def resize_group(group_paths: tf.Tensor) -> tf.Tensor:
+        flat, shapes = decode(group_paths)
+        return resize(tf.cast(tf.reshape(flat, [tf.shape(shapes)[0], *same_shape, 3]), tf.float32))
+
+    def split_group(group_paths: tf.Tensor) -> tuple[tf.RaggedTensor, tf.Tensor]:
+        # Each image alone: a float32 copy of one photo at a time, never of a group of them.
+        flat, shapes = decode(group_paths)
+        return tf.RaggedTensor.from_row_lengths(flat, tf.reduce_prod(shapes, axis=1), validate=False), shapes
+
+    def resize_one(flat: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:
+        image = resize(tf.cast(tf.reshape(flat, shape), tf.float32)[tf.newaxis])[0]
+        return tf.ensure_shape(image, [image_size, image_size, 3])
 
     items = tf.data.Dataset.from_tensor_slices(path_strings)
     if labels is not None:
@@ -84,53 +119,68 @@ def image_dataset(
     if shuffle:
         items = items.shuffle(len(path_strings), seed=seed, reshuffle_each_iteration=True)
     items = items.batch(DECODE_GROUP)
-    if labels is None:
-        data = items.map(decode_group, num_parallel_calls=PARALLEL_DECODES, deterministic=True)
+    parallel = {"num_parallel_calls": PARALLEL_DECODES, "deterministic": True}
+    if grouped and labels is None:
+        data = items.map(resize_group, **parallel).unbatch()
+    elif grouped:
+        data = items.map(lambda p, y: (resize_group(p), y), **parallel).unbatch()
+    elif labels is None:
+        data = items.map(split_group, **parallel).unbatch().map(resize_one, **parallel)
     else:
-        data = items.map(lambda p, y: (decode_group(p), y), num_parallel_calls=PARALLEL_DECODES, deterministic=True)
+        data = items.map(lambda p, y: (*split_group(p), y), **parallel).unbatch()
+        data = data.map(lambda flat, shape, y: (resize_one(flat, shape), y), **parallel)
     # Regrouping hides the number of batches from tf.data; state it, so Keras knows where an
     # epoch ends instead of warning "Your input ran out of data" at the end of each one.
     batches = -(-len(path_strings) // batch_size)
-    data = data.unbatch().batch(batch_size).apply(tf.data.experimental.assert_cardinality(batches))
+    data = data.batch(batch_size).apply(tf.data.experimental.assert_cardinality(batches))
     return without_autotune(data.prefetch(PREFETCH_BATCHES))
 
 
-def _decode_files(group_paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a group of files: all pixels concatenated (no padding) + each image's shape."""
+@contextmanager
+def file_errors_as_data_errors() -> Iterator[None]:
+    """Re-raise a file's error from inside a pipeline (a :class:`DataError` raised while
+    decoding, which ``tf.data`` wraps in an ``OpError`` with a traceback) as that one-line error."""
+    try:
+        yield
+    except tf.errors.OpError as err:
+        found = re.search(r"DataError: (.*?)\n", err.message)
+        if found is None:
+            raise
+        raise DataError(found.group(1)) from None
+
+
+def common_image_shape(rows) -> tuple[int, int] | None:
+    """The ``(height, width)`` every row's image has, from validation's measurements, else None.
+
+    None as well for rows without those columns (a rows file written by an older version).
+    """
+    if len(rows) == 0 or not {"height", "width"} <= set(rows.columns):
+        return None
+    shapes = rows[["height", "width"]].astype(int).drop_duplicates()
+    return (int(shapes.iloc[0, 0]), int(shapes.iloc[0, 1])) if len(shapes) == 1 else None
+
+
+def _decode_files(group_paths: np.ndarray, same_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a group of files: all pixels concatenated (no padding) + each image's shape.
+
+    With ``same_shape``, a file of another size stops the pipeline with a message naming it:
+    the pipeline was built for validation's measurements, and the file changed since.
+    """
     pixels, shapes = bytearray(), []
-    for path in group_paths:
-        image = load_rgb(path.decode())
+    for path in map(bytes.decode, group_paths):
+        try:
+            image = load_rgb(path)
+        except (ImageDecodeError, OSError) as err:
+            # Validation decoded it: it changed (or went away) since.
+            raise DataError(f"{path}: {err}; it changed during this run (validation decoded it): run it again") from None
+        if same_shape is not None and image.shape[:2] != tuple(same_shape):
+            raise DataError(
+                f"{path}: {image.shape[1]}x{image.shape[0]} pixels, but validation measured "
+                f"{same_shape[1]}x{same_shape[0]}: the file changed during this run; run it again"
+            )
         pixels += memoryview(np.ascontiguousarray(image)).cast("B")  # one image's copy at a time
         shapes.append(image.shape)
     return np.frombuffer(pixels, dtype=np.uint8), np.array(shapes, dtype=np.int32).reshape(-1, 3)
-
-
-def _resize_group(flat: tf.Tensor, shapes: tf.Tensor, resize, image_size: int) -> tf.Tensor:
-    """Resize a decoded group: one op when all images share a size and the group is small (at
-    most :data:`vggflow.images.BATCH_MAX_PIXELS`), else image by image.
-
-    ``Resizing`` treats every image of a batch independently, so both paths give the same pixels.
-    A group of eight 12-megapixel photos resized at once needed a 1.15 GB float32 copy of itself
-    (two groups in flight): extracting 64 such photos peaked at 5.0 GB RSS, 2.7-2.9 GB image by image.
-    """
-    n = tf.shape(shapes)[0]
-
-    def same_size() -> tf.Tensor:
-        return resize(tf.cast(tf.reshape(flat, tf.concat([[n], shapes[0]], 0)), tf.float32))
-
-    def one_by_one() -> tf.Tensor:
-        sizes = tf.reduce_prod(shapes, axis=1)
-        offsets = tf.cumsum(sizes, exclusive=True)
-
-        def resize_one(i: tf.Tensor) -> tf.Tensor:
-            image = tf.reshape(flat[offsets[i] : offsets[i] + sizes[i]], shapes[i])
-            return resize(tf.cast(image, tf.float32)[tf.newaxis])[0]
-
-        return tf.map_fn(resize_one, tf.range(n), fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
-
-    uniform = tf.reduce_all(tf.equal(shapes, shapes[0]))
-    small = tf.size(flat, out_type=tf.int64) <= 3 * BATCH_MAX_PIXELS
-    return tf.cond(tf.logical_and(uniform, small), same_size, one_by_one)
 
 
 def array_dataset(x, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:

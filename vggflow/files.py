@@ -43,8 +43,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+#: Columns of a validated rows file: each usable image, its class, its split and its decoded
+#: size (after EXIF orientation). Files written by older versions have only the first three.
+ROWS_COLUMNS = ("path", "label", "split", "height", "width")
+
+
 def read_rows(path: str | Path):
-    """The validated rows (``path``, ``label``, ``split``) as strings.
+    """The validated rows (:data:`ROWS_COLUMNS`) as strings.
 
     Labels are folder names: ``007`` or ``1`` must stay text, not become numbers.
     """
