@@ -87,6 +87,9 @@ def image_dataset(
     # Chosen here, once, not per group in the graph: a `tf.cond` between a whole-group resize
     # and a per-image `map_fn` made every group pay for the loop (at 64², ~20 % of the input
     # pipeline's CPU and 0.07 s more to build and start it; BENCHMARKS.md, benchmark 2).
+    # Whole groups only while small: eight 12-megapixel photos resized at once need a 1.15 GB
+    # float32 copy of themselves (two groups in flight: extracting 64 such photos peaked at
+    # 5.0 GB RSS, 2.7-2.9 GB image by image).
     grouped = same_shape is not None and DECODE_GROUP * same_shape[0] * same_shape[1] <= BATCH_MAX_PIXELS
     decode_files = partial(_decode_files, same_shape=same_shape)
 
@@ -143,7 +146,7 @@ def file_errors_as_data_errors() -> Iterator[None]:
     try:
         yield
     except tf.errors.OpError as err:
-        found = re.search(r"DataError: (.*?)\n", err.message)
+        found = re.search(r"DataError: ([^\n]*)", err.message)
         if found is None:
             raise
         raise DataError(found.group(1)) from None
