@@ -8,12 +8,11 @@ import pytest
 
 pytest.importorskip("keras")
 
-
 from tasks.features import compute_features, layer_cache_dir, load_layer, verified_layers  # noqa: E402
+from vggflow.config import BackboneConfig, HeadConfig  # noqa: E402
 from vggflow.datasets import common_image_shape, file_errors_as_data_errors  # noqa: E402
 from vggflow.errors import DataError  # noqa: E402
 from vggflow.files import read_rows  # noqa: E402
-from vggflow.config import BackboneConfig, HeadConfig  # noqa: E402
 from vggflow.images import load_rgb  # noqa: E402
 from vggflow.model import build_base, build_classifier, resolve_weights  # noqa: E402
 
