@@ -141,14 +141,13 @@ _DEFAULT_CAP: list[int] = []
 
 
 def _set_cap(capped: bool) -> None:
-    import vggflow.datasets
     import vggflow.images
 
     if not _DEFAULT_CAP:
         _DEFAULT_CAP.append(vggflow.images.BATCH_MAX_PIXELS)
-    # `image_dataset` reads it when it builds a pipeline (each extract_features call),
-    # `batch_has_room` (predict_in_batches) for every image: raised, it restores the batching before the cap.
-    vggflow.datasets.BATCH_MAX_PIXELS = vggflow.images.BATCH_MAX_PIXELS = _DEFAULT_CAP[0] if capped else 10**15
+    # `batch_has_room` reads it when `image_dataset` builds a pipeline (each extract_features call)
+    # and, in predict_in_batches, for every image: raised, it restores the batching before the cap.
+    vggflow.images.BATCH_MAX_PIXELS = _DEFAULT_CAP[0] if capped else 10**15
 
 
 def _base(image_size: int, scratch: Path):

@@ -117,6 +117,7 @@ def run_stage(
         rows = read_rows(features.rows_file)
         index = {name: i for i, name in enumerate(features.class_names)}
         split = {name: rows[rows["split"] == name] for name in ("train", "val")}
+        same_shape = common_image_shape(rows)
         train, val = (
             image_dataset(
                 [Path(data_dir) / p for p in split[name]["path"]],
@@ -125,7 +126,7 @@ def run_stage(
                 cfg.batch_size,
                 shuffle=name == "train",
                 seed=seed,
-                same_shape=common_image_shape(rows),
+                same_shape=same_shape,
             )
             for name in ("train", "val")
         )

@@ -198,6 +198,7 @@ def test_large_uniform_groups_are_resized_image_by_image_with_the_same_pixels(tm
     from PIL import Image
 
     import vggflow.datasets as datasets
+    import vggflow.images
     from vggflow.model import make_resizing
 
     rng = np.random.default_rng(1)
@@ -207,7 +208,7 @@ def test_large_uniform_groups_are_resized_image_by_image_with_the_same_pixels(tm
         Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(paths[-1])
     resize = make_resizing(32)
     expected = np.stack([resize(load_rgb(p).astype(np.float32)[None])[0].numpy() for p in paths])
-    monkeypatch.setattr(datasets, "BATCH_MAX_PIXELS", 40 * 30)  # one image fits, a group does not
+    monkeypatch.setattr(vggflow.images, "BATCH_MAX_PIXELS", 40 * 30)  # one image fits, a group does not
     same = datasets.image_dataset(paths, None, 32, 3, same_shape=(30, 40))
     np.testing.assert_array_equal(next(iter(same)).numpy(), expected)
 

@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from vggflow.errors import DataError
-from vggflow.images import BATCH_MAX_PIXELS, ImageDecodeError, batch_has_room, load_rgb
+import vggflow.images
+from vggflow.images import ImageDecodeError, batch_has_room, load_rgb
 from vggflow.model import make_resizing
 
 #: Files decoded per Python call (see :func:`image_dataset`): enough to make the call's fixed
@@ -90,7 +91,7 @@ def image_dataset(
     # Whole groups only while small: eight 12-megapixel photos resized at once need a 1.15 GB
     # float32 copy of themselves (two groups in flight: extracting 64 such photos peaked at
     # 5.0 GB RSS, 2.7-2.9 GB image by image).
-    grouped = same_shape is not None and DECODE_GROUP * same_shape[0] * same_shape[1] <= BATCH_MAX_PIXELS
+    grouped = same_shape is not None and batch_has_room(DECODE_GROUP - 1, same_shape, DECODE_GROUP)  # a whole group fits
     decode_files = partial(_decode_files, same_shape=same_shape)
 
     def decode(group_paths: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -123,15 +124,10 @@ def image_dataset(
         items = items.shuffle(len(path_strings), seed=seed, reshuffle_each_iteration=True)
     items = items.batch(DECODE_GROUP)
     parallel = {"num_parallel_calls": PARALLEL_DECODES, "deterministic": True}
-    if grouped and labels is None:
-        data = items.map(resize_group, **parallel).unbatch()
-    elif grouped:
-        data = items.map(lambda p, y: (resize_group(p), y), **parallel).unbatch()
-    elif labels is None:
-        data = items.map(split_group, **parallel).unbatch().map(resize_one, **parallel)
-    else:
-        data = items.map(lambda p, y: (*split_group(p), y), **parallel).unbatch()
-        data = data.map(lambda flat, shape, y: (resize_one(flat, shape), y), **parallel)
+    per_group = resize_group if grouped else split_group
+    data = items.map(per_group if labels is None else lambda p, y: (per_group(p), y), **parallel).unbatch()
+    if not grouped:
+        data = data.map(resize_one if labels is None else lambda image, y: (resize_one(*image), y), **parallel)
     # Regrouping hides the number of batches from tf.data; state it, so Keras knows where an
     # epoch ends instead of warning "Your input ran out of data" at the end of each one.
     batches = -(-len(path_strings) // batch_size)
@@ -248,7 +244,7 @@ def predict_in_batches(
         group.append(index)
         if not batch_has_room(len(group), image.shape, batch_size):
             _flush(predict, by_shape.pop(image.shape), images, out)
-        elif len(images) >= 4 * batch_size or sum(map(_pixels, images.values())) > 4 * BATCH_MAX_PIXELS:
+        elif len(images) >= 4 * batch_size or sum(map(_pixels, images.values())) > 4 * vggflow.images.BATCH_MAX_PIXELS:
             # Many different sizes: flush everything rather than hold the whole set in memory.
             for indices in by_shape.values():
                 _flush(predict, indices, images, out)
