@@ -12,7 +12,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from tasks.evaluate import evaluate_task
-from tasks.features import extract_features_task, feature_cache_key
+from tasks.features import compute_scoring_prefix_task, extract_features_task, feature_cache_key
 from tasks.finetune import finetune_stage_task, plan_prefix_caches
 from tasks.preflight import preflight_task
 from tasks.promote import Decision, promote_if_better_task
@@ -120,8 +120,14 @@ def train_flow(
         chosen = choose_freeze_configuration(results, metric)
         report_dir = cfg.work_dir / "runs" / run_id
         scores_dir = cfg.work_dir / "scores" / validated.fingerprint  # test-set scores kept per data version
+        # The test images' output of the chosen model's frozen part, cached once per data version.
+        prefix = compute_scoring_prefix_task(
+            validated.rows_file, cfg.data.dir, weights, size, cfg.features.batch_size, features,
+            chosen.prefix_cache, chosen.unfreeze_from,
+        )
         evaluation = evaluate_task(
-            chosen.checkpoint, validated.rows_file, cfg.data.dir, validated.class_names, cfg.evaluate, report_dir, scores_dir
+            chosen.checkpoint, validated.rows_file, cfg.data.dir, validated.class_names, cfg.evaluate, report_dir,
+            scores_dir, prefix,
         )
         compute = {"features": features.seconds, **{f"fit_{r.stage}": r.seconds for r in results}, "evaluate": evaluation.seconds}
         log_results_task(run_id, results, chosen, evaluation, metric, skipped, report_dir, compute)

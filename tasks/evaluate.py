@@ -2,6 +2,12 @@
 
 The classifier is fed raw decoded images exactly as a client of the registered model would
 (its own resize and preprocessing inside), so the reported numbers are the exported model's.
+When the chosen model's lower layers are the frozen backbone (a head-only model, or a stage
+trained on a cached prefix), their output for the test images is cached once per data version
+(``tasks/features.py``, :func:`~tasks.features.compute_scoring_prefix`) and only the layers
+above it run: iterating on the head no longer pushes every test image through VGG19 again.
+A spread sample of test images is still scored through the whole saved model and must agree;
+if it does not, every test image is scored that way instead.
 Its test-set probabilities are kept, keyed by the checkpoint's content and the test images: a
 re-run that chose the same checkpoint on the same data reuses them instead of scoring again.
 """
@@ -18,6 +24,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
+from tasks.features import ScoringPrefix
 from vggflow.caching import stable_hash
 from vggflow.config import EvaluateConfig
 from vggflow.files import atomic_write_bytes, atomic_write_text, file_sha256, read_rows
@@ -33,6 +40,15 @@ class Evaluation(BaseModel):
     files: dict[str, Path]
     seconds: float = 0.0
     scores_reused: bool = False
+    scored_from: str = "images"
+
+
+#: Test images scored through the whole saved model when the rest come from a cached prefix.
+CHECKED_IMAGES = 8
+
+#: Largest difference in any class probability allowed between the two routes: they are the
+#: same layers on the same pixels, differing only by float round-off (batch composition).
+PREFIX_TOLERANCE = 1e-4
 
 
 def reuse_or_compute(cache_file: Path | None, n_rows: int, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
@@ -105,6 +121,43 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict[
     return metrics, confusion_matrix(y_true, y_pred, labels=labels)
 
 
+def scores_from_prefix(
+    model, prefix: ScoringPrefix, test_rows: pd.DataFrame, whole_model: Callable[[list[Path]], np.ndarray],
+    paths: list[Path], batch_size: int,
+) -> tuple[np.ndarray | None, str]:
+    """Test-set probabilities from the cached frozen-part outputs, checked against the whole model.
+
+    Args:
+        model: the loaded classifier (its layers above ``prefix.layer`` run here).
+        prefix: the test images' cached output of the model's frozen part.
+        test_rows: the test rows, in the order the prefix was cached for.
+        whole_model: scores image files through the whole classifier (the check).
+        paths: the test image files, aligned with ``test_rows``.
+        batch_size: rows per forward pass.
+
+    Returns:
+        The probabilities, or None when the cache does not match these rows or the check
+        disagrees (then score the images); and a line saying which and why.
+    """
+    from tasks.features import RowView, verified_arrays
+    from vggflow.model import head_model, suffix_model
+
+    if prefix.layer not in verified_arrays(prefix.directory, test_rows.reset_index(drop=True)):
+        return None, f"images (the cached {prefix.layer} of the test images does not match them)"
+    upper = head_model(model) if prefix.layer == "avg_pool" else suffix_model(model, prefix.unfreeze_from)
+    rows = RowView(prefix.directory / f"{prefix.layer}.npy", np.arange(len(test_rows)))
+    probabilities = np.concatenate(
+        [np.asarray(upper.predict_on_batch(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
+    )
+    sample = np.unique(np.linspace(0, len(paths) - 1, min(CHECKED_IMAGES, len(paths))).round().astype(int))
+    difference = float(np.max(np.abs(whole_model([paths[i] for i in sample]) - probabilities[sample])))
+    if not difference <= PREFIX_TOLERANCE:
+        return None, (f"images (the cached {prefix.layer} route differed from the whole model by {difference:.2g} "
+                      f"on {len(sample)} test images, more than {PREFIX_TOLERANCE:g})")
+    return probabilities, (f"cached {prefix.layer} of the test images ({len(sample)} also scored through the whole "
+                           f"model: max |difference| {difference:.1g})")
+
+
 def evaluate_classifier(
     checkpoint: Path,
     test_rows: pd.DataFrame,
@@ -113,26 +166,43 @@ def evaluate_classifier(
     cfg: EvaluateConfig,
     out_dir: Path,
     scores_dir: Path | None = None,
+    prefix: ScoringPrefix | None = None,
 ) -> Evaluation:
     """Score a saved classifier on the test rows and write the report files into ``out_dir``.
 
     Files: confusion matrix PNG, per-class CSV + chart, predictions CSV, a grid of the worst
     misclassified test images. With ``scores_dir`` (this data version's, see :func:`scores_file`),
     the probabilities are kept there and reused by a later call on the same checkpoint content.
+    With ``prefix``, the test images' cached frozen-part outputs feed the layers above them
+    (:func:`scores_from_prefix`).
     """
     from tasks import report
     from vggflow.datasets import predict_in_batches
     from vggflow.images import load_rgb
 
     paths = [Path(data_dir) / p for p in test_rows["path"]]
+    route = {"from": "kept scores"}
 
     def predict_test_set() -> np.ndarray:
         import keras
 
         model = keras.saving.load_model(checkpoint, compile=False)
-        return predict_in_batches(lambda batch: model.predict_on_batch(batch.astype(np.float32)), paths, cfg.batch_size)
 
-    cache = scores_file(scores_dir, f"checkpoint-{file_sha256(checkpoint)}", test_rows, class_names, cfg.batch_size)
+        def whole_model(files: list[Path]) -> np.ndarray:
+            return predict_in_batches(lambda batch: model.predict_on_batch(batch.astype(np.float32)), files, cfg.batch_size)
+
+        if prefix is not None:
+            probabilities, route["from"] = scores_from_prefix(model, prefix, test_rows, whole_model, paths, cfg.batch_size)
+            if probabilities is not None:
+                return probabilities
+            print(f"evaluate: scoring the test images through the whole model: {route['from']}")
+        else:
+            route["from"] = "images"
+        return whole_model(paths)
+
+    # The route is part of the key: the two differ by float round-off, and kept scores are exact.
+    identity = f"checkpoint-{file_sha256(checkpoint)}" + (f"-from-{prefix.layer}" if prefix is not None else "")
+    cache = scores_file(scores_dir, identity, test_rows, class_names, cfg.batch_size)
     started = time.perf_counter()
     probabilities, reused = reuse_or_compute(cache, len(paths), predict_test_set)
     seconds = 0.0 if reused else time.perf_counter() - started
@@ -164,7 +234,7 @@ def evaluate_classifier(
             metrics[f"{name}_{row['class']}"] = float(row[name])
     return Evaluation(
         metrics=metrics, n_test=len(y_true), confusion=confusion.tolist(), class_names=class_names, files=files,
-        seconds=seconds, scores_reused=reused,
+        seconds=seconds, scores_reused=reused, scored_from=route["from"],
     )
 
 
@@ -177,10 +247,15 @@ def evaluate_task(
     cfg: EvaluateConfig,
     out_dir: Path,
     scores_dir: Path | None = None,
+    prefix: ScoringPrefix | None = None,
 ) -> Evaluation:
     """Prefect shell: evaluate the chosen classifier on the test split of the validated rows."""
     rows = read_rows(rows_file)
-    evaluation = evaluate_classifier(checkpoint, rows[rows["split"] == "test"], data_dir, class_names, cfg, out_dir, scores_dir)
+    evaluation = evaluate_classifier(
+        checkpoint, rows[rows["split"] == "test"], data_dir, class_names, cfg, out_dir, scores_dir, prefix
+    )
     if evaluation.scores_reused:
         print(f"evaluate: same checkpoint, same test images: reused its {evaluation.n_test} test-set scores")
+    else:
+        print(f"evaluate: {evaluation.n_test} test images scored from {evaluation.scored_from}")
     return evaluation

@@ -2,10 +2,14 @@
 
 The seed's Example 1 re-runs the frozen base on every image in every epoch; its output never
 changes, so we compute it once per (dataset, backbone, image size) and train the head on it.
-Test images are not cached: the test split is scored through the whole exported classifier
-(``tasks/evaluate.py``), which runs the base itself, so their cached outputs would never be read.
 The same pass also stores each fine-tuning stage's frozen-prefix output (e.g. ``block4_pool``
 for a ``block5`` stage) so stages do not recompute their frozen lower blocks every epoch.
+
+Test images are not part of that pass: which of their outputs is useful depends on the stage
+chosen later. After the choice, :func:`compute_scoring_prefix` caches the test images' output of
+the chosen model's frozen part (``avg_pool`` for a head-only model, ``block4_pool`` for a
+``block5`` stage, …) in ``<key>/test/``, so evaluating the next head or stage trained on the
+same data runs only the layers that changed (``tasks/evaluate.py``).
 
 Cache layout: ``<cache_dir>/features/<key>/<layer>.npy`` plus ``meta.json`` (shapes, sha256 of
 every array, the row order). ``meta.json`` is written last, atomically: an entry without it,
@@ -32,6 +36,9 @@ META_FILE = "meta.json"
 
 #: The splits whose base outputs training reads (see the module docstring for the test split).
 CACHED_SPLITS = ("train", "val")
+
+#: Sub-folder of a feature cache folder holding the test images' frozen-prefix outputs.
+TEST_DIR = "test"
 
 
 class FeatureSet(BaseModel):
@@ -77,8 +84,13 @@ def verified_layers(directory: Path, rows: pd.DataFrame) -> set[str]:
     ``rows`` are the usable manifest rows (only their cached splits count). A truncated or
     corrupted array (checksum mismatch) is treated as missing, so it is rebuilt.
     """
+    return verified_arrays(directory, cached_rows(rows))
+
+
+def verified_arrays(directory: Path, rows: pd.DataFrame) -> set[str]:
+    """Layers of ``directory`` whose arrays are intact and aligned with exactly ``rows``, in order."""
     meta = read_meta(directory)
-    if meta.get("paths_sha256") != _paths_digest(cached_rows(rows)):
+    if meta.get("paths_sha256") != _paths_digest(rows):
         return set()
     good = set()
     for name, info in meta.get("layers", {}).items():
@@ -203,7 +215,7 @@ def load_layer(features: FeatureSet, layer: str, split: str | None = None) -> tu
     """A cached layer's rows and their class indices, optionally for one split.
 
     Without ``split``: the whole array, memory-mapped. With a split: a view that reads only the
-    rows asked for, from the file, when sliced (see :class:`_RowView`).
+    rows asked for, from the file, when sliced (see :class:`RowView`).
     """
     rows = read_rows(features.rows_file)
     path = features.directory / f"{layer}.npy"
@@ -211,10 +223,10 @@ def load_layer(features: FeatureSet, layer: str, split: str | None = None) -> tu
     if split is None:
         return np.load(path, mmap_mode="r"), labels
     mask = (rows["split"] == split).to_numpy()
-    return _RowView(path, np.flatnonzero(mask)), labels[mask]
+    return RowView(path, np.flatnonzero(mask)), labels[mask]
 
 
-class _RowView:
+class RowView:
     """Rows ``index`` of a cached ``.npy`` array, read from the file only when sliced.
 
     Reads with ``pread`` rather than through a memory map: pages of a mapped file count in the
@@ -365,3 +377,92 @@ def _bytes_per_image(layers: list[str], image_size: int) -> int:
 
     stage_of = {"input_layer": "block1", **{f"block{i}_pool": f"block{i + 1}" for i in range(1, 5)}}
     return 2048 + sum(prefix_bytes(stage_of[name], image_size, 1) for name in layers if name in stage_of)
+
+
+class ScoringPrefix(BaseModel):
+    """Reference to the test images' cached output of the chosen model's frozen part.
+
+    Attributes:
+        directory: the folder holding ``<layer>.npy`` for the test rows (checksummed ``meta.json``).
+        layer: ``avg_pool`` (a head-only model) or the chosen stage's prefix layer (``block4_pool``, …).
+        unfreeze_from: the chosen stage's first trainable block, None for a head-only model.
+        n_images: test rows covered, in the validated rows' order.
+    """
+
+    directory: Path
+    layer: str
+    unfreeze_from: str | None
+    n_images: int
+
+
+def scoring_prefix_layer(prefix_cache: str | None) -> str | None:
+    """The layer whose test-image output can score a stage trained on ``prefix_cache``, else None.
+
+    A stage's ``prefix_cache`` (``avg_pool`` for the head) names frozen layers that are still the
+    original backbone, so their output for a test image is the same whichever head or stage was
+    trained on top. ``input_layer`` (an ``all`` stage) has nothing frozen to skip: None, and the
+    test images are scored through the whole model.
+    """
+    return prefix_cache if prefix_cache not in (None, "input_layer") else None
+
+
+def compute_scoring_prefix(
+    rows: pd.DataFrame,
+    data_dir: Path,
+    weights,
+    image_size: int,
+    batch_size: int,
+    features_dir: Path,
+    prefix_cache: str | None,
+    unfreeze_from: str | None,
+    progress=None,
+) -> ScoringPrefix | None:
+    """Make sure the test rows' output of the chosen model's frozen part is cached (once per data version).
+
+    Args:
+        rows: usable manifest rows (only the test split is used).
+        data_dir: dataset root.
+        weights: the resolved backbone weights (the frozen part's weights).
+        image_size: square input side.
+        batch_size: images per forward pass.
+        features_dir: this data version's feature cache folder (:attr:`FeatureSet.directory`).
+        prefix_cache: the chosen stage's ``prefix_cache`` (see :func:`scoring_prefix_layer`).
+        unfreeze_from: the chosen stage's first trainable block (None: head only).
+
+    Returns:
+        A reference to the cached array, or None when the chosen model has no frozen part to
+        skip or there are no test rows (then the test images are scored through the whole model).
+    """
+    from vggflow.model import build_base
+
+    layer = scoring_prefix_layer(prefix_cache)
+    test = rows[rows["split"] == "test"].reset_index(drop=True)
+    if layer is None or len(test) == 0:
+        return None
+    directory = Path(features_dir) / TEST_DIR
+    if layer not in verified_arrays(directory, test):
+        from tasks.preflight import check_disk_space, required_bytes
+
+        check_disk_space(directory, required_bytes(len(test), _bytes_per_image([layer], image_size), 0))
+        extract_features(test, data_dir, build_base(weights, image_size), [layer], image_size, batch_size, directory, progress)
+    return ScoringPrefix(directory=directory, layer=layer, unfreeze_from=unfreeze_from, n_images=len(test))
+
+
+@task(name="cache-test-prefix")
+def compute_scoring_prefix_task(
+    rows_file: Path,
+    data_dir: Path,
+    weights,
+    image_size: int,
+    batch_size: int,
+    features: FeatureSet,
+    prefix_cache: str | None,
+    unfreeze_from: str | None,
+) -> ScoringPrefix | None:
+    """Prefect shell: cache the test images' output of the chosen model's frozen part, when it has one."""
+    if scoring_prefix_layer(prefix_cache) is None:
+        return None
+    return compute_scoring_prefix(
+        read_rows(rows_file), data_dir, weights, image_size, batch_size, features.directory, prefix_cache, unfreeze_from,
+        progress_logger("test images' frozen-part outputs"),
+    )

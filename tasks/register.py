@@ -93,6 +93,8 @@ def log_results(
     metrics += [Metric(f"seconds_{metric_key(k)}", float(v), now, 0) for k, v in (compute_seconds or {}).items()]
     client.log_batch(run_id, metrics=metrics, params=params)
     client.set_tag(run_id, TAG_FREEZE, chosen.stage)
+    # How the test set was scored: images through the whole model, a cached frozen part, or kept scores.
+    client.set_tag(run_id, "vggflow.test_scored_from", evaluation.scored_from)
     table = stage_table(stages, chosen)
     client.log_dict(run_id, {"selection_metric": selection_metric, "chosen": freeze, "stages": table, "skipped": skipped}, "stages/stage_comparison.json")
     history = pd.DataFrame([epoch | {"stage": s.stage} for s in stages for epoch in s.history])

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("keras")
 
-from tasks.features import _RowView, compute_features, load_layer  # noqa: E402
+from tasks.features import RowView, compute_features, load_layer  # noqa: E402
 from vggflow.config import BackboneConfig  # noqa: E402
 from vggflow.model import resolve_weights  # noqa: E402
 
@@ -46,14 +46,14 @@ def test_cache_is_written_and_read_without_memory_maps(tmp_path, tiny_dataset, r
 
     view, labels = load_layer(features, "block4_pool", "train")
     index = np.flatnonzero((cached["split"] == "train").to_numpy())
-    assert isinstance(view, _RowView) and view.shape == (len(index), 2, 2, 512) and len(labels) == len(index)
+    assert isinstance(view, RowView) and view.shape == (len(index), 2, 2, 512) and len(labels) == len(index)
     np.testing.assert_array_equal(view[: len(view)], full[index])
     np.testing.assert_array_equal(view[np.array([3, 0, 1, 2])], full[index[[3, 0, 1, 2]]])  # any order, runs
     np.testing.assert_array_equal(view[2], full[index[2]])
     assert _mapped("block4_pool.npy") == []  # nothing mapped while reading
 
     # A split whose rows are contiguous (one read) and a wide layer.
-    contiguous = _RowView(features.directory / "input_layer.npy", np.arange(2, 9))
+    contiguous = RowView(features.directory / "input_layer.npy", np.arange(2, 9))
     np.testing.assert_array_equal(contiguous[1:5], np.load(features.directory / "input_layer.npy")[3:7])
 
 
@@ -61,7 +61,7 @@ def test_truncated_cache_file_is_an_error_not_garbage(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, np.arange(40, dtype=np.float32).reshape(10, 4))
     path.write_bytes(path.read_bytes()[:-8])  # last row cut short
-    view = _RowView(path, np.arange(10))
+    view = RowView(path, np.arange(10))
     np.testing.assert_array_equal(view[:3], np.arange(12, dtype=np.float32).reshape(3, 4))
     with pytest.raises(OSError, match="short read"):
         view[8:10]

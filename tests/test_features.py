@@ -234,13 +234,13 @@ def test_array_dataset_gives_every_row_once_per_epoch_in_a_seeded_order(tmp_path
     epoch, the same orders for the same seed, and rows read from a cache file's row view."""
     import math
 
-    from tasks.features import _RowView
+    from tasks.features import RowView
     from vggflow.datasets import array_dataset
 
     n, batch = 23, 5
     values = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
     np.save(tmp_path / "x.npy", values)
-    view = _RowView(tmp_path / "x.npy", np.arange(n))
+    view = RowView(tmp_path / "x.npy", np.arange(n))
     labels = np.arange(n) % 4
 
     def epochs(seed: int, count: int = 3) -> list[list[int]]:

@@ -63,6 +63,10 @@ def test_training_flow_end_to_end(project: Path, tiny_dataset: Path, prefect_ser
     comparison = json.loads(Path(client.download_artifacts(summary.run_id, "stages/stage_comparison.json")).read_text())
     assert [s["stage"] for s in comparison["stages"]] == ["head", "block5", "block4", "all"]
     assert sum(s["chosen"] for s in comparison["stages"]) == 1
+    # The test set was scored from the chosen model's cached frozen part, if it has one.
+    chosen = next(s for s in comparison["stages"] if s["chosen"])
+    route = "images" if chosen["prefix_cache"] in (None, "input_layer") else f"cached {chosen['prefix_cache']}"
+    assert tags["vggflow.test_scored_from"].startswith(route), tags["vggflow.test_scored_from"]
     # The registered version, promoted as the first champion.
     version = client.get_model_version("vgg19-classifier", summary.model_version)
     assert version.run_id == summary.run_id

@@ -82,7 +82,7 @@ def test_unfreeze_to_counts_layers(classifier):
 
 def test_suffix_and_head_models_share_the_classifiers_layers(classifier):
     images = np.random.default_rng(3).integers(0, 256, (3, SIZE, SIZE, 3)).astype(np.float32)
-    extractor = feature_extractor(base_of(classifier), ["block4_pool", "input_layer"], SIZE)
+    extractor = feature_extractor(base_of(classifier), ["avg_pool", "block4_pool", "input_layer"], SIZE)
     outputs = extractor(images)
     full = classifier(images).numpy()
     np.testing.assert_allclose(head_model(classifier)(outputs["avg_pool"]).numpy(), full, atol=1e-5)
@@ -95,3 +95,10 @@ def test_suffix_and_head_models_share_the_classifiers_layers(classifier):
     suffix.get_layer("predictions").set_weights([kernel * 0, bias * 0])
     np.testing.assert_allclose(classifier(images).numpy(), 1 / 3, atol=1e-6)
     dense.set_weights([kernel, bias])
+
+
+def test_feature_extractor_ends_at_the_deepest_layer_asked_for(classifier):
+    names = [layer.name for layer in feature_extractor(base_of(classifier), ["block4_pool"], SIZE).layers]
+    assert "block4_pool" in names and "block5_conv1" not in names and "avg_pool" not in names
+    with pytest.raises(ValueError, match="unknown"):
+        feature_extractor(base_of(classifier), ["block9_pool"], SIZE)

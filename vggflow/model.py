@@ -270,18 +270,28 @@ def suffix_model(model: keras.Model, unfreeze_from: str) -> keras.Model:
 
 
 def feature_extractor(base: keras.Model, layer_names: list[str], image_size: int) -> keras.Model:
-    """Raw resized images → {layer name: output} for the frozen base, plus ``avg_pool`` features.
+    """Raw resized images → {layer name: output} for the frozen base, for exactly ``layer_names``.
 
-    One forward pass yields the head's pooled features and every stage's cached prefix output.
+    One forward pass yields the head's pooled features (``avg_pool``) and every stage's cached
+    prefix output; the graph ends at the deepest layer asked for (a test split's ``block4_pool``
+    alone does not run ``block5``).
     """
     images = keras.Input(shape=(image_size, image_size, 3), name="image")
+    wanted = set(layer_names)
+    known = {layer.name for layer in base.layers[1:]} | {"input_layer", "avg_pool"}
+    if not wanted or not wanted <= known:
+        raise ValueError(f"feature_extractor: unknown or no layers {sorted(wanted - known) or layer_names}")
     x = vgg19.preprocess_input(images)
     outputs: dict[str, keras.KerasTensor] = {}
-    for layer in base.layers[1:]:
+    if "input_layer" in wanted:
+        outputs["input_layer"] = x
+    deepest = len(base.layers) if "avg_pool" in wanted else max(
+        (i for i, layer in enumerate(base.layers) if layer.name in wanted), default=0
+    )
+    for layer in base.layers[1 : deepest + 1]:
         x = layer(x)
-        if layer.name in layer_names:
+        if layer.name in wanted:
             outputs[layer.name] = x
-    if "input_layer" in layer_names:
-        outputs["input_layer"] = vgg19.preprocess_input(images)
-    outputs["avg_pool"] = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if "avg_pool" in wanted:
+        outputs["avg_pool"] = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.Model(images, outputs, name="feature_extractor")
