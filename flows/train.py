@@ -88,7 +88,10 @@ def train_flow(
             validated.fingerprint, layers, validated.class_names,
             cache_key=feature_cache_key(validated.fingerprint, weights.identity, size, layers),
         )
-        key = stable_hash(features.key, cfg.head, seed, validated.class_names)
+        # The head reads only the pooled features: keyed without the stages' prefix layers, so
+        # adding stages after iterating on the head alone reuses the head already trained.
+        pooled = feature_cache_key(validated.fingerprint, weights.identity, size, ["avg_pool"])
+        key = stable_hash(pooled, cfg.head, seed, validated.class_names)
         stage_run = open_stage_run(ready.experiment_id, run_id, HEAD_STAGE, None, cfg.head.learning_rate)
         head = train_head_task(
             features, weights, size, cfg.head, seed, cfg.work_dir / "checkpoints" / f"{key}.keras",

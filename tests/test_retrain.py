@@ -241,6 +241,26 @@ def test_same_data_new_head_learning_rate_reuses_cached_features(trained_project
 
 
 @pytest.mark.slow
+def test_head_only_reruns_reuse_the_head_and_score_from_cached_test_features(trained_project: Path):
+    """Iterating on the head alone (no stages) on the same data: the head trained with the
+    stages is reused (its key does not depend on the stages' prefix layers); a new head's test
+    images are scored from their cached pooled features, checked against the whole model."""
+    from mlflow.tracking import MlflowClient
+
+    outcome, flow_run_id, _ = run_retrain("finetune.stages=[]", force=True)
+    (training,) = subflow_runs(flow_run_id)
+    assert task_states(training.id)["train-head"] == "Cached"
+    assert outcome.training["freeze_configuration"]["stage"] == "head"
+
+    outcome, flow_run_id, _ = run_retrain("finetune.stages=[]", "head.learning_rate=0.004", force=True)
+    (training,) = subflow_runs(flow_run_id)
+    states = task_states(training.id)
+    assert states["train-head"] == "Completed" and states["extract-features"] == "Cached", states
+    tags = MlflowClient().get_run(outcome.training["run_id"]).data.tags
+    assert tags["vggflow.test_scored_from"].startswith("cached avg_pool of the test images ("), tags["vggflow.test_scored_from"]
+
+
+@pytest.mark.slow
 def test_new_images_are_retrained_and_gated(trained_project: Path):
     from mlflow.tracking import MlflowClient
 
