@@ -164,7 +164,7 @@ def child_vggflow(args) -> dict:
     seconds = time.perf_counter() - started
 
     # Not timed, like the seed's test predictions: the whole saved classifier on the test images,
-    # as vggflow's evaluate step scores it (test images are not in the feature cache).
+    # as a client of the registered model would (test images are not in the training extraction).
     model = keras.saving.load_model(checkpoint)
     test = rows[rows["split"] == "test"]
     y_test = test["label"].map({name: i for i, name in enumerate(classes)}).to_numpy()

@@ -1,6 +1,7 @@
 """Benchmark 4: end-to-end `vggflow train` on the demo data — time per task and fixed overhead.
 
-Fixed overhead = wall time of the whole command − TensorFlow compute (feature extraction, every
+Fixed overhead = wall time of the whole command − TensorFlow compute (feature extraction, the test
+images' pass through the chosen model's frozen part, every
 stage's `fit`, test-set prediction; the run logs them as `seconds_*` metrics). It is what a user
 waits for that is not the model: imports, Prefect's temporary server, the MLflow store, data
 validation, DVC, logging and registering. Goal: ≤ 15 s.

@@ -132,7 +132,10 @@ def train_flow(
             chosen.checkpoint, validated.rows_file, cfg.data.dir, validated.class_names, cfg.evaluate, report_dir,
             scores_dir, prefix,
         )
-        compute = {"features": features.seconds, **{f"fit_{r.stage}": r.seconds for r in results}, "evaluate": evaluation.seconds}
+        compute = {
+            "features": features.seconds, **{f"fit_{r.stage}": r.seconds for r in results},
+            "test_prefix": prefix.seconds if prefix else 0.0, "evaluate": evaluation.seconds,
+        }
         log_results_task(run_id, results, chosen, evaluation, metric, skipped, report_dir, compute)
         model_uri = log_model_task(run_id, chosen.checkpoint, validated.class_names, size, report_dir)
         version = register_task(model_uri, cfg.registry, run_id, chosen, evaluation)

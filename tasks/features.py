@@ -387,12 +387,14 @@ class ScoringPrefix(BaseModel):
         layer: ``avg_pool`` (a head-only model) or the chosen stage's prefix layer (``block4_pool``, …).
         unfreeze_from: the chosen stage's first trainable block, None for a head-only model.
         n_images: test rows covered, in the validated rows' order.
+        seconds: time spent computing it (0 when the cached array was reused).
     """
 
     directory: Path
     layer: str
     unfreeze_from: str | None
     n_images: int
+    seconds: float = 0.0
 
 
 def scoring_prefix_layer(prefix_cache: str | None) -> str | None:
@@ -440,12 +442,14 @@ def compute_scoring_prefix(
     if layer is None or len(test) == 0:
         return None
     directory = Path(features_dir) / TEST_DIR
+    started, seconds = time.perf_counter(), 0.0
     if layer not in verified_arrays(directory, test):
         from tasks.preflight import check_disk_space, required_bytes
 
         check_disk_space(directory, required_bytes(len(test), _bytes_per_image([layer], image_size), 0))
         extract_features(test, data_dir, build_base(weights, image_size), [layer], image_size, batch_size, directory, progress)
-    return ScoringPrefix(directory=directory, layer=layer, unfreeze_from=unfreeze_from, n_images=len(test))
+        seconds = time.perf_counter() - started
+    return ScoringPrefix(directory=directory, layer=layer, unfreeze_from=unfreeze_from, n_images=len(test), seconds=seconds)
 
 
 @task(name="cache-test-prefix")

@@ -33,7 +33,7 @@ def test_features_are_the_classifiers_pooled_base_output_and_are_cached(tmp_path
                   cache_dir=tmp_path / "cache", fingerprint="fp", layers=["block4_pool"], class_names=classes)
     features = compute_features(**kwargs)
     assert set(features.layers) == {"avg_pool", "block4_pool"}
-    # Train and val rows only, in manifest order: test images are scored by the whole classifier.
+    # Train and val rows only, in manifest order: the test images' outputs are cached apart, after the choice.
     cached = rows[rows["split"] != "test"].reset_index(drop=True)
     assert features.n_images == len(cached) < len(rows)
     pooled, labels = load_layer(features, "avg_pool")
