@@ -56,8 +56,9 @@ def test_cached_prefix_scores_match_the_whole_model_and_are_computed_once(tmp_pa
     assert prefix is not None and prefix.n_images == 12 and array.is_file()
     # Computed once per data version: a second call (the next head or stage) reuses the file.
     written = os.stat(array).st_mtime_ns
-    assert compute_scoring_prefix(rows, tiny_dataset, weights, 32, 8, features.directory, result.prefix_cache, result.unfreeze_from) == prefix
+    again = compute_scoring_prefix(rows, tiny_dataset, weights, 32, 8, features.directory, result.prefix_cache, result.unfreeze_from)
     assert os.stat(array).st_mtime_ns == written
+    assert prefix.seconds > 0 and again == prefix.model_copy(update={"seconds": 0.0})
 
     whole = _evaluate(tmp_path, tiny_dataset, rows, classes, result, None, "whole")
     cached = _evaluate(tmp_path, tiny_dataset, rows, classes, result, prefix, "cached")
