@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: install data demo test test-fast lock clean-runs
+.PHONY: install data demo test test-fast lint format lock clean-runs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+# ruff: lint rules and the formatter, one line length (pyproject.toml, [tool.ruff]).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # Regenerate the lock after changing dependencies in pyproject.toml.
 lock: | $(BIN)/python

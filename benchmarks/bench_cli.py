@@ -30,15 +30,27 @@ from pathlib import Path
 
 import common
 from common import (
-    alternate, base_args, fashion_mnist_folder, header, med, new_project, project_env, publish, resolve_out, run_process,
-    start, table, vggflow_train,
+    alternate,
+    base_args,
+    fashion_mnist_folder,
+    header,
+    med,
+    new_project,
+    project_env,
+    publish,
+    resolve_out,
+    run_process,
+    start,
+    table,
+    vggflow_train,
 )
 
 NAME = "cli"
 #: The installed console script, and the same with `imports_without_gc` turned into a no-op.
 CONSOLE = [str(common.VGGFLOW)]
 GC_AS_USUAL = [
-    common.PYTHON, "-c",
+    common.PYTHON,
+    "-c",
     "import contextlib, vggflow.runtime as r; r.imports_without_gc = contextlib.nullcontext; "
     "from vggflow.cli import console; console()",
 ]
@@ -85,18 +97,33 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for command in commands:
         installed, usual = (med(results[f"{command} · {v}"], "wall_s") for v in VARIANTS)
-        rows.append([f"`vggflow {command}`", f"{installed:.2f}", f"{usual:.2f}", f"**{usual / installed:.2f}x**",
-                     ", ".join(f"{a['wall_s']:.2f}/{b['wall_s']:.2f}" for a, b in
-                               zip(*(results[f"{command} · {v}"] for v in VARIANTS)))])
+        rows.append(
+            [
+                f"`vggflow {command}`",
+                f"{installed:.2f}",
+                f"{usual:.2f}",
+                f"**{usual / installed:.2f}x**",
+                ", ".join(
+                    f"{a['wall_s']:.2f}/{b['wall_s']:.2f}"
+                    for a, b in zip(*(results[f"{command} · {v}"] for v in VARIANTS))
+                ),
+            ]
+        )
     text = header(
         "Short CLI commands: wall time, with and without `imports_without_gc`",
         ("python benchmarks/bench_cli.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
         f"Whole processes, start to exit, in a project trained once on {args.images} Fashion-MNIST PNGs (64² config). "
         f"Variants alternated (the order rotates), {args.rounds} rounds, medians. See the script's docstring.",
     )
-    text += "\n## Results (seconds, medians)\n\n" + table(
-        ["command", "as installed", "GC as usual", "GC as usual / installed", "per round (installed/as usual)"],
-        rows, align="lrrrl") + "\n"
+    text += (
+        "\n## Results (seconds, medians)\n\n"
+        + table(
+            ["command", "as installed", "GC as usual", "GC as usual / installed", "per round (installed/as usual)"],
+            rows,
+            align="lrrrl",
+        )
+        + "\n"
+    )
     publish(out, text, info, results)
     return 0
 

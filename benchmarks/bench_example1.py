@@ -43,8 +43,19 @@ from pathlib import Path
 
 import common
 from common import (
-    alternate, base_args, best, dataset_rows, emit, fashion_mnist_folder, header, med, publish, resolve_out,
-    run_child, start, table,
+    alternate,
+    base_args,
+    best,
+    dataset_rows,
+    emit,
+    fashion_mnist_folder,
+    header,
+    med,
+    publish,
+    resolve_out,
+    run_child,
+    start,
+    table,
 )
 
 NAME = "example1"
@@ -75,7 +86,9 @@ def _decoded(folder: Path, part, args):
 
     from vggflow.datasets import image_dataset
 
-    return np.concatenate([b.numpy() for b in image_dataset([folder / p for p in part["path"]], None, args.size, args.batch_size)])
+    return np.concatenate(
+        [b.numpy() for b in image_dataset([folder / p for p in part["path"]], None, args.size, args.batch_size)]
+    )
 
 
 def _accuracy(probabilities, labels) -> float:
@@ -138,10 +151,21 @@ def child_seed(args) -> dict:
     for name, values in per_epoch[best_epoch].items():
         model.get_layer(name).set_weights(values)
     best_acc = _accuracy(model.predict(x_test, batch_size=args.batch_size, verbose=0), y_test)
-    np.savez(Path(args.scratch) / "seed_head.npz", *[w for name in ("head_dense", "predictions") for w in per_epoch[best_epoch][name]])
-    return {"seconds": seconds, "load_s": loaded, "test_acc_final": final_acc, "test_acc_best_val_loss": best_acc,
-            "best_epoch": best_epoch, "n_train": len(data["train"][1]), "n_val": len(data["val"][1]), "n_test": len(y_test),
-            "val_loss": fitted.history["val_loss"]}
+    np.savez(
+        Path(args.scratch) / "seed_head.npz",
+        *[w for name in ("head_dense", "predictions") for w in per_epoch[best_epoch][name]],
+    )
+    return {
+        "seconds": seconds,
+        "load_s": loaded,
+        "test_acc_final": final_acc,
+        "test_acc_best_val_loss": best_acc,
+        "best_epoch": best_epoch,
+        "n_train": len(data["train"][1]),
+        "n_val": len(data["val"][1]),
+        "n_test": len(y_test),
+        "val_loss": fitted.history["val_loss"],
+    }
 
 
 def child_vggflow(args) -> dict:
@@ -149,18 +173,27 @@ def child_vggflow(args) -> dict:
     import keras
     import numpy as np
 
-    from tasks.features import compute_features
-    from tasks.train_head import train_head
+    from vggflow.tasks.features import compute_features
+    from vggflow.tasks.train_head import train_head
 
     folder, rows, weights, classes = _setup(args)
     cache = Path(tempfile.mkdtemp(dir=args.scratch))
     checkpoint = cache / "head.keras"
     epochs_seen: list[dict] = []
     started = time.perf_counter()
-    features = compute_features(rows, folder, weights, args.size, args.batch_size, cache, common.fingerprint(rows), [], classes)
+    features = compute_features(
+        rows, folder, weights, args.size, args.batch_size, cache, common.fingerprint(rows), [], classes
+    )
     extracted = time.perf_counter() - started
-    result = train_head(features, weights, args.size, _head_cfg(args), SEED, checkpoint,
-                        on_epoch=lambda epoch, logs: epochs_seen.append(logs))
+    result = train_head(
+        features,
+        weights,
+        args.size,
+        _head_cfg(args),
+        SEED,
+        checkpoint,
+        on_epoch=lambda epoch, logs: epochs_seen.append(logs),
+    )
     seconds = time.perf_counter() - started
 
     # Not timed, like the seed's test predictions: the whole saved classifier on the test images,
@@ -169,10 +202,20 @@ def child_vggflow(args) -> dict:
     test = rows[rows["split"] == "test"]
     y_test = test["label"].map({name: i for i, name in enumerate(classes)}).to_numpy()
     acc = _accuracy(model.predict(_decoded(folder, test, args), batch_size=args.batch_size, verbose=0), y_test)
-    np.savez(Path(args.scratch) / "vggflow_head.npz", *[w for name in ("head_dense", "predictions") for w in model.get_layer(name).get_weights()])
+    np.savez(
+        Path(args.scratch) / "vggflow_head.npz",
+        *[w for name in ("head_dense", "predictions") for w in model.get_layer(name).get_weights()],
+    )
     shutil.rmtree(cache)
-    return {"seconds": seconds, "extract_s": extracted, "head_fit_s": result.seconds, "test_acc": acc,
-            "best_epoch": result.best_epoch, "n_test": len(y_test), "val_loss": [e["val_loss"] for e in epochs_seen]}
+    return {
+        "seconds": seconds,
+        "extract_s": extracted,
+        "head_fit_s": result.seconds,
+        "test_acc": acc,
+        "best_epoch": result.best_epoch,
+        "n_test": len(y_test),
+        "val_loss": [e["val_loss"] for e in epochs_seen],
+    }
 
 
 def _head_diff(scratch: Path) -> float:
@@ -188,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, help="forward-pass batch (default: the product's features.batch_size)")
+    parser.add_argument(
+        "--batch-size", type=int, help="forward-pass batch (default: the product's features.batch_size)"
+    )
     parser.add_argument("--in-process", action="store_true", help="run both ways in this process (smoke tests)")
     parser.add_argument("--child", choices=["seed", "vggflow"], help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -216,8 +261,20 @@ def main(argv: list[str] | None = None) -> int:
         def run() -> dict:
             if args.in_process:
                 return child_seed(args) if name == "seed" else child_vggflow(args)
-            child_args = ["--child", name, "--scratch", str(scratch), "--images", str(args.images), "--size", str(args.size),
-                          "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+            child_args = [
+                "--child",
+                name,
+                "--scratch",
+                str(scratch),
+                "--images",
+                str(args.images),
+                "--size",
+                str(args.size),
+                "--epochs",
+                str(args.epochs),
+                "--batch-size",
+                str(args.batch_size),
+            ]
             t0 = time.perf_counter()
             result = run_child(Path(__file__), child_args)
             result["process_s"] = time.perf_counter() - t0
@@ -234,36 +291,65 @@ def main(argv: list[str] | None = None) -> int:
     ratio = med(seed, "seconds") / med(ours, "seconds")
     ratio_best = best(seed, "seconds") / best(ours, "seconds")
     rows = [
-        ["seed's Example 1 (frozen base inside the model, fit on images)", f"{med(seed, 'seconds'):.1f}",
-         f"{med(seed, 'load_s'):.1f} load to memory", "1.0x", f"{100 * med(seed, 'test_acc_final'):.2f} %",
-         f"{100 * med(seed, 'test_acc_best_val_loss'):.2f} %"],
-        ["vggflow (compute_features once + train_head)", f"{med(ours, 'seconds'):.1f}",
-         f"{med(ours, 'extract_s'):.1f} extraction, {med(ours, 'head_fit_s'):.1f} head fit",
-         f"**{ratio:.1f}x**", "—", f"{100 * med(ours, 'test_acc'):.2f} %"],
+        [
+            "seed's Example 1 (frozen base inside the model, fit on images)",
+            f"{med(seed, 'seconds'):.1f}",
+            f"{med(seed, 'load_s'):.1f} load to memory",
+            "1.0x",
+            f"{100 * med(seed, 'test_acc_final'):.2f} %",
+            f"{100 * med(seed, 'test_acc_best_val_loss'):.2f} %",
+        ],
+        [
+            "vggflow (compute_features once + train_head)",
+            f"{med(ours, 'seconds'):.1f}",
+            f"{med(ours, 'extract_s'):.1f} extraction, {med(ours, 'head_fit_s'):.1f} head fit",
+            f"**{ratio:.1f}x**",
+            "—",
+            f"{100 * med(ours, 'test_acc'):.2f} %",
+        ],
     ]
     n = seed[0]
     text = header(
         "Feature-extraction training: vggflow vs the seed's Example 1",
         "python benchmarks/bench_example1.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         f"{args.images} Fashion-MNIST PNG files (28x28, resized to {args.size}²), split by content hash as vggflow's "
-        f"validation does: {n['n_train']} train / {n['n_val']} val / {n['n_test']} test. {args.epochs} epochs, batch 32, "
-        f"Adam 1e-3, seed {SEED}, head Dense(128, relu) + Dense(10, softmax) with the same initial weights in both "
-        "ways; VGG19 base = a seeded random init (same compute as ImageNet weights). Each way runs in a fresh "
-        f"process; {args.rounds} alternating rounds, medians. See the docstring of the script for exactly what is timed.",
+        f"validation does: {n['n_train']} train / {n['n_val']} val / {n['n_test']} test. {args.epochs} epochs, "
+        f"batch 32, Adam 1e-3, seed {SEED}, head Dense(128, relu) + Dense(10, softmax) with the same initial "
+        "weights in both ways; VGG19 base = a seeded random init (same compute as ImageNet weights). Each way "
+        f"runs in a fresh process; {args.rounds} alternating rounds, medians. See the docstring of the script "
+        "for exactly what is timed.",
     )
-    text += "\n## Results (medians)\n\n" + table(
-        ["way", "wall s (end to end)", "of which", "speed-up", "test acc, last epoch", "test acc, best-val-loss epoch"],
-        rows, "lrlrrr",
-    ) + "\n"
+    text += (
+        "\n## Results (medians)\n\n"
+        + table(
+            [
+                "way",
+                "wall s (end to end)",
+                "of which",
+                "speed-up",
+                "test acc, last epoch",
+                "test acc, best-val-loss epoch",
+            ],
+            rows,
+            "lrlrrr",
+        )
+        + "\n"
+    )
     acc_gap = 100 * abs(med(ours, "test_acc") - med(seed, "test_acc_best_val_loss"))
     acc_gap_final = 100 * abs(med(ours, "test_acc") - med(seed, "test_acc_final"))
     lines = [
-        f"- Speed-up end to end: **{ratio:.1f}x** with medians, {ratio_best:.1f}x with each way's best round (goal ≥ 10x). "
+        f"- Speed-up end to end: **{ratio:.1f}x** with medians, {ratio_best:.1f}x with each way's best round (goal ≥ "
+        "10x). "
         "Per round (seed vs vggflow; other processes' cores during each): "
-        + ", ".join(f"{s['seconds']:.0f} s ({s['others_cores']:.2f}) vs {o['seconds']:.1f} s ({o['others_cores']:.2f})"
-                    for s, o in zip(seed, ours)) + ".",
-        f"- Test accuracy: vggflow {100 * med(ours, 'test_acc'):.2f} % vs the seed {100 * med(seed, 'test_acc_best_val_loss'):.2f} % "
-        f"with the same selection rule (best validation loss; |Δ| = {acc_gap:.2f} points) and {100 * med(seed, 'test_acc_final'):.2f} % "
+        + ", ".join(
+            f"{s['seconds']:.0f} s ({s['others_cores']:.2f}) vs {o['seconds']:.1f} s ({o['others_cores']:.2f})"
+            for s, o in zip(seed, ours)
+        )
+        + ".",
+        f"- Test accuracy: vggflow {100 * med(ours, 'test_acc'):.2f} % vs the seed "
+        f"{100 * med(seed, 'test_acc_best_val_loss'):.2f} % "
+        f"with the same selection rule (best validation loss; |Δ| = {acc_gap:.2f} points) and "
+        f"{100 * med(seed, 'test_acc_final'):.2f} % "
         f"at its last epoch (|Δ| = {acc_gap_final:.2f} points); goal: equal within ±1 point. "
         f"Best epochs (0-based): seed {[s['best_epoch'] for s in seed]}, vggflow {[o['best_epoch'] for o in ours]}.",
         f"- Largest |weight difference| between the two trained heads (same epoch, last round): {diff:.2g} "

@@ -33,10 +33,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (sets the runtime environment before TensorFlow is imported)
+import common
 from common import (
-    alternate, base_args, best, dataset_rows, fashion_mnist_folder, fma_peak, header, med, publish, resolve_out,
-    start, table, vgg19_gflop_per_image,
+    alternate,
+    base_args,
+    best,
+    dataset_rows,
+    fashion_mnist_folder,
+    fma_peak,
+    header,
+    med,
+    publish,
+    resolve_out,
+    start,
+    table,
+    vgg19_gflop_per_image,
 )
 
 NAME = "extraction"
@@ -44,8 +55,8 @@ NAME = "extraction"
 
 def flow_layers(image_size: int, n_images: int) -> list[str]:
     """The layers the training flow extracts with the default stages (see flows/train.py)."""
-    from tasks.finetune import plan_prefix_caches
     from vggflow.config import FinetuneConfig
+    from vggflow.tasks.finetune import plan_prefix_caches
 
     return sorted({layer for layer in plan_prefix_caches(FinetuneConfig(), image_size, n_images).values() if layer})
 
@@ -56,10 +67,10 @@ def measure_size(image_size: int, n_images: int, batch_size: int, rounds: int, s
     import tensorflow as tf
     from keras.applications import vgg19
 
-    from tasks.features import extract_features
     from vggflow.config import BackboneConfig
     from vggflow.datasets import image_dataset
     from vggflow.model import build_base, resolve_weights
+    from vggflow.tasks.features import extract_features
 
     folder = fashion_mnist_folder(n_images)
     rows = dataset_rows(folder)
@@ -93,8 +104,16 @@ def measure_size(image_size: int, n_images: int, batch_size: int, rounds: int, s
             target = Path(tempfile.mkdtemp(dir=scratch))
             marks: list[float] = []
             t0 = time.perf_counter()
-            extract_features(rows, folder, base, layers, image_size, batch_size, target,
-                             progress=lambda done, total: marks.append(time.perf_counter()))
+            extract_features(
+                rows,
+                folder,
+                base,
+                layers,
+                image_size,
+                batch_size,
+                target,
+                progress=lambda done, total: marks.append(time.perf_counter()),
+            )
             seconds = time.perf_counter() - t0
             shutil.rmtree(target)
             # Steady state: after the first batch (model build + tracing are a fixed cost per call).
@@ -121,8 +140,15 @@ def measure_size(image_size: int, n_images: int, batch_size: int, rounds: int, s
         "memory → model.predict": bare_predict,
     }
     results = alternate(variants, rounds, log=log)
-    return {"size": image_size, "n": len(rows), "batch": batch_size, "results": results, "max_abs": max_abs,
-            "scale": scale, "layers_flow": layers_flow}
+    return {
+        "size": image_size,
+        "n": len(rows),
+        "batch": batch_size,
+        "results": results,
+        "max_abs": max_abs,
+        "scale": scale,
+        "layers_flow": layers_flow,
+    }
 
 
 def report(measured: list[dict], peaks: list[dict], command: str) -> str:
@@ -146,30 +172,61 @@ def report(measured: list[dict], peaks: list[dict], command: str) -> str:
         for name, runs in res.items():
             rate, rate_best = n / med(runs, "seconds"), n / best(runs, "seconds")
             steady = med(runs, "steady_images_s")
-            rows.append([
-                f"{size}²", name, f"{med(runs, 'seconds'):.2f}", f"{rate:.1f}", f"{rate_best:.1f}",
-                "" if steady != steady else f"{steady:.1f}",
-                f"{rate / bare:.3f}", f"{rate_best / bare_best:.3f}", f"{rate * gflop:.0f}",
-                f"{100 * rate * gflop / peak:.0f} %", f"{100 * rate_best * gflop / peak:.0f} %",
-                f"{med(runs, 'cpu_per_wall'):.2f}", f"{med(runs, 'others_cores'):.2f}",
-            ])
+            rows.append(
+                [
+                    f"{size}²",
+                    name,
+                    f"{med(runs, 'seconds'):.2f}",
+                    f"{rate:.1f}",
+                    f"{rate_best:.1f}",
+                    "" if steady != steady else f"{steady:.1f}",
+                    f"{rate / bare:.3f}",
+                    f"{rate_best / bare_best:.3f}",
+                    f"{rate * gflop:.0f}",
+                    f"{100 * rate * gflop / peak:.0f} %",
+                    f"{100 * rate_best * gflop / peak:.0f} %",
+                    f"{med(runs, 'cpu_per_wall'):.2f}",
+                    f"{med(runs, 'others_cores'):.2f}",
+                ]
+            )
         files_runs = res["files → extract_features (pooled)"]
         files, files_best = n / med(files_runs, "seconds"), n / best(files_runs, "seconds")
         target = 85 if size >= 224 else 70
         goals.append(
             f"- {size}² ({n} images, batch {m['batch']}): files/bare = **{files / bare:.3f}** with medians, "
             f"{files_best / bare_best:.3f} with each variant's best round (goal ≥ 0.95); from files "
-            f"**{100 * files * gflop / peak:.0f} %** of the FMA peak (best round {100 * files_best * gflop / peak:.0f} %), "
-            f"the bare loop {100 * bare * gflop / peak:.0f} % (best {100 * bare_best * gflop / peak:.0f} %) (goal ≥ {target} %); "
+            f"**{100 * files * gflop / peak:.0f} %** of the FMA peak (best round {100 * files_best * gflop / peak:.0f} "
+            f"%), "
+            f"the bare loop {100 * bare * gflop / peak:.0f} % (best {100 * bare_best * gflop / peak:.0f} %) (goal ≥ "
+            f"{target} %); "
             f"max |features from files − bare loop| = {m['max_abs']:.2g} (features up to {m['scale']:.3g}); "
             f"flow layers = {', '.join(['avg_pool', *m['layers_flow']])}."
         )
-    text += "\n## Results\n\n" + table(
-        ["size", "variant", "median s", "images/s (median)", "images/s (best)", "steady images/s", "vs bare (median)",
-         "vs bare (best)", "GFLOP/s (median)", "of FMA peak (median)", "of FMA peak (best)", "CPU s / wall s",
-         "other processes' cores"],
-        rows, "llrrrrrrrrrrr",
-    ) + "\n\n" + "\n".join(goals) + "\n"
+    text += (
+        "\n## Results\n\n"
+        + table(
+            [
+                "size",
+                "variant",
+                "median s",
+                "images/s (median)",
+                "images/s (best)",
+                "steady images/s",
+                "vs bare (median)",
+                "vs bare (best)",
+                "GFLOP/s (median)",
+                "of FMA peak (median)",
+                "of FMA peak (best)",
+                "CPU s / wall s",
+                "other processes' cores",
+            ],
+            rows,
+            "llrrrrrrrrrrr",
+        )
+        + "\n\n"
+        + "\n".join(goals)
+        + "\n"
+    )
     fma_rows = []
     for label, p in zip(("before", "after"), peaks):
         for n in p["tf"]:
@@ -179,7 +236,8 @@ def report(measured: list[dict], peaks: list[dict], command: str) -> str:
         + table(["when", "matmul n", "TF GFLOP/s", "NumPy GFLOP/s"], fma_rows)
         + f"\n\nPeak used above: **{peak:.1f} GFLOP/s** (best of all, 2·n³ FLOP per n×n matmul, float32).\n"
         + "\nGFLOP per image (conv layers, 2 × MACs): "
-        + ", ".join(f"{m['size']}² = {vgg19_gflop_per_image(m['size']):.3f}" for m in measured) + ".\n"
+        + ", ".join(f"{m['size']}² = {vgg19_gflop_per_image(m['size']):.3f}" for m in measured)
+        + ".\n"
     )
     text += (
         "\n## Reading the numbers\n\n"

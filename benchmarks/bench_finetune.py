@@ -34,7 +34,17 @@ from pathlib import Path
 
 import common
 from common import (
-    alternate, base_args, best, dataset_rows, fashion_mnist_folder, header, med, publish, resolve_out, start, table,
+    alternate,
+    base_args,
+    best,
+    dataset_rows,
+    fashion_mnist_folder,
+    header,
+    med,
+    publish,
+    resolve_out,
+    start,
+    table,
 )
 
 NAME = "finetune"
@@ -55,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    from tasks.features import compute_features
-    from tasks.finetune import plan_prefix_caches, run_stage
-    from tasks.train_head import train_head
     from vggflow.config import BackboneConfig, FeaturesConfig, FinetuneConfig, HeadConfig, StageConfig
     from vggflow.model import resolve_weights
+    from vggflow.tasks.features import compute_features
+    from vggflow.tasks.finetune import plan_prefix_caches, run_stage
+    from vggflow.tasks.train_head import train_head
 
     folder = fashion_mnist_folder(args.images)
     rows = dataset_rows(folder)
@@ -68,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="finetune-", dir=common.cache_root()))
     defaults = FinetuneConfig()
     cfg = FinetuneConfig(
-        stages=[StageConfig(unfreeze_from=s.unfreeze_from, learning_rate=s.learning_rate, epochs=args.epochs)
-                for s in defaults.stages[: 1 if args.smoke else None]],
+        stages=[
+            StageConfig(unfreeze_from=s.unfreeze_from, learning_rate=s.learning_rate, epochs=args.epochs)
+            for s in defaults.stages[: 1 if args.smoke else None]
+        ],
         patience=args.epochs,  # never stop early: both variants run every epoch
     )
     plan = plan_prefix_caches(cfg, args.size, len(rows))
@@ -77,14 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     batch = FeaturesConfig().batch_size
     try:
         # Warm-up (first oneDNN kernels in this process), then the two one-off extractions.
-        compute_features(rows.iloc[: 2 * batch], folder, weights, args.size, batch, scratch / "cache", "warm-up", [], classes)
+        compute_features(
+            rows.iloc[: 2 * batch], folder, weights, args.size, batch, scratch / "cache", "warm-up", [], classes
+        )
         t0 = time.perf_counter()
         compute_features(rows, folder, weights, args.size, batch, scratch / "cache", "pooled-only", [], classes)
         pooled_only = time.perf_counter() - t0
         t0 = time.perf_counter()
-        features = compute_features(rows, folder, weights, args.size, batch, scratch / "cache", common.fingerprint(rows), layers, classes)
+        features = compute_features(
+            rows, folder, weights, args.size, batch, scratch / "cache", common.fingerprint(rows), layers, classes
+        )
         with_prefixes = time.perf_counter() - t0
-        head = train_head(features, weights, args.size, HeadConfig(epochs=3 if not args.smoke else 1), SEED, scratch / "head.keras")
+        head = train_head(
+            features, weights, args.size, HeadConfig(epochs=3 if not args.smoke else 1), SEED, scratch / "head.keras"
+        )
         n_train = int((rows["split"] == "train").sum())
 
         def variant(stage: StageConfig, prefix: str | None):
@@ -93,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
                 keras.backend.clear_session()
                 t = time.perf_counter()
                 result = run_stage(head, stage, cfg, features, prefix, folder, args.size, SEED, scratch / "stage.keras")
-                return {"images_s": result.images_per_second, "fit_s": result.seconds, "stage_wall_s": time.perf_counter() - t,
-                        "val_acc": result.best_val_accuracy, "val_loss": result.best_val_loss}
+                return {
+                    "images_s": result.images_per_second,
+                    "fit_s": result.seconds,
+                    "stage_wall_s": time.perf_counter() - t,
+                    "val_acc": result.best_val_accuracy,
+                    "val_loss": result.best_val_loss,
+                }
 
             return run
 
@@ -113,30 +136,59 @@ def main(argv: list[str] | None = None) -> int:
         speed = med(cached, "images_s") / med(naive, "images_s")
         speed_best = best(cached, "images_s", lowest=False) / best(naive, "images_s", lowest=False)
         speedups.append(f"{stage.label} **{speed:.1f}x** (best rounds: {speed_best:.1f}x)")
-        for label, runs in ((f"vggflow, trains on cached `{plan[stage.label]}`", cached), ("naive: full model, images streamed", naive)):
-            table_rows.append([
-                f"`{stage.label}` (lr {stage.learning_rate:g})", label, f"{med(runs, 'images_s'):.1f}",
-                f"{best(runs, 'images_s', lowest=False):.1f}",
-                f"{med(runs, 'images_s') / med(naive, 'images_s'):.2f}x", f"{med(runs, 'fit_s'):.1f}",
-                f"{med(runs, 'stage_wall_s'):.1f}", f"{med(runs, 'val_acc'):.3f}", f"{med(runs, 'val_loss'):.4f}",
-                f"{med(runs, 'cpu_per_wall'):.2f}", f"{med(runs, 'others_cores'):.2f}",
-            ])
+        for label, runs in (
+            (f"vggflow, trains on cached `{plan[stage.label]}`", cached),
+            ("naive: full model, images streamed", naive),
+        ):
+            table_rows.append(
+                [
+                    f"`{stage.label}` (lr {stage.learning_rate:g})",
+                    label,
+                    f"{med(runs, 'images_s'):.1f}",
+                    f"{best(runs, 'images_s', lowest=False):.1f}",
+                    f"{med(runs, 'images_s') / med(naive, 'images_s'):.2f}x",
+                    f"{med(runs, 'fit_s'):.1f}",
+                    f"{med(runs, 'stage_wall_s'):.1f}",
+                    f"{med(runs, 'val_acc'):.3f}",
+                    f"{med(runs, 'val_loss'):.4f}",
+                    f"{med(runs, 'cpu_per_wall'):.2f}",
+                    f"{med(runs, 'others_cores'):.2f}",
+                ]
+            )
     text = header(
         "Fine-tuning stages: cached frozen prefix vs naive",
         "python benchmarks/bench_finetune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        f"{args.images} Fashion-MNIST PNG files at {args.size}² ({n_train} training images), {args.epochs} epochs per stage, "
+        f"{args.images} Fashion-MNIST PNG files at {args.size}² ({n_train} training images), {args.epochs} epochs per "
+        f"stage, "
         f"finetune.batch_size {cfg.batch_size}, seed {SEED}; every run starts from the same head checkpoint; "
         f"VGG19 = a seeded random init. {args.rounds} alternating rounds in one process, medians.",
     )
-    text += "\n## Results (medians)\n\n" + table(
-        ["stage", "variant", "images/s (median)", "images/s (best)", "vs naive (median)", "fit s", "stage s (incl. load/save)",
-         "best val acc", "best val loss", "CPU s / wall s", "other processes' cores"],
-        table_rows, "llrrrrrrrrr",
-    ) + "\n"
+    text += (
+        "\n## Results (medians)\n\n"
+        + table(
+            [
+                "stage",
+                "variant",
+                "images/s (median)",
+                "images/s (best)",
+                "vs naive (median)",
+                "fit s",
+                "stage s (incl. load/save)",
+                "best val acc",
+                "best val loss",
+                "CPU s / wall s",
+                "other processes' cores",
+            ],
+            table_rows,
+            "llrrrrrrrrr",
+        )
+        + "\n"
+    )
     text += (
         f"\n- Speed-up per stage: {', '.join(speedups)}.\n"
-        f"- One-off cost of the prefix caches: extracting pooled features only took {pooled_only:.1f} s, pooled features "
-        f"+ {', '.join(f'`{l}`' for l in layers)} {with_prefixes:.1f} s (one pass computes all of them).\n"
+        f"- One-off cost of the prefix caches: extracting pooled features only took {pooled_only:.1f} s, pooled "
+        f"features "
+        f"+ {', '.join(f'`{layer}`' for layer in layers)} {with_prefixes:.1f} s (one pass computes all of them).\n"
         "- The `all` stage unfreezes every layer: nothing is frozen, so its only saving is decoding and resizing "
         "(its cache holds the preprocessed input).\n"
         "- Validation metrics differ slightly between variants: same data and epochs, but a different shuffle "

@@ -25,7 +25,16 @@ from pathlib import Path
 
 import common
 from common import (
-    alternate, base_args, fashion_mnist_folder, header, med, new_project, publish, resolve_out, start, table,
+    alternate,
+    base_args,
+    fashion_mnist_folder,
+    header,
+    med,
+    new_project,
+    publish,
+    resolve_out,
+    start,
+    table,
     vggflow_train,
 )
 
@@ -64,15 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     small, large = (results[f"{n} images"] for n in args.sizes)
-    keys = [("maxrss_mb", "CLI process peak RSS (ru_maxrss)"), ("peak_main_anon_mb", "CLI process peak anonymous RSS (sampled)"),
-            ("peak_main_file_mb", "CLI process peak file-backed RSS (sampled)"), ("peak_tree_mb", "process tree peak RSS sum (sampled)")]
+    keys = [
+        ("maxrss_mb", "CLI process peak RSS (ru_maxrss)"),
+        ("peak_main_anon_mb", "CLI process peak anonymous RSS (sampled)"),
+        ("peak_main_file_mb", "CLI process peak file-backed RSS (sampled)"),
+        ("peak_tree_mb", "process tree peak RSS sum (sampled)"),
+    ]
 
     def ratio(key: str) -> str:
         # A command shorter than the 0.2 s sampling period (--smoke) has no sampled peak.
         return f"{med(large, key) / med(small, key):.2f}x" if med(small, key) else "n/a"
 
-    rows = [[label, f"{med(small, k):.0f}", f"{med(large, k):.0f}", f"**{ratio(k)}**" if k == "maxrss_mb" else ratio(k)]
-            for k, label in keys]
+    rows = [
+        [label, f"{med(small, k):.0f}", f"{med(large, k):.0f}", f"**{ratio(k)}**" if k == "maxrss_mb" else ratio(k)]
+        for k, label in keys
+    ]
     rows.append(["wall time (s)", f"{med(small, 'wall_s'):.0f}", f"{med(large, 'wall_s'):.0f}", ratio("wall_s")])
     text = header(
         f"Peak memory of `vggflow train`: {args.sizes[0]:,} vs {args.sizes[1]:,} images",
@@ -81,13 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         "Fashion-MNIST PNG files, demo-like config at 64² (random backbone, head 10 epochs, stages 1 epoch each, "
         f"every stage run). {args.rounds} alternating rounds, medians. Goal: large/small ≤ 1.25x.",
     )
-    text += "\n## Results (MB, medians)\n\n" + table(["measure", f"{args.sizes[0]:,} images", f"{args.sizes[1]:,} images", "ratio"], rows) + "\n"
+    text += (
+        "\n## Results (MB, medians)\n\n"
+        + table(["measure", f"{args.sizes[0]:,} images", f"{args.sizes[1]:,} images", "ratio"], rows)
+        + "\n"
+    )
     text += (
         "\n- Per run (ru_maxrss MB): "
-        + "; ".join(f"{n:,}: " + ", ".join(f"{r['maxrss_mb']:.0f}" for r in results[f'{n} images']) for n in args.sizes) + ".\n"
+        + "; ".join(f"{n:,}: " + ", ".join(f"{r['maxrss_mb']:.0f}" for r in results[f"{n} images"]) for n in args.sizes)
+        + ".\n"
         "- Anonymous memory is what the process allocated (TensorFlow, the models, batches, Python); file-backed "
         "resident pages are mapped files (mostly shared libraries — TensorFlow's are ~hundreds of MB; the cache "
-        "files are written and read with plain file I/O, not mapped), which the kernel can drop under memory pressure.\n"
+        "files are written and read with plain file I/O, not mapped), which the kernel can drop under memory "
+        "pressure.\n"
     )
     publish(out, text, info, results)
     return 0

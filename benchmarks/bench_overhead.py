@@ -66,7 +66,10 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
     env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 180
@@ -86,7 +89,12 @@ def run_train(project: Path, api_url: str | None, smoke: bool) -> dict:
         env["PREFECT_API_URL"] = api_url
     args = [VGGFLOW, "train", "--config", "configs/demo.yaml"]
     if smoke:
-        args += ["--set", "head.epochs=1", "--set", "finetune.stages=[{unfreeze_from: block5, learning_rate: 1.0e-4, epochs: 1}]"]
+        args += [
+            "--set",
+            "head.epochs=1",
+            "--set",
+            "finetune.stages=[{unfreeze_from: block5, learning_rate: 1.0e-4, epochs: 1}]",
+        ]
     started = time.perf_counter()
     done = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - started
@@ -114,7 +122,9 @@ async def task_durations(api_url: str, flow_run_id: str) -> dict[str, float]:
     async with PrefectClient(api=api_url) as client:
         runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         flow_run = await client.read_flow_run(flow_run_id)
-    durations = {run.name: (run.end_time - run.start_time).total_seconds() for run in runs if run.start_time and run.end_time}
+    durations = {
+        run.name: (run.end_time - run.start_time).total_seconds() for run in runs if run.start_time and run.end_time
+    }
     durations["(whole flow)"] = flow_run.total_run_time.total_seconds() if flow_run.total_run_time else float("nan")
     return durations
 
@@ -133,7 +143,9 @@ def main() -> None:
     try:
         for _ in range(1 if args.smoke else args.rounds):
             for variant in ("ephemeral", "server"):
-                outcome = run_train(fresh_project(base, args.smoke), api_url if variant == "server" else None, args.smoke)
+                outcome = run_train(
+                    fresh_project(base, args.smoke), api_url if variant == "server" else None, args.smoke
+                )
                 results[variant].append(outcome)
                 if variant == "server" and outcome["flow_run_id"]:
                     for name, seconds in asyncio.run(task_durations(api_url, outcome["flow_run_id"])).items():
@@ -147,7 +159,8 @@ def main() -> None:
     lines = [
         "# Benchmark 4: end-to-end `vggflow train` on the demo — time per task, fixed overhead",
         "",
-        f"Machine: {header}. Command: `{' '.join(['.venv/bin/python', 'benchmarks/bench_overhead.py', f'--rounds {args.rounds}'])}`"
+        f"Machine: {header}. Command: "
+        f"`{' '.join(['.venv/bin/python', 'benchmarks/bench_overhead.py', f'--rounds {args.rounds}'])}`"
         + (" (smoke mode: not a measurement)" if args.smoke else ""),
         "",
         "Cold runs (fresh MLflow store, empty caches), medians over rounds; overhead = wall − TensorFlow compute.",
@@ -160,13 +173,21 @@ def main() -> None:
         compute = statistics.median(o["compute"] for o in outcomes)
         overhead = statistics.median(o["wall"] - o["compute"] for o in outcomes)
         label = "no server configured (what `make demo` does)" if variant == "ephemeral" else "running Prefect server"
-        lines.append(f"| {label} | {wall:.1f} | {compute:.1f} | {overhead:.1f} | ≤ 15 s: {'met' if overhead <= 15 else 'missed'} |")
+        lines.append(
+            f"| {label} | {wall:.1f} | {compute:.1f} | {overhead:.1f} | ≤ 15 s: "
+            f"{'met' if overhead <= 15 else 'missed'} |"
+        )
     lines += ["", "Time per task (running-server variant, medians):", "", "| task | seconds |", "|---|---:|"]
     for name, values in sorted(tasks.items(), key=lambda item: -statistics.median(item[1])):
         lines.append(f"| {name} | {statistics.median(values):.2f} |")
-    lines += ["", "TensorFlow compute parts (medians): " + ", ".join(
-        f"{k} {statistics.median(o['compute_parts'].get(k, 0.0) for o in results['server']):.1f} s"
-        for k in sorted(results["server"][0]["compute_parts"]))]
+    lines += [
+        "",
+        "TensorFlow compute parts (medians): "
+        + ", ".join(
+            f"{k} {statistics.median(o['compute_parts'].get(k, 0.0) for o in results['server']):.1f} s"
+            for k in sorted(results["server"][0]["compute_parts"])
+        ),
+    ]
     # A smoke run is not a measurement: it must not replace the results file.
     out = Path(tempfile.mkdtemp(prefix="vggflow-bench-smoke-")) / RESULTS.name if args.smoke else RESULTS
     out.parent.mkdir(parents=True, exist_ok=True)

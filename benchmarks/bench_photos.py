@@ -1,4 +1,4 @@
-"""Large photos (12-megapixel JPEGs): decoding, the memory caps and the report's grid, each against the path it replaced.
+"""Large photos (12-megapixel JPEGs): decoding, the memory caps and the report's grid, each against its old path.
 
 Run (from the repository root; writes benchmarks/results/photos.md)::
 
@@ -79,7 +79,9 @@ def photo_folder(n_photos: int, width: int, height: int, seed: int = 0) -> Path:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC).save(tmp, format="JPEG", quality=90)
+            Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC).save(
+                tmp, format="JPEG", quality=90
+            )
             os.replace(tmp, path)
     return folder
 
@@ -133,8 +135,11 @@ def measure_decode(variant: str, paths: list[Path], scratch: Path) -> dict:
         wall += time.perf_counter() - w0
         digest.update(pixels.tobytes())
         del pixels
-    return {"ms_cpu_per_photo": 1000 * cpu / len(paths), "ms_wall_per_photo": 1000 * wall / len(paths),
-            "digest": digest.hexdigest()[:16]}
+    return {
+        "ms_cpu_per_photo": 1000 * cpu / len(paths),
+        "ms_wall_per_photo": 1000 * wall / len(paths),
+        "digest": digest.hexdigest()[:16],
+    }
 
 
 _DEFAULT_CAP: list[int] = []
@@ -162,13 +167,17 @@ def measure_extract(variant: str, paths: list[Path], scratch: Path, image_size: 
     import numpy as np
     import pandas as pd
 
-    from tasks.features import extract_features
+    from vggflow.tasks.features import extract_features
 
     _set_cap(variant == "capped")
     base = _base(image_size, scratch)
     # As validation hands them over: with each photo's measured size (all alike here).
-    rows = common.with_measured_sizes(pd.DataFrame({"path": [p.relative_to(folder).as_posix() for p in paths],
-                                                    "label": [p.parent.name for p in paths]}), folder)
+    rows = common.with_measured_sizes(
+        pd.DataFrame(
+            {"path": [p.relative_to(folder).as_posix() for p in paths], "label": [p.parent.name for p in paths]}
+        ),
+        folder,
+    )
     target = Path(tempfile.mkdtemp(dir=scratch))
     rss0 = _memory_kib("VmRSS")
     reset = _reset_peak()
@@ -183,24 +192,26 @@ def measure_extract(variant: str, paths: list[Path], scratch: Path, image_size: 
 
 
 def measure_score(variant: str, paths: list[Path], scratch: Path, image_size: int) -> dict:
+    import keras
     import numpy as np
 
     from vggflow.config import EvaluateConfig, HeadConfig
     from vggflow.datasets import predict_in_batches
     from vggflow.model import build_classifier
 
-    import keras
-
     _set_cap(variant == "capped")
     keras.utils.set_random_seed(42)  # the same head in every process, so the probabilities can be compared
     model = build_classifier(_base(image_size, scratch), 2, HeadConfig(), image_size)
-    model.predict_on_batch(np.zeros((1, image_size, image_size, 3), np.float32))  # build, as evaluate's first batch would
+    model.predict_on_batch(
+        np.zeros((1, image_size, image_size, 3), np.float32)
+    )  # build, as evaluate's first batch would
     rss0 = _memory_kib("VmRSS")
     reset = _reset_peak()
     t0 = time.perf_counter()
     # Exactly evaluate's call (tasks/evaluate.py): uint8 batches, cast to float32 for the model.
-    probabilities = predict_in_batches(lambda batch: model.predict_on_batch(batch.astype(np.float32)), paths,
-                                       EvaluateConfig().batch_size)
+    probabilities = predict_in_batches(
+        lambda batch: model.predict_on_batch(batch.astype(np.float32)), paths, EvaluateConfig().batch_size
+    )
     seconds = time.perf_counter() - t0
     grew = (_memory_kib("VmHWM") - rss0) / 1024
     np.save(scratch / f"score-{variant}.npy", probabilities)
@@ -208,8 +219,8 @@ def measure_score(variant: str, paths: list[Path], scratch: Path, image_size: in
 
 
 def measure_grid(variant: str, paths: list[Path], scratch: Path) -> dict:
-    from tasks import report
     from vggflow.images import load_rgb
+    from vggflow.tasks import report
 
     shown = paths[:16]
     images = [load_rgb(p) for p in shown]
@@ -260,7 +271,9 @@ def max_abs_difference(scratch: Path, kind: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     base_args(parser, default_rounds=3)
-    parser.add_argument("--photos", type=int, default=16, help="photos (≤ 16 on 24 GB: the uncapped scoring needs ~0.5 GB each)")
+    parser.add_argument(
+        "--photos", type=int, default=16, help="photos (≤ 16 on 24 GB: the uncapped scoring needs ~0.5 GB each)"
+    )
     parser.add_argument("--size", type=int, nargs=2, default=[4000, 3000], metavar=("WIDTH", "HEIGHT"))
     parser.add_argument("--image-size", type=int, default=224, help="the backbone's input side (vggflow's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -276,8 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     width, height = args.size
     folder = photo_folder(args.photos, width, height)
     scratch = Path(tempfile.mkdtemp(prefix="photos-", dir=common.cache_root()))
-    child_args = ["--child", "", "--folder", str(folder), "--scratch", str(scratch), "--photos", str(args.photos),
-                  "--image-size", str(args.image_size)]
+    child_args = [
+        "--child",
+        "",
+        "--folder",
+        str(folder),
+        "--scratch",
+        str(scratch),
+        "--photos",
+        str(args.photos),
+        "--image-size",
+        str(args.image_size),
+    ]
 
     def run(items: list[str]):
         def go() -> dict:
@@ -315,19 +338,48 @@ def main(argv: list[str] | None = None) -> int:
 
     decode_same = {r["digest"] for v in VARIANTS["decode"] for r in results[f"decode:{v}"]}
     rows = [
-        ["decode one photo: CPU ms (`load_rgb` vs the copying decode)", cell("decode", "load_rgb", "ms_cpu_per_photo"),
-         cell("decode", "copying decode", "ms_cpu_per_photo"), ratio("decode", "ms_cpu_per_photo"),
-         "identical" if len(decode_same) == 1 else f"**differ** ({len(decode_same)} digests)"],
-        [f"`extract_features` at {args.image_size}²: seconds (capped vs uncapped)", cell("extract", "capped", "seconds"),
-         cell("extract", "uncapped", "seconds"), ratio("extract", "seconds"), f"max abs diff {differences['extract']:.3g}"],
-        ["… peak RSS growth, MB", cell("extract", "capped", "grew_mb", 0), cell("extract", "uncapped", "grew_mb", 0),
-         ratio("extract", "grew_mb"), ""],
-        ["evaluation's scoring: seconds (capped vs uncapped)", cell("score", "capped", "seconds"),
-         cell("score", "uncapped", "seconds"), ratio("score", "seconds"), f"max abs diff {differences['score']:.3g}"],
-        ["… peak RSS growth, MB", cell("score", "capped", "grew_mb", 0), cell("score", "uncapped", "grew_mb", 0),
-         ratio("score", "grew_mb"), ""],
-        [f"report grid of {min(16, args.photos)}: seconds in the plot (shrunk vs full size)", cell("grid", "shrunk", "seconds", 2),
-         cell("grid", "full size", "seconds", 2), ratio("grid", "seconds"), "shrunk on purpose"],
+        [
+            "decode one photo: CPU ms (`load_rgb` vs the copying decode)",
+            cell("decode", "load_rgb", "ms_cpu_per_photo"),
+            cell("decode", "copying decode", "ms_cpu_per_photo"),
+            ratio("decode", "ms_cpu_per_photo"),
+            "identical" if len(decode_same) == 1 else f"**differ** ({len(decode_same)} digests)",
+        ],
+        [
+            f"`extract_features` at {args.image_size}²: seconds (capped vs uncapped)",
+            cell("extract", "capped", "seconds"),
+            cell("extract", "uncapped", "seconds"),
+            ratio("extract", "seconds"),
+            f"max abs diff {differences['extract']:.3g}",
+        ],
+        [
+            "… peak RSS growth, MB",
+            cell("extract", "capped", "grew_mb", 0),
+            cell("extract", "uncapped", "grew_mb", 0),
+            ratio("extract", "grew_mb"),
+            "",
+        ],
+        [
+            "evaluation's scoring: seconds (capped vs uncapped)",
+            cell("score", "capped", "seconds"),
+            cell("score", "uncapped", "seconds"),
+            ratio("score", "seconds"),
+            f"max abs diff {differences['score']:.3g}",
+        ],
+        [
+            "… peak RSS growth, MB",
+            cell("score", "capped", "grew_mb", 0),
+            cell("score", "uncapped", "grew_mb", 0),
+            ratio("score", "grew_mb"),
+            "",
+        ],
+        [
+            f"report grid of {min(16, args.photos)}: seconds in the plot (shrunk vs full size)",
+            cell("grid", "shrunk", "seconds", 2),
+            cell("grid", "full size", "seconds", 2),
+            ratio("grid", "seconds"),
+            "shrunk on purpose",
+        ],
     ]
     command = "python benchmarks/bench_photos.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = header(
@@ -337,13 +389,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} rounds, medians. Peak RSS growth: the child's peak during the call minus its RSS just before. "
         "See the script's docstring for what each variant is.",
     )
-    text += "\n## Results (medians)\n\n" + table(
-        ["measure", "vggflow", "before", "before / vggflow", "output"], rows, align="lrrrl") + "\n"
-    text += "\n- Per round (vggflow / before): " + "; ".join(
-        f"{kind} " + ", ".join(
-            f"{a[key]:.3g}/{b[key]:.3g}" for a, b in zip(*(results[f'{kind}:{v}'] for v in VARIANTS[kind])))
-        for kind, key in (("decode", "ms_cpu_per_photo"), ("extract", "seconds"), ("score", "seconds"), ("grid", "seconds"))
-    ) + ".\n"
+    text += (
+        "\n## Results (medians)\n\n"
+        + table(["measure", "vggflow", "before", "before / vggflow", "output"], rows, align="lrrrl")
+        + "\n"
+    )
+    text += (
+        "\n- Per round (vggflow / before): "
+        + "; ".join(
+            f"{kind} "
+            + ", ".join(f"{a[key]:.3g}/{b[key]:.3g}" for a, b in zip(*(results[f"{kind}:{v}"] for v in VARIANTS[kind])))
+            for kind, key in (
+                ("decode", "ms_cpu_per_photo"),
+                ("extract", "seconds"),
+                ("score", "seconds"),
+                ("grid", "seconds"),
+            )
+        )
+        + ".\n"
+    )
     publish(out, text, info, results)
     return 0
 

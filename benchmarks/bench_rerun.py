@@ -43,8 +43,18 @@ from pathlib import Path
 
 import common
 from common import (
-    base_args, fashion_mnist_folder, header, measure_once, median, new_project, publish, resolve_out, start, table,
-    task_runs, vggflow_train,
+    base_args,
+    fashion_mnist_folder,
+    header,
+    measure_once,
+    median,
+    new_project,
+    publish,
+    resolve_out,
+    start,
+    table,
+    task_runs,
+    vggflow_train,
 )
 
 NAME = "rerun"
@@ -85,34 +95,56 @@ def _section(name: str, results: dict[str, list[dict]], smoke: bool) -> str:
     rows = []
     for kind in KINDS:
         wall = median([r["wall_s"] for r in results[kind]])
-        rows.append([kind, f"{wall:.1f}", f"**{cold / wall:.2f}x**" if kind == "changed head" else f"{cold / wall:.2f}x",
-                     ", ".join(f"{r['wall_s']:.0f}" for r in results[kind]),
-                     ", ".join(f"{r['others_cores']:.2f}" for r in results[kind])])
+        rows.append(
+            [
+                kind,
+                f"{wall:.1f}",
+                f"**{cold / wall:.2f}x**" if kind == "changed head" else f"{cold / wall:.2f}x",
+                ", ".join(f"{r['wall_s']:.0f}" for r in results[kind]),
+                ", ".join(f"{r['others_cores']:.2f}" for r in results[kind]),
+            ]
+        )
     text = f"\n## Scenario `{name}`: {what}\n\n"
-    text += ("Overrides on every run: " + (" ".join(f"`--set {o}`" for o in overrides) if overrides else "none") + ".\n\n")
+    text += (
+        "Overrides on every run: " + (" ".join(f"`--set {o}`" for o in overrides) if overrides else "none") + ".\n\n"
+    )
     text += table(["run", "wall s", "cold / this", "per round (s)", "other processes' cores per round"], rows) + "\n"
     if smoke:
         return text
     # Per-task breakdown of round 1 (Prefect's task runs of that run only: the DB accumulates).
     per_kind = {kind: _task_seconds(results[kind][0]["tasks"]) for kind in KINDS}
     names = list(dict.fromkeys(n for kind in KINDS for n in per_kind[kind]))
-    breakdown = [[f"`{n}`", *(f"{per_kind[k][n][0]:.1f} ({per_kind[k][n][1]})" if n in per_kind[k] else "—" for k in KINDS)]
-                 for n in names]
+    breakdown = [
+        [f"`{n}`", *(f"{per_kind[k][n][0]:.1f} ({per_kind[k][n][1]})" if n in per_kind[k] else "—" for k in KINDS)]
+        for n in names
+    ]
     totals = [sum(v[0] for v in per_kind[k].values()) for k in KINDS]
     breakdown.append(["**sum of task run times**", *(f"{t:.1f}" for t in totals)])
     breakdown.append(["**wall time of the CLI**", *(f"{results[k][0]['wall_s']:.1f}" for k in KINDS)])
-    breakdown.append(["outside tasks (imports, Prefect server, flow, MLflow runs)",
-                      *(f"{results[k][0]['wall_s'] - t:.1f}" for k, t in zip(KINDS, totals))])
-    text += "\n### Where the time goes (round 1; seconds, Prefect task state)\n\n" + table(["task", *KINDS], breakdown, "lrrr") + "\n"
+    breakdown.append(
+        [
+            "outside tasks (imports, Prefect server, flow, MLflow runs)",
+            *(f"{results[k][0]['wall_s'] - t:.1f}" for k, t in zip(KINDS, totals)),
+        ]
+    )
+    text += (
+        "\n### Where the time goes (round 1; seconds, Prefect task state)\n\n"
+        + table(["task", *KINDS], breakdown, "lrrr")
+        + "\n"
+    )
     cold_tasks, changed_tasks = per_kind["cold"], per_kind["changed head"]
     upstream = sum(cold_tasks.get(n, (0.0, ""))[0] for n in UPSTREAM_TASKS)
     redone_cold = sum(s for n, (s, _) in cold_tasks.items() if n not in UPSTREAM_TASKS)
     redone_changed = sum(s for n, (s, _) in changed_tasks.items() if n not in UPSTREAM_TASKS)
-    states = ", ".join(f"`{n}` {changed_tasks[n][1]} {changed_tasks[n][0]:.1f} s" for n in UPSTREAM_TASKS if n in changed_tasks)
-    text += (f"\nRound 1: the work that does not depend on the head (validation, the base's pass over the images) is "
-             f"{upstream:.1f} s of the cold run's {totals[0]:.1f} s of task time; in the changed-head run it is reused "
-             f"({states}). Every other task depends on the head and runs again: {redone_changed:.1f} s, against "
-             f"{redone_cold:.1f} s in the cold run.\n")
+    states = ", ".join(
+        f"`{n}` {changed_tasks[n][1]} {changed_tasks[n][0]:.1f} s" for n in UPSTREAM_TASKS if n in changed_tasks
+    )
+    text += (
+        f"\nRound 1: the work that does not depend on the head (validation, the base's pass over the images) is "
+        f"{upstream:.1f} s of the cold run's {totals[0]:.1f} s of task time; in the changed-head run it is reused "
+        f"({states}). Every other task depends on the head and runs again: {redone_changed:.1f} s, against "
+        f"{redone_cold:.1f} s in the cold run.\n"
+    )
     return text
 
 
@@ -139,11 +171,17 @@ def main(argv: list[str] | None = None) -> int:
                 project = new_project(scratch, f"{name}-round{index + 1}")
                 for kind in KINDS:
                     overrides = SCENARIOS[name][0] + (CHANGED if kind == "changed head" else [])
-                    result = measure_once(lambda: vggflow_train(project, data, overrides, log_name=f"{kind}.log", command=command))
+                    result = measure_once(
+                        lambda project=project, overrides=overrides, kind=kind: vggflow_train(
+                            project, data, overrides, log_name=f"{kind}.log", command=command
+                        )
+                    )
                     result["tasks"] = task_runs(project)
                     results[name][kind].append(result)
-                    print(f"  round {index + 1} {name} {kind}: {result['wall_s']:.1f} s "
-                          f"(other processes {result['others_cores']:.2f} cores)")
+                    print(
+                        f"  round {index + 1} {name} {kind}: {result['wall_s']:.1f} s "
+                        f"(other processes {result['others_cores']:.2f} cores)"
+                    )
                 if not args.keep:
                     shutil.rmtree(project, ignore_errors=True)
     finally:
@@ -163,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in scenarios:
         text += _section(name, results[name], args.smoke)
-    publish(out, text, info, {f"{name} / {kind}": runs for name in scenarios for kind, runs in results[name].items()},
-            raw={name: dict(results[name]) for name in scenarios})
+    publish(
+        out,
+        text,
+        info,
+        {f"{name} / {kind}": runs for name in scenarios for kind, runs in results[name].items()},
+        raw={name: dict(results[name]) for name in scenarios},
+    )
     return 0
 
 

@@ -24,8 +24,20 @@ from pathlib import Path
 
 import common
 from common import (
-    alternate, base_args, best, dataset_rows, emit, fashion_mnist_folder, header, med, publish, resolve_out,
-    run_child, start, table, vgg19_gflop_per_image,
+    alternate,
+    base_args,
+    best,
+    dataset_rows,
+    emit,
+    fashion_mnist_folder,
+    header,
+    med,
+    publish,
+    resolve_out,
+    run_child,
+    start,
+    table,
+    vgg19_gflop_per_image,
 )
 
 NAME = "settings"
@@ -50,10 +62,10 @@ def child(args) -> dict:
     import numpy as np
     from keras.applications import vgg19
 
-    from tasks.features import extract_features
     from vggflow.config import BackboneConfig
     from vggflow.datasets import image_dataset
     from vggflow.model import build_base, resolve_weights
+    from vggflow.tasks.features import extract_features
 
     scratch = Path(tempfile.mkdtemp(dir=args.scratch))
     out: dict[str, float] = {}
@@ -76,15 +88,17 @@ def child(args) -> dict:
         if size == 64 and args.xla:
             gap = keras.layers.GlobalAveragePooling2D()
             paths = [folder / p for p in rows["path"]]
-            arrays = vgg19.preprocess_input(np.concatenate([b.numpy() for b in image_dataset(paths, None, size, args.batch)]))
+            arrays = vgg19.preprocess_input(
+                np.concatenate([b.numpy() for b in image_dataset(paths, None, size, args.batch)])
+            )
             tensors = [tf.constant(arrays[i : i + args.batch]) for i in range(0, len(arrays), args.batch)]
             for jit in (False, True):
-                forward = tf.function(lambda x, base=base: gap(base(x, training=False)), jit_compile=jit)
+                forward = tf.function(lambda x, base=base, gap=gap: gap(base(x, training=False)), jit_compile=jit)
                 forward(tensors[0]).numpy()
                 if len(tensors[-1]) != len(tensors[0]):
                     forward(tensors[-1]).numpy()
 
-                def loop(forward=forward, tensors=tensors, n=len(arrays)):
+                def loop(forward=forward, tensors=tensors, n=len(arrays)):  # noqa: B008 (bound per iteration)
                     t0 = time.perf_counter()
                     results = [forward(x) for x in tensors]
                     results[-1].numpy()
@@ -137,10 +151,27 @@ def main(argv: list[str] | None = None) -> int:
 
         def run() -> dict:
             counter["round"] += 1
-            child_args = ["--child", "--scratch", str(scratch), "--intra", str(intra), "--inter", str(inter),
-                          "--images64", str(args.images64), "--images224", str(args.images224),
-                          "--batches64", *map(str, b64), "--batches224", *map(str, b224),
-                          "--batch", str(8 if args.smoke else default_batch), "--round", str(counter["round"])]
+            child_args = [
+                "--child",
+                "--scratch",
+                str(scratch),
+                "--intra",
+                str(intra),
+                "--inter",
+                str(inter),
+                "--images64",
+                str(args.images64),
+                "--images224",
+                str(args.images224),
+                "--batches64",
+                *map(str, b64),
+                "--batches224",
+                *map(str, b224),
+                "--batch",
+                str(8 if args.smoke else default_batch),
+                "--round",
+                str(counter["round"]),
+            ]
             if full:
                 child_args.append("--xla")
             if args.smoke:  # in this process (no TensorFlow start-up); threads and oneDNN as they are
@@ -173,14 +204,39 @@ def main(argv: list[str] | None = None) -> int:
             ref_key = next(k for k in default[0] if k.startswith("compiled loop") and k.endswith("off"))
         else:
             same_size = [k for k in default[0] if k.startswith(f"extract {size}² ")]
-            ref_key = f"extract {size}² batch {default_batch}" if f"extract {size}² batch {default_batch}" in same_size else same_size[0]
+            ref_key = (
+                f"extract {size}² batch {default_batch}"
+                if f"extract {size}² batch {default_batch}" in same_size
+                else same_size[0]
+            )
         top = best(default, key, lowest=False)
-        sweep.append([key, f"{rate:.2f}", f"{top:.2f}", f"{rate / med(default, ref_key):.3f}",
-                      f"{top / best(default, ref_key, lowest=False):.3f}", f"{top * vgg19_gflop_per_image(size):.0f}",
-                      " ".join(f"{r[key]:.1f}" for r in default)])
-    text += f"\n## Batch size and XLA ({DEFAULT_PROCESS}; medians)\n\n" + table(
-        ["measurement", "images/s (median)", "images/s (best)", f"vs batch {default_batch} / XLA off (median)",
-         "(best)", "GFLOP/s (best)", "per round"], sweep) + "\n"
+        sweep.append(
+            [
+                key,
+                f"{rate:.2f}",
+                f"{top:.2f}",
+                f"{rate / med(default, ref_key):.3f}",
+                f"{top / best(default, ref_key, lowest=False):.3f}",
+                f"{top * vgg19_gflop_per_image(size):.0f}",
+                " ".join(f"{r[key]:.1f}" for r in default),
+            ]
+        )
+    text += (
+        f"\n## Batch size and XLA ({DEFAULT_PROCESS}; medians)\n\n"
+        + table(
+            [
+                "measurement",
+                "images/s (median)",
+                "images/s (best)",
+                f"vs batch {default_batch} / XLA off (median)",
+                "(best)",
+                "GFLOP/s (best)",
+                "per round",
+            ],
+            sweep,
+        )
+        + "\n"
+    )
     cross = []
     for size in (64, 224):
         key = f"extract {size}² batch {default_batch}"
@@ -189,13 +245,36 @@ def main(argv: list[str] | None = None) -> int:
         ref = med(default, key)
         for name, runs in results.items():
             if key in runs[0]:
-                cross.append([f"{size}²", name, f"{med(runs, key):.2f}", f"{best(runs, key, lowest=False):.2f}",
-                              f"{med(runs, key) / ref:.3f}",
-                              f"{best(runs, key, lowest=False) / best(default, key, lowest=False):.3f}",
-                              " ".join(f"{r[key]:.1f}" for r in runs), " ".join(f"{r['others_cores']:.2f}" for r in runs)])
-    text += f"\n## oneDNN and threads (extraction, batch {default_batch}; medians)\n\n" + table(
-        ["size", "process", "images/s (median)", "images/s (best)", "vs default (median)", "vs default (best)", "per round",
-         "other processes' cores per round"], cross, "llrrrrrr") + "\n"
+                cross.append(
+                    [
+                        f"{size}²",
+                        name,
+                        f"{med(runs, key):.2f}",
+                        f"{best(runs, key, lowest=False):.2f}",
+                        f"{med(runs, key) / ref:.3f}",
+                        f"{best(runs, key, lowest=False) / best(default, key, lowest=False):.3f}",
+                        " ".join(f"{r[key]:.1f}" for r in runs),
+                        " ".join(f"{r['others_cores']:.2f}" for r in runs),
+                    ]
+                )
+    text += (
+        f"\n## oneDNN and threads (extraction, batch {default_batch}; medians)\n\n"
+        + table(
+            [
+                "size",
+                "process",
+                "images/s (median)",
+                "images/s (best)",
+                "vs default (median)",
+                "vs default (best)",
+                "per round",
+                "other processes' cores per round",
+            ],
+            cross,
+            "llrrrrrr",
+        )
+        + "\n"
+    )
     text += (
         "\nA round in which another process takes a core runs at up to half speed (TensorFlow splits each "
         "convolution statically over the cores); the *other processes' cores* column shows each round's "

@@ -48,7 +48,9 @@ def generate(folder: Path, n_files: int) -> list[Path]:
         label.mkdir(parents=True, exist_ok=True)
         width, height = (int(v) for v in rng.integers(64, 257, 2))
         # Smooth shapes plus fine noise: compresses like a photo, unlike flat colour or pure noise.
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "RGB").resize((width, height), Image.Resampling.BICUBIC)
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "RGB").resize(
+            (width, height), Image.Resampling.BICUBIC
+        )
         pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
         if index % 7 == 0:
@@ -80,6 +82,7 @@ def evict_from_page_cache(paths: list[Path]) -> None:
 
 def cpu_idle_share(seconds: float) -> float:
     """Share of CPU time idle over the next ``seconds`` (Linux /proc/stat), all cores together."""
+
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as stat_file:
             ticks = [int(value) for value in stat_file.readline().split()[1:]]
@@ -119,11 +122,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vggflow" / "bench_validation")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--wait-idle", type=float, default=120.0, metavar="SECONDS",
-                        help="before each timed run, wait up to this long for the CPUs to be >= 90%% idle (0: never)")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="before each timed run, wait up to this long for the CPUs to be >= 90%% idle (0: never)",
+    )
     args = parser.parse_args()
-    from tasks.validate import validate_dataset
     from vggflow.config import DataConfig, ValidationConfig
+    from vggflow.tasks.validate import validate_dataset
 
     folder = args.cache / f"n{args.files}"
     started = time.perf_counter()
@@ -135,7 +143,9 @@ def main() -> None:
     baseline_name = "plain Pillow `open().load()` loop, 1 process"
     runs = {
         baseline_name: lambda: plain_pillow_loop(paths),
-        "`validate_dataset`, 1 process": lambda: check(validate_dataset(folder, data_cfg, ValidationConfig(workers=1)), len(paths)),
+        "`validate_dataset`, 1 process": lambda: check(
+            validate_dataset(folder, data_cfg, ValidationConfig(workers=1)), len(paths)
+        ),
         f"`validate_dataset`, {cores} worker processes": lambda: check(
             validate_dataset(folder, data_cfg, ValidationConfig(workers=cores)), len(paths)
         ),
@@ -160,7 +170,10 @@ def main() -> None:
         f"rules) against a plain single-process `Image.open(p).load()` loop over the same {len(paths):,} files.",
         f"{args.rounds} alternating rounds. Produced by `benchmarks/bench_validation.py --rounds {args.rounds}`.",
     ]
-    for cache, title in (("warm", "Warm page cache (decode-bound)"), ("cold", "Cold page cache (files evicted before each run)")):
+    for cache, title in (
+        ("warm", "Warm page cache (decode-bound)"),
+        ("cold", "Cold page cache (files evicted before each run)"),
+    ):
         baseline = len(paths) / statistics.median(times[cache, baseline_name])
         best_baseline = len(paths) / min(times[cache, baseline_name])
         lines += [
@@ -185,7 +198,8 @@ def main() -> None:
         f"Per file, validation does {work_ratio:.1f}x the work of the bare loop (warm, one process): it also reads the",
         "bytes for the sha256, applies EXIF orientation, converts to RGB exactly as training does, makes a 32x32",
         "thumbnail and its pHash, then runs the dataset rules (duplicates, splits, near-duplicates) in the parent.",
-        f"The worker processes (spawned, ~0.5-1 s to start) divide the per-file work by up to {cores}; with {cores} cores",
+        f"The worker processes (spawned, ~0.5-1 s to start) divide the per-file work by up to {cores}; with {cores} "
+        f"cores",
         "that does not make up for the extra work, so validation is slower than a bare decode loop that checks",
         "nothing. It scales with cores (`validation.workers`, default one per core); when reading dominates",
         "(network storage), more workers than cores also help.",
@@ -195,7 +209,8 @@ def main() -> None:
         f"Files: {len(paths):,} in {N_CLASSES} classes, half PNG / half JPEG (every 7th greyscale), 64-256 px a side, "
         f"{total_bytes / 1e6:.0f} MB in total.",
         "",
-        f"Machine: {cores} cores ({platform.machine()}), Linux {platform.release()}; Python {platform.python_version()}, "
+        f"Machine: {cores} cores ({platform.machine()}), Linux {platform.release()}; Python "
+        f"{platform.python_version()}, "
         f"Pillow {PIL.__version__}, NumPy {np.__version__}, ImageHash {imagehash.__version__}. "
         f"Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (a shared machine).",
         "",

@@ -25,8 +25,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout, without installing the package
@@ -82,8 +83,12 @@ def machine_info(extra: dict[str, str] | None = None) -> str:
     """One line describing the machine and the software versions that matter."""
     import numpy as np
 
-    parts = [f"{os.cpu_count()} cores ({cpu_model()}, {platform.machine()})", f"Linux {platform.release()}",
-             f"Python {platform.python_version()}", f"NumPy {np.__version__}"]
+    parts = [
+        f"{os.cpu_count()} cores ({cpu_model()}, {platform.machine()})",
+        f"Linux {platform.release()}",
+        f"Python {platform.python_version()}",
+        f"NumPy {np.__version__}",
+    ]
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -157,8 +162,10 @@ def alternate(variants: dict[str, Callable[[], dict]], rounds: int, log=print) -
         for name in names[shift:] + names[:shift]:
             result = measure_once(variants[name], log)
             results[name].append(result)
-            log(f"  round {index + 1}/{rounds} {name}: " + ", ".join(f"{k}={_short(v)}" for k, v in result.items()
-                                                                 if not isinstance(v, (list, dict))))
+            log(
+                f"  round {index + 1}/{rounds} {name}: "
+                + ", ".join(f"{k}={_short(v)}" for k, v in result.items() if not isinstance(v, (list, dict)))
+            )
     return results
 
 
@@ -260,8 +267,13 @@ class RssSampler(threading.Thread):
 GNU_TIME = Path("/usr/bin/time")
 
 
-def run_process(argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None,
-                log_file: Path | None = None, timeout: float | None = None) -> dict:
+def run_process(
+    argv: Sequence[str],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    log_file: Path | None = None,
+    timeout: float | None = None,
+) -> dict:
     """Run a command; wall time, exit code, peak RSS and sampled peaks.
 
     ``maxrss_mb`` is GNU time's ``%M`` (the command's peak resident set, from ``wait4``; the
@@ -338,9 +350,8 @@ def fashion_mnist_folder(n_images: int, root: Path | None = None, seed: int = 1)
     gives the same files, and a larger set contains every image of a smaller one.
     """
     import numpy as np
-    from PIL import Image
-
     from build_demo_data import CLASS_NAMES, read_idx
+    from PIL import Image
 
     folder = (root or cache_root()) / f"fashion-{n_images}"
     done = folder / ".complete"
@@ -355,7 +366,9 @@ def fashion_mnist_folder(n_images: int, root: Path | None = None, seed: int = 1)
         (folder / name).mkdir(parents=True, exist_ok=True)
         take = min(per_class, n_images - written)
         for index in order[labels[order] == cls][:take]:
-            Image.fromarray(images[index]).save(folder / name / f"{name}_{int(index):05d}.png", optimize=False, compress_level=6)
+            Image.fromarray(images[index]).save(
+                folder / name / f"{name}_{int(index):05d}.png", optimize=False, compress_level=6
+            )
         written += take
     done.write_text(str(n_images))
     return folder
@@ -366,8 +379,8 @@ def dataset_rows(folder: Path):
     measured (height, width) as validation does."""
     import pandas as pd
 
-    from tasks.validate import split_of
     from vggflow.config import DataConfig
+    from vggflow.tasks.validate import split_of
 
     cfg = DataConfig()
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.png"))
@@ -485,14 +498,31 @@ def header(title: str, command: str, what: str) -> str:
 
 def base_args(parser, default_rounds: int) -> None:
     parser.add_argument("--rounds", type=int, default=default_rounds, help="alternating rounds (medians over them)")
-    parser.add_argument("--smoke", action="store_true", help="tiny, fast run that only checks the script works (no results file)")
-    parser.add_argument("--out", type=Path, help="results file (default: benchmarks/results/<name>.md; with --smoke, a temp file)")
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait for the 1-minute load average to drop to this before measuring")
-    parser.add_argument("--max-wait", type=float, default=1800, help="give up waiting for a low load after this many seconds")
-    parser.add_argument("--quiet-cores", type=float, default=0.3,
-                        help="before each measurement, wait until other processes use at most this many cores")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny, fast run that only checks the script works (no results file)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="results file (default: benchmarks/results/<name>.md; with --smoke, a temp file)"
+    )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=1.5,
+        help="wait for the 1-minute load average to drop to this before measuring",
+    )
+    parser.add_argument(
+        "--max-wait", type=float, default=1800, help="give up waiting for a low load after this many seconds"
+    )
+    parser.add_argument(
+        "--quiet-cores",
+        type=float,
+        default=0.3,
+        help="before each measurement, wait until other processes use at most this many cores",
+    )
     parser.add_argument("--quiet-wait", type=float, default=300, help="…for at most this many seconds per measurement")
-    parser.add_argument("--cache", type=Path, help="dataset/scratch cache (default: ~/.cache/vggflow-bench or $VGGFLOW_BENCH_CACHE)")
+    parser.add_argument(
+        "--cache", type=Path, help="dataset/scratch cache (default: ~/.cache/vggflow-bench or $VGGFLOW_BENCH_CACHE)"
+    )
 
 
 def resolve_out(args, name: str) -> Path:
@@ -520,14 +550,18 @@ def start(args, log=print) -> dict:
 
 def load_line(info: dict, results: dict[str, list[dict]] | None = None) -> str:
     end = load_average()
-    text = (f"1-minute load average {info['load_start']:.2f} when measuring started (this run's own work then raises it), "
-            f"{end[0]:.2f} at the end (5-minute {end[1]:.2f}).")
+    text = (
+        f"1-minute load average {info['load_start']:.2f} when measuring started (this run's own work then raises it), "
+        f"{end[0]:.2f} at the end (5-minute {end[1]:.2f})."
+    )
     if results:
         used = [r["others_cores"] for runs in results.values() for r in runs if "others_cores" in r]
         if used:
-            text += (f" Other processes on this shared machine used {median(used):.2f} cores (median; max {max(used):.2f}) "
-                     f"of the 2 during the measurements; each measurement waited for them to drop below "
-                     f"{QUIET['cores']} cores first (at most {QUIET['wait']:.0f} s).")
+            text += (
+                f" Other processes on this shared machine used {median(used):.2f} cores (median; max {max(used):.2f}) "
+                f"of the 2 during the measurements; each measurement waited for them to drop below "
+                f"{QUIET['cores']} cores first (at most {QUIET['wait']:.0f} s)."
+            )
     return text + " Only ratios measured in one run, alternated, mean anything here."
 
 
@@ -574,18 +608,21 @@ def new_project(parent: Path, name: str) -> Path:
 def project_env(project: Path) -> dict[str, str]:
     """Everything the CLI writes stays in ``project``: Prefect home/results, MLflow store, caches."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-    env.update({
-        "PREFECT_HOME": str(project / "prefect-home"),
-        "PREFECT_LOCAL_STORAGE_PATH": str(project / ".vggflow" / "prefect" / "results"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow' / 'mlflow.db'}",
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(project / "prefect-home"),
+            "PREFECT_LOCAL_STORAGE_PATH": str(project / ".vggflow" / "prefect" / "results"),
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow' / 'mlflow.db'}",
+        }
+    )
     return env
 
 
-def vggflow_train(project: Path, data_dir: Path, overrides: Sequence[str] = (), log_name: str = "train.log",
-                  command: str = "train") -> dict:
+def vggflow_train(
+    project: Path, data_dir: Path, overrides: Sequence[str] = (), log_name: str = "train.log", command: str = "train"
+) -> dict:
     """Run ``vggflow train --config bench.yaml --data DIR [--set …]`` in ``project``; time and memory.
 
     ``command="config"`` runs ``vggflow config`` with the same arguments instead (a second, for smoke tests).

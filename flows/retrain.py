@@ -12,8 +12,15 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from tasks.sync_data import DataState, RetrainDecision, decide_retrain, pull_data_task, read_data_version_task, registry_state_task
 from vggflow.config import load_config
+from vggflow.tasks.sync_data import (
+    DataState,
+    RetrainDecision,
+    decide_retrain,
+    pull_data_task,
+    read_data_version_task,
+    registry_state_task,
+)
 
 
 class RetrainOutcome(BaseModel):
@@ -27,7 +34,9 @@ class RetrainOutcome(BaseModel):
 
 
 @flow(name="vggflow-retrain", log_prints=True)
-def retrain_flow(config_file: str | None = None, overrides: list[str] | None = None, force: bool = False) -> RetrainOutcome:
+def retrain_flow(
+    config_file: str | None = None, overrides: list[str] | None = None, force: bool = False
+) -> RetrainOutcome:
     """Retrain when the DVC data version differs from the champion's (or when forced).
 
     Args:
@@ -50,7 +59,9 @@ def retrain_flow(config_file: str | None = None, overrides: list[str] | None = N
     from vggflow.runtime import import_tensorflow_quietly
 
     import_tensorflow_quietly()
-    from flows.train import train_flow
+    from vggflow.flows.train import train_flow
 
     summary = train_flow(config_file=config_file, overrides=overrides)
-    return RetrainOutcome(skipped=False, reason=decision.reason, data=data, decision=decision, training=summary.model_dump(mode="json"))
+    return RetrainOutcome(
+        skipped=False, reason=decision.reason, data=data, decision=decision, training=summary.model_dump(mode="json")
+    )

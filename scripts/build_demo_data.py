@@ -111,10 +111,13 @@ def select_indices(labels: np.ndarray) -> dict[int, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
-                    help=f"folder with the Fashion-MNIST IDX files (default: {DEFAULT_SOURCE})")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                    help=f"output folder (default: {DEFAULT_OUT})")
+    ap.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help=f"folder with the Fashion-MNIST IDX files (default: {DEFAULT_SOURCE})",
+    )
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     args = ap.parse_args(argv)
 
     try:
@@ -148,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in indices:
             img = Image.fromarray(images[i])  # uint8 2-D array -> mode "L"
             assert img.mode == "L" and img.size == (28, 28)
-            img.save(class_dir / f"{name}_{int(i):05d}.png", format="PNG",
-                     optimize=False, compress_level=PNG_COMPRESS_LEVEL)
+            img.save(
+                class_dir / f"{name}_{int(i):05d}.png", format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL
+            )
             total += 1
         print(f"{name:12s} {len(indices)}")
     print(f"wrote {total} PNGs to {out}")

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.features import ScoringPrefix
 from vggflow.caching import stable_hash
 from vggflow.config import EvaluateConfig
 from vggflow.files import atomic_write_bytes, atomic_write_text, file_sha256, read_rows
+from vggflow.tasks.features import ScoringPrefix
 
 
 class Evaluation(BaseModel):
@@ -51,7 +51,9 @@ CHECKED_IMAGES = 8
 PREFIX_TOLERANCE = 1e-4
 
 
-def reuse_or_compute(cache_file: Path | None, n_rows: int, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
+def reuse_or_compute(
+    cache_file: Path | None, n_rows: int, compute: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, bool]:
     """``compute()``, or the array an identical earlier call saved in ``cache_file``.
 
     The file's name must identify everything the array depends on (see :func:`scores_file`). An
@@ -75,8 +77,9 @@ def reuse_or_compute(cache_file: Path | None, n_rows: int, compute: Callable[[],
     return values, False
 
 
-def scores_file(scores_dir: Path | None, model_identity: str, test_rows: pd.DataFrame, class_names: list[str],
-                batch_size: int) -> Path | None:
+def scores_file(
+    scores_dir: Path | None, model_identity: str, test_rows: pd.DataFrame, class_names: list[str], batch_size: int
+) -> Path | None:
     """Where the test-set scores of one model on one data version are kept (None: not kept).
 
     Args:
@@ -122,8 +125,12 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict[
 
 
 def scores_from_prefix(
-    model, prefix: ScoringPrefix, test_rows: pd.DataFrame, whole_model: Callable[[list[Path]], np.ndarray],
-    paths: list[Path], batch_size: int,
+    model,
+    prefix: ScoringPrefix,
+    test_rows: pd.DataFrame,
+    whole_model: Callable[[list[Path]], np.ndarray],
+    paths: list[Path],
+    batch_size: int,
 ) -> tuple[np.ndarray | None, str]:
     """Test-set probabilities from the cached frozen-part outputs, checked against the whole model.
 
@@ -139,8 +146,8 @@ def scores_from_prefix(
         The probabilities, or None when the cache does not match these rows or the check
         disagrees (then score the images); and a line saying which and why.
     """
-    from tasks.features import RowView, verified_arrays
     from vggflow.model import head_model, suffix_model
+    from vggflow.tasks.features import RowView, verified_arrays
 
     if prefix.layer not in verified_arrays(prefix.directory, test_rows.reset_index(drop=True)):
         return None, f"images (the cached {prefix.layer} of the test images does not match them)"
@@ -152,10 +159,14 @@ def scores_from_prefix(
     sample = np.unique(np.linspace(0, len(paths) - 1, min(CHECKED_IMAGES, len(paths))).round().astype(int))
     difference = float(np.max(np.abs(whole_model([paths[i] for i in sample]) - probabilities[sample])))
     if not difference <= PREFIX_TOLERANCE:
-        return None, (f"images (the cached {prefix.layer} route differed from the whole model by {difference:.2g} "
-                      f"on {len(sample)} test images, more than {PREFIX_TOLERANCE:g})")
-    return probabilities, (f"cached {prefix.layer} of the test images ({len(sample)} also scored through the whole "
-                           f"model: max |difference| {difference:.1g})")
+        return None, (
+            f"images (the cached {prefix.layer} route differed from the whole model by {difference:.2g} "
+            f"on {len(sample)} test images, more than {PREFIX_TOLERANCE:g})"
+        )
+    return probabilities, (
+        f"cached {prefix.layer} of the test images ({len(sample)} also scored through the whole "
+        f"model: max |difference| {difference:.1g})"
+    )
 
 
 def evaluate_classifier(
@@ -176,9 +187,9 @@ def evaluate_classifier(
     With ``prefix``, the test images' cached frozen-part outputs feed the layers above them
     (:func:`scores_from_prefix`).
     """
-    from tasks import report
     from vggflow.datasets import predict_in_batches
     from vggflow.images import load_rgb
+    from vggflow.tasks import report
 
     paths = [Path(data_dir) / p for p in test_rows["path"]]
     route = {"from": "kept scores"}
@@ -189,10 +200,14 @@ def evaluate_classifier(
         model = keras.saving.load_model(checkpoint, compile=False)
 
         def whole_model(files: list[Path]) -> np.ndarray:
-            return predict_in_batches(lambda batch: model.predict_on_batch(batch.astype(np.float32)), files, cfg.batch_size)
+            return predict_in_batches(
+                lambda batch: model.predict_on_batch(batch.astype(np.float32)), files, cfg.batch_size
+            )
 
         if prefix is not None:
-            probabilities, route["from"] = scores_from_prefix(model, prefix, test_rows, whole_model, paths, cfg.batch_size)
+            probabilities, route["from"] = scores_from_prefix(
+                model, prefix, test_rows, whole_model, paths, cfg.batch_size
+            )
             if probabilities is not None:
                 return probabilities
             print(f"evaluate: scoring the test images through the whole model: {route['from']}")
@@ -233,8 +248,14 @@ def evaluate_classifier(
         for name in ("precision", "recall", "f1"):
             metrics[f"{name}_{row['class']}"] = float(row[name])
     return Evaluation(
-        metrics=metrics, n_test=len(y_true), confusion=confusion.tolist(), class_names=class_names, files=files,
-        seconds=seconds, scores_reused=reused, scored_from=route["from"],
+        metrics=metrics,
+        n_test=len(y_true),
+        confusion=confusion.tolist(),
+        class_names=class_names,
+        files=files,
+        seconds=seconds,
+        scores_reused=reused,
+        scored_from=route["from"],
     )
 
 

@@ -158,7 +158,11 @@ def extract_features(
             shapes[name] = (total, *extractor.output[name].shape[1:])
             temps[name] = directory / f".{name}.{os.getpid()}.tmp.npy"
             handles[name] = _HashingFile(temps[name])
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shapes[name]}
+            header = {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                "fortran_order": False,
+                "shape": shapes[name],
+            }
             np.lib.format.write_array_header_1_0(handles[name], header)
         paths = [Path(data_dir) / p for p in rows["path"]]
         done = 0
@@ -240,7 +244,9 @@ class RowView:
         with open(self.path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
             shape, fortran, self.dtype = (
-                np.lib.format.read_array_header_1_0(handle) if version == (1, 0) else np.lib.format.read_array_header_2_0(handle)
+                np.lib.format.read_array_header_1_0(handle)
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0(handle)
             )
             self.offset = handle.tell()
         if fortran:
@@ -362,18 +368,26 @@ def extract_features_task(
     cache_key: str,
 ) -> FeatureSet:
     """Prefect shell: cache the frozen base's outputs for the validated rows (keyed by data + backbone + size)."""
-    from tasks.preflight import check_disk_space, required_bytes
+    from vggflow.tasks.preflight import check_disk_space, required_bytes
 
     rows = read_rows(rows_file)
     check_disk_space(Path(cache_dir), required_bytes(len(rows), _bytes_per_image(layers, image_size), 0))
     return compute_features(
-        rows, data_dir, weights, image_size, batch_size, cache_dir, fingerprint, layers, class_names,
+        rows,
+        data_dir,
+        weights,
+        image_size,
+        batch_size,
+        cache_dir,
+        fingerprint,
+        layers,
+        class_names,
         progress_logger("feature extraction"),
     )
 
 
 def _bytes_per_image(layers: list[str], image_size: int) -> int:
-    from tasks.finetune import prefix_bytes
+    from vggflow.tasks.finetune import prefix_bytes
 
     stage_of = {"input_layer": "block1", **{f"block{i}_pool": f"block{i + 1}" for i in range(1, 5)}}
     return 2048 + sum(prefix_bytes(stage_of[name], image_size, 1) for name in layers if name in stage_of)
@@ -444,12 +458,16 @@ def compute_scoring_prefix(
     directory = Path(features_dir) / TEST_DIR
     started, seconds = time.perf_counter(), 0.0
     if layer not in verified_arrays(directory, test):
-        from tasks.preflight import check_disk_space, required_bytes
+        from vggflow.tasks.preflight import check_disk_space, required_bytes
 
         check_disk_space(directory, required_bytes(len(test), _bytes_per_image([layer], image_size), 0))
-        extract_features(test, data_dir, build_base(weights, image_size), [layer], image_size, batch_size, directory, progress)
+        extract_features(
+            test, data_dir, build_base(weights, image_size), [layer], image_size, batch_size, directory, progress
+        )
         seconds = time.perf_counter() - started
-    return ScoringPrefix(directory=directory, layer=layer, unfreeze_from=unfreeze_from, n_images=len(test), seconds=seconds)
+    return ScoringPrefix(
+        directory=directory, layer=layer, unfreeze_from=unfreeze_from, n_images=len(test), seconds=seconds
+    )
 
 
 @task(name="cache-test-prefix")
@@ -467,6 +485,13 @@ def compute_scoring_prefix_task(
     if scoring_prefix_layer(prefix_cache) is None:
         return None
     return compute_scoring_prefix(
-        read_rows(rows_file), data_dir, weights, image_size, batch_size, features.directory, prefix_cache, unfreeze_from,
+        read_rows(rows_file),
+        data_dir,
+        weights,
+        image_size,
+        batch_size,
+        features.directory,
+        prefix_cache,
+        unfreeze_from,
         progress_logger("test images' frozen-part outputs"),
     )

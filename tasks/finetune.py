@@ -16,10 +16,10 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.features import FeatureSet
 from vggflow.caching import key_when_valid
 from vggflow.config import VGG19_BLOCKS, FinetuneConfig, StageConfig
 from vggflow.files import read_rows
+from vggflow.tasks.features import FeatureSet
 from vggflow.training import StageResult, checkpoint_is_valid
 
 #: Output channels of each VGG19 block (its pooling layer's depth).
@@ -97,9 +97,9 @@ def run_stage(
     """
     import keras
 
-    from tasks.features import load_layer
     from vggflow.datasets import array_dataset, common_image_shape, file_errors_as_data_errors, image_dataset
     from vggflow.model import suffix_model, unfreeze_to
+    from vggflow.tasks.features import load_layer
     from vggflow.training import finish_stage, fit_stage
 
     keras.utils.set_random_seed(seed)
@@ -133,7 +133,9 @@ def run_stage(
         n_train = len(split["train"])
     with file_errors_as_data_errors():  # an image that changed since validation: named, one line
         fit = fit_stage(trainable, train, val, stage.learning_rate, stage.epochs, cfg.patience, on_epoch)
-    return finish_stage(model, checkpoint, stage.label, stage.unfreeze_from, stage.learning_rate, freeze, fit, n_train, prefix)
+    return finish_stage(
+        model, checkpoint, stage.label, stage.unfreeze_from, stage.learning_rate, freeze, fit, n_train, prefix
+    )
 
 
 @task(
@@ -159,8 +161,10 @@ def finetune_stage_task(
     """Prefect shell: train one stage, logging each epoch to the stage's MLflow run."""
     from vggflow.training import epoch_reporter, stage_summary_line
 
-    print(f"stage {stage.label}: training from {previous.stage}, lr {stage.learning_rate:g}, "
-          f"{'on cached ' + prefix if prefix else 'on images'}")
+    print(
+        f"stage {stage.label}: training from {previous.stage}, lr {stage.learning_rate:g}, "
+        f"{'on cached ' + prefix if prefix else 'on images'}"
+    )
     on_epoch = epoch_reporter(stage.label, stage.epochs, stage_run_id)
     result = run_stage(previous, stage, cfg, features, prefix, data_dir, image_size, seed, checkpoint, on_epoch)
     print(stage_summary_line(result, stage.epochs))

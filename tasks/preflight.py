@@ -48,9 +48,9 @@ def check_disk_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise VggflowError(
-            f"not enough disk space in {folder.resolve()}: {free / 1e9:.1f} GB free, about {needed / 1e9:.1f} GB needed "
-            "for the feature cache and checkpoints. Free space, or set work_dir / features.cache_dir elsewhere, "
-            "or lower finetune.prefix_cache_max_gb."
+            f"not enough disk space in {folder.resolve()}: {free / 1e9:.1f} GB free, about {needed / 1e9:.1f} GB "
+            "needed for the feature cache and checkpoints. Free space, or set work_dir / features.cache_dir "
+            "elsewhere, or lower finetune.prefix_cache_max_gb."
         )
 
 

@@ -17,9 +17,9 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.evaluate import reuse_or_compute, score, scores_file
 from vggflow.config import RegistryConfig
 from vggflow.files import read_rows
+from vggflow.tasks.evaluate import reuse_or_compute, score, scores_file
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 
@@ -55,8 +55,14 @@ def decide(
     metric by more than zero and by at least ``min_delta`` (a tie keeps the champion).
     """
     metric = cfg.primary_metric
-    failed = {name: candidate.get(name, float("nan")) for name, minimum in cfg.thresholds.items() if not candidate.get(name, float("nan")) >= minimum}
-    thresholds_text = ", ".join(f"{name} {candidate.get(name, float('nan')):.4f} ≥ {minimum}" for name, minimum in cfg.thresholds.items())
+    failed = {
+        name: candidate.get(name, float("nan"))
+        for name, minimum in cfg.thresholds.items()
+        if not candidate.get(name, float("nan")) >= minimum
+    }
+    thresholds_text = ", ".join(
+        f"{name} {candidate.get(name, float('nan')):.4f} ≥ {minimum}" for name, minimum in cfg.thresholds.items()
+    )
     common = dict(
         model_name=cfg.model_name,
         candidate_version=candidate_version,
@@ -75,10 +81,15 @@ def decide(
             return Decision(promoted=False, reason=reason, champion_value=champion[metric], delta=delta, **common)
         return Decision(promoted=False, reason=reason + " (no champion yet)", **common)
     if champion is None:
-        return Decision(promoted=True, reason=f"no champion yet; thresholds met ({thresholds_text or 'none set'})", **common)
+        return Decision(
+            promoted=True, reason=f"no champion yet; thresholds met ({thresholds_text or 'none set'})", **common
+        )
     delta = candidate[metric] - champion[metric]
     if delta > 0 and delta >= cfg.min_delta:
-        reason = f"beats champion v{champion_version} on {metric}: {candidate[metric]:.4f} vs {champion[metric]:.4f} (Δ {delta:+.4f} ≥ {cfg.min_delta})"
+        reason = (
+            f"beats champion v{champion_version} on {metric}: {candidate[metric]:.4f} vs {champion[metric]:.4f} "
+            f"(Δ {delta:+.4f} ≥ {cfg.min_delta})"
+        )
         return Decision(promoted=True, reason=reason, champion_value=champion[metric], delta=delta, **common)
     reason = (
         f"does not beat champion v{champion_version} on {metric}: {candidate[metric]:.4f} vs {champion[metric]:.4f} "
@@ -116,7 +127,6 @@ def evaluate_registered(
 
     def predict_test_set():
         import mlflow
-
         from vggflow.datasets import predict_in_batches
         from vggflow.tracking import without_type_hint_advice
 
@@ -208,19 +218,31 @@ def promote_if_better(
     champion_metrics = None
     if champion_version is not None and champion_version != str(candidate_version):
         # The version's identity: its number alone could be reused by a re-created registry.
-        identity = f"registered-{cfg.model_name}-{champion_version}-{champion.run_id}-{champion.source}-{champion.creation_timestamp}"
+        identity = (
+            f"registered-{cfg.model_name}-{champion_version}-{champion.run_id}-{champion.source}"
+            f"-{champion.creation_timestamp}"
+        )
         champion_metrics = evaluate_registered(
-            f"models:/{cfg.model_name}/{champion_version}", test_rows, data_dir, class_names, batch_size,
+            f"models:/{cfg.model_name}/{champion_version}",
+            test_rows,
+            data_dir,
+            class_names,
+            batch_size,
             scores_file(scores_dir, identity, test_rows, class_names, batch_size),
         )
-    decision = decide(candidate_metrics, champion_metrics, cfg, str(candidate_version), champion_version if champion_metrics else None)
+    decision = decide(
+        candidate_metrics, champion_metrics, cfg, str(candidate_version), champion_version if champion_metrics else None
+    )
     if cfg.promote:
         apply_decision(client, decision)
         decision = decision.model_copy(update={"aliases_changed": True})
     else:
         verdict = "promoted" if decision.promoted else "rejected"
         decision = decision.model_copy(
-            update={"reason": f"--no-promote: aliases untouched (the gate would have {verdict}: {decision.reason})", "promoted": False}
+            update={
+                "reason": f"--no-promote: aliases untouched (the gate would have {verdict}: {decision.reason})",
+                "promoted": False,
+            }
         )
     log_decision(client, run_id, decision)
     return decision
@@ -245,8 +267,16 @@ def promote_if_better_task(
     rows = read_rows(rows_file)
     with promotion_lock(Path(lock_dir)):
         decision = promote_if_better(
-            MlflowClient(), cfg, candidate_version, candidate_metrics, run_id, rows[rows["split"] == "test"],
-            data_dir, class_names, batch_size, scores_dir,
+            MlflowClient(),
+            cfg,
+            candidate_version,
+            candidate_metrics,
+            run_id,
+            rows[rows["split"] == "test"],
+            data_dir,
+            class_names,
+            batch_size,
+            scores_dir,
         )
     print(("PROMOTED: " if decision.promoted else "not promoted: ") + decision.reason)
     return decision

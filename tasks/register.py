@@ -19,9 +19,9 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.evaluate import Evaluation
 from vggflow.config import RegistryConfig
 from vggflow.files import atomic_write_text, read_rows
+from vggflow.tasks.evaluate import Evaluation
 from vggflow.tracking import TAG_DATA_VERSION, TAG_FREEZE, TAG_RANDOM_INIT
 from vggflow.training import StageResult
 
@@ -77,8 +77,8 @@ def log_results(
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from tasks import report
-    from tasks.select import stage_table
+    from vggflow.tasks import report
+    from vggflow.tasks.select import stage_table
 
     client = MlflowClient()
     freeze = chosen.freeze_configuration()
@@ -96,7 +96,11 @@ def log_results(
     # How the test set was scored: images through the whole model, a cached frozen part, or kept scores.
     client.set_tag(run_id, "vggflow.test_scored_from", evaluation.scored_from)
     table = stage_table(stages, chosen)
-    client.log_dict(run_id, {"selection_metric": selection_metric, "chosen": freeze, "stages": table, "skipped": skipped}, "stages/stage_comparison.json")
+    client.log_dict(
+        run_id,
+        {"selection_metric": selection_metric, "chosen": freeze, "stages": table, "skipped": skipped},
+        "stages/stage_comparison.json",
+    )
     history = pd.DataFrame([epoch | {"stage": s.stage} for s in stages for epoch in s.history])
     if history.empty:
         history = pd.DataFrame(columns=["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
@@ -125,11 +129,14 @@ class _PyfuncWithKerasFlavor:
     @staticmethod
     def save_model(path, mlflow_model, **kwargs) -> None:
         import keras
+
         import mlflow
 
         mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
         # mlflow.keras loads <path>/<data>/model.keras: the classifier artifact is copied as artifacts/model.keras.
-        mlflow_model.add_flavor("keras", data="artifacts", keras_module="keras", keras_version=keras.__version__, save_exported_model=False)
+        mlflow_model.add_flavor(
+            "keras", data="artifacts", keras_module="keras", keras_version=keras.__version__, save_exported_model=False
+        )
         mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
@@ -137,9 +144,9 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
     """Log the chosen classifier as the run's model; returns its ``models:/m-…`` URI."""
     import shutil
 
-    import mlflow
     from mlflow.models import Model
 
+    import mlflow
     from vggflow.tracking import without_type_hint_advice
 
     package = work_dir / "model-package"
@@ -243,7 +250,7 @@ def describe_version(
     """Write the model card, log it to the run and set it as the version's description."""
     from mlflow.tracking import MlflowClient
 
-    from tasks import report
+    from vggflow.tasks import report
     from vggflow.tracking import git_info
 
     commit, dirty = git_info()
@@ -264,13 +271,23 @@ def describe_version(
             random_init=weights.random_init,
             freeze_configuration=chosen.freeze_configuration(),
             stage_results=[
-                {"stage": s.stage, "best_val_accuracy": s.best_val_accuracy, "best_val_loss": s.best_val_loss, "epochs": s.epochs_run}
+                {
+                    "stage": s.stage,
+                    "best_val_accuracy": s.best_val_accuracy,
+                    "best_val_loss": s.best_val_loss,
+                    "epochs": s.epochs_run,
+                }
                 for s in stages
             ],
-            test_metrics={k: evaluation.metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")},
+            test_metrics={
+                k: evaluation.metrics[k]
+                for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
+            },
             per_class=per_class,
             promotion={
-                "decision": "promoted to @champion" if decision.promoted else ("not gated (--no-promote)" if not decision.aliases_changed else "rejected (@challenger)"),
+                "decision": "promoted to @champion"
+                if decision.promoted
+                else ("not gated (--no-promote)" if not decision.aliases_changed else "rejected (@challenger)"),
                 "reason": decision.reason,
                 "metric": decision.primary_metric,
                 "candidate_metric": decision.candidate_value,
@@ -291,7 +308,14 @@ def describe_version(
     return path
 
 
-def run_note(version: RegisteredVersion, chosen: StageResult, evaluation: Evaluation, decision, data_version: str, random_init: bool) -> str:
+def run_note(
+    version: RegisteredVersion,
+    chosen: StageResult,
+    evaluation: Evaluation,
+    decision,
+    data_version: str,
+    random_init: bool,
+) -> str:
     """A few lines of Markdown on top of the run page: outcome first, details in the artifacts."""
     freeze = chosen.freeze_configuration()
     primary = decision.primary_metric
@@ -309,11 +333,19 @@ def run_note(version: RegisteredVersion, chosen: StageResult, evaluation: Evalua
         "- details: `model_card.md`, `evaluation/`, `stages/`, `validation/` (Artifacts tab)",
     ]
     if random_init:
-        lines.insert(1, "\n> **Randomly initialised backbone (no ImageNet weights): a pipeline demonstration, not a useful classifier.**")
+        lines.insert(
+            1,
+            "\n> **Randomly initialised backbone (no ImageNet weights): a pipeline demonstration, not a useful "
+            "classifier.**",
+        )
     return "\n".join(lines)
 
 
 @task(name="model-card", retries=2, retry_delay_seconds=5)
-def model_card_task(cfg, run_id, version, data, validated, weights, stages, chosen, evaluation, decision, out_dir: Path) -> Path:
+def model_card_task(
+    cfg, run_id, version, data, validated, weights, stages, chosen, evaluation, decision, out_dir: Path
+) -> Path:
     """Prefect shell: the model card, as a run artifact and the version's description (registry I/O: retried)."""
-    return describe_version(cfg, run_id, version, data, validated, weights, stages, chosen, evaluation, decision, out_dir)
+    return describe_version(
+        cfg, run_id, version, data, validated, weights, stages, chosen, evaluation, decision, out_dir
+    )

@@ -81,9 +81,9 @@ def _atomic_write(path: Path, write: Callable[[IO[Any]], None], *, binary: bool)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         if binary:
-            handle: IO[Any] = open(tmp, "xb")  # noqa: SIM115 - closed below, before replace
+            handle: IO[Any] = open(tmp, "xb")
         else:
-            handle = open(tmp, "x", encoding="utf-8", newline="")  # noqa: SIM115
+            handle = open(tmp, "x", encoding="utf-8", newline="")
         with handle:
             write(handle)
             handle.flush()
@@ -524,7 +524,10 @@ def plot_stage_comparison(stages: pd.DataFrame, metric: str, chosen_stage: str, 
     long_names = n > 6 or max(len(x) for x in names) > 10
     ax.set_xticks(positions)
     ax.set_xticklabels(
-        labels, rotation=30 if long_names else 0, ha="right" if long_names else "center", rotation_mode="anchor",
+        labels,
+        rotation=30 if long_names else 0,
+        ha="right" if long_names else "center",
+        rotation_mode="anchor",
         fontsize=9,
     )
     ax.set_ylabel(metric, fontsize=10)
@@ -868,7 +871,8 @@ def render_model_card(info: ModelCardInfo) -> str:
             f"accuracy by {100 / test_images:.2g} percentage points; no confidence intervals were computed."
         )
     limits += [
-        f"Inputs are resized to {info.image_size}×{info.image_size} px RGB; fine detail lost at that size cannot be used.",
+        f"Inputs are resized to {info.image_size}×{info.image_size} px RGB; fine detail lost at that size cannot be "
+        f"used.",
         "Closed label set: an image of a class outside the label set is still forced into one of the "
         f"{n_classes} classes; there is no “unknown” or reject option.",
         "No calibration check: the predicted probabilities were not calibrated or checked; do not read "

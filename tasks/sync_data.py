@@ -83,7 +83,9 @@ def tracked_version(dvc_file: Path, data_dir: Path) -> str:
     md5, path = tracked
     tracked_dir = (Path(dvc_file).parent / path).resolve()
     if tracked_dir != Path(data_dir).resolve():
-        raise DataError(f"{dvc_file} tracks {tracked_dir}, not the configured data folder {Path(data_dir).resolve()} (data.dir)")
+        raise DataError(
+            f"{dvc_file} tracks {tracked_dir}, not the configured data folder {Path(data_dir).resolve()} (data.dir)"
+        )
     return md5
 
 
@@ -106,7 +108,11 @@ def workspace_changes(dvc_file: Path) -> str:
         for entry in entries:
             if isinstance(entry, dict):
                 for kind, outs in entry.items():
-                    detail = ", ".join(f"{path}: {what}" for path, what in outs.items()) if isinstance(outs, dict) else str(outs)
+                    detail = (
+                        ", ".join(f"{path}: {what}" for path, what in outs.items())
+                        if isinstance(outs, dict)
+                        else str(outs)
+                    )
                     changes.append(f"{kind} ({detail})")
             else:
                 changes.append(str(entry))
@@ -117,7 +123,9 @@ def read_data_state(data_cfg: DataConfig) -> DataState:
     """The version in ``data_cfg.dvc_file`` and whether ``data_cfg.dir`` matches it."""
     version = tracked_version(data_cfg.dvc_file, data_cfg.dir)
     changes = workspace_changes(data_cfg.dvc_file)
-    return DataState(dvc_file=data_cfg.dvc_file, data_dir=data_cfg.dir, version=version, matches=not changes, changes=changes)
+    return DataState(
+        dvc_file=data_cfg.dvc_file, data_dir=data_cfg.dir, version=version, matches=not changes, changes=changes
+    )
 
 
 def pull_data(state: DataState) -> DataState:
@@ -199,19 +207,29 @@ def decide_retrain(data_version: str, registry: RegistryState, force: bool) -> R
     if force:
         return RetrainDecision(
             retrain=True,
-            reason=f"training: forced (data version {data_version}; champion v{champion.version} on {champion.data_version})",
+            reason=(
+                f"training: forced (data version {data_version}; champion v{champion.version} on "
+                f"{champion.data_version})"
+            ),
             **common,
         )
     if champion.data_version == data_version:
         reason = f"skipped: data unchanged (version {data_version}; champion v{champion.version} was trained on it)"
         return RetrainDecision(retrain=False, reason=reason, **common)
-    if challenger is not None and challenger.data_version == data_version and int(challenger.version) > int(champion.version):
+    if (
+        challenger is not None
+        and challenger.data_version == data_version
+        and int(challenger.version) > int(champion.version)
+    ):
         reason = (
-            f"skipped: data unchanged (version {data_version}; v{challenger.version} was trained on it and rejected by the "
-            f"promotion gate, champion v{champion.version}; --force retrains)"
+            f"skipped: data unchanged (version {data_version}; v{challenger.version} was trained on it and rejected by "
+            f"the promotion gate, champion v{champion.version}; --force retrains)"
         )
         return RetrainDecision(retrain=False, reason=reason, **common)
-    reason = f"training: new data version {data_version} (champion v{champion.version} was trained on {champion.data_version})"
+    reason = (
+        f"training: new data version {data_version} (champion v{champion.version} was trained on "
+        f"{champion.data_version})"
+    )
     return RetrainDecision(retrain=True, reason=reason, **common)
 
 

@@ -16,7 +16,15 @@ from pathlib import Path
 from prefect import task
 
 from vggflow.config import Config
-from vggflow.tracking import TAG_DATA_VERSION, TAG_FREEZE, TAG_RANDOM_INIT, DataVersion, epoch_metrics, git_info, package_versions
+from vggflow.tracking import (
+    TAG_DATA_VERSION,
+    TAG_FREEZE,
+    TAG_RANDOM_INIT,
+    DataVersion,
+    epoch_metrics,
+    git_info,
+    package_versions,
+)
 from vggflow.training import StageResult
 
 MAX_PARAMS_PER_BATCH = 100
@@ -98,7 +106,9 @@ def dataset_input(data: DataVersion, data_dir: Path):
         digest=data.md5[:36],  # the store's digest column holds 36 characters (a DVC ".dir" md5 fits)
         source_type="local",
         source=json.dumps({"uri": str(Path(data_dir).resolve())}),
-        profile=json.dumps({"data_version": data.md5, "matches_dvc": data.matches, "dvc_tracked_path": data.tracked_path}),
+        profile=json.dumps(
+            {"data_version": data.md5, "matches_dvc": data.matches, "dvc_tracked_path": data.tracked_path}
+        ),
     )
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
@@ -121,13 +131,17 @@ def _prefect_flow_run_id() -> str | None:
         from prefect.context import get_run_context
 
         context = get_run_context()
-        flow_run = getattr(context, "flow_run", None) or getattr(getattr(context, "task_run", None), "flow_run_id", None)
+        flow_run = getattr(context, "flow_run", None) or getattr(
+            getattr(context, "task_run", None), "flow_run_id", None
+        )
         return str(getattr(flow_run, "id", flow_run)) if flow_run else None
     except Exception:  # outside a flow run
         return None
 
 
-def open_stage_run(experiment_id: str, parent_run_id: str, stage: str, unfreeze_from: str | None, learning_rate: float) -> str:
+def open_stage_run(
+    experiment_id: str, parent_run_id: str, stage: str, unfreeze_from: str | None, learning_rate: float
+) -> str:
     """Create the nested run of a stage, named after its freeze configuration.
 
     It repeats the parent's data version (tag, param, dataset input) and carries its own freeze
@@ -145,7 +159,12 @@ def open_stage_run(experiment_id: str, parent_run_id: str, stage: str, unfreeze_
         **_owner_tags(),
     }
     run = client.create_run(experiment_id, run_name=f"stage-{stage}", tags=tags)
-    params = {"stage": stage, "unfreeze_from": unfreeze_from or "none", "learning_rate": learning_rate, "data_version": data_version}
+    params = {
+        "stage": stage,
+        "unfreeze_from": unfreeze_from or "none",
+        "learning_rate": learning_rate,
+        "data_version": data_version,
+    }
     _log_params(client, run.info.run_id, params)
     inputs = parent.inputs.dataset_inputs if parent.inputs else []
     if inputs:
@@ -173,7 +192,9 @@ def close_stage_run(stage_run_id: str, result: StageResult) -> None:
             client.log_batch(stage_run_id, metrics=metrics)
         client.set_tag(stage_run_id, "vggflow.reused_from_run", result.mlflow_run_id or "cache")
     freeze = result.freeze_configuration()
-    _log_params(client, stage_run_id, {k: v for k, v in freeze.items() if k not in ("stage", "learning_rate", "unfreeze_from")})
+    _log_params(
+        client, stage_run_id, {k: v for k, v in freeze.items() if k not in ("stage", "learning_rate", "unfreeze_from")}
+    )
     summary = {
         "best_val_accuracy": result.best_val_accuracy,
         "best_val_loss": result.best_val_loss,
@@ -182,7 +203,9 @@ def close_stage_run(stage_run_id: str, result: StageResult) -> None:
         "stage_seconds": result.seconds,
         "images_per_second": result.images_per_second,
     }
-    client.log_batch(stage_run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()])
+    client.log_batch(
+        stage_run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()]
+    )
     client.set_terminated(stage_run_id, "FINISHED")
 
 
@@ -204,7 +227,11 @@ def end_run_for(run_id: str | None, error: BaseException) -> None:
 
 def _owner_tags() -> dict[str, str]:
     """Which process owns a run, so a later run can tell an abandoned run from a live one."""
-    return {"vggflow.host": socket.gethostname(), "vggflow.pid": str(os.getpid()), "vggflow.pid_started": str(_process_start(os.getpid()))}
+    return {
+        "vggflow.host": socket.gethostname(),
+        "vggflow.pid": str(os.getpid()),
+        "vggflow.pid_started": str(_process_start(os.getpid())),
+    }
 
 
 def _process_start(pid: int) -> float:
@@ -252,4 +279,3 @@ def start_training_run_task(
 ) -> str:
     """Prefect shell: create the parent run (not retried: a retry could create a second run)."""
     return start_training_run(cfg, experiment_id, config_file, data, weights_identity, random_init, validation_files)
-

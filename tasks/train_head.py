@@ -12,9 +12,9 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.features import FeatureSet
 from vggflow.caching import key_when_valid
 from vggflow.config import HeadConfig
+from vggflow.tasks.features import FeatureSet
 from vggflow.training import StageResult, checkpoint_is_valid
 
 HEAD_STAGE = "head"
@@ -41,11 +41,10 @@ def train_head(
         on_epoch: optional ``callable(epoch, logs)``.
     """
     import keras
-
     import numpy as np
 
-    from tasks.features import load_layer
     from vggflow.model import build_classifier, head_model, take_base, unfreeze_to
+    from vggflow.tasks.features import load_layer
     from vggflow.training import finish_stage, fit_stage
 
     base = take_base(weights, image_size)
@@ -60,8 +59,14 @@ def train_head(
     x_train, y_train = (np.asarray(a[: len(a)]) for a in load_layer(features, "avg_pool", "train"))
     x_val, y_val = (np.asarray(a[: len(a)]) for a in load_layer(features, "avg_pool", "val"))
     fit = fit_stage(
-        head_model(model), (x_train, y_train), (x_val, y_val), cfg.learning_rate, cfg.epochs, cfg.patience,
-        on_epoch, batch_size=cfg.batch_size,
+        head_model(model),
+        (x_train, y_train),
+        (x_val, y_val),
+        cfg.learning_rate,
+        cfg.epochs,
+        cfg.patience,
+        on_epoch,
+        batch_size=cfg.batch_size,
     )
     return finish_stage(model, checkpoint, HEAD_STAGE, None, cfg.learning_rate, freeze, fit, len(y_train), "avg_pool")
 
@@ -86,6 +91,8 @@ def train_head_task(
     from vggflow.training import epoch_reporter, stage_summary_line
 
     print(f"stage {HEAD_STAGE}: training the new head on cached features, lr {cfg.learning_rate:g}")
-    result = train_head(features, weights, image_size, cfg, seed, checkpoint, epoch_reporter(HEAD_STAGE, cfg.epochs, stage_run_id))
+    result = train_head(
+        features, weights, image_size, cfg, seed, checkpoint, epoch_reporter(HEAD_STAGE, cfg.epochs, stage_run_id)
+    )
     print(stage_summary_line(result, cfg.epochs))
     return result.model_copy(update={"mlflow_run_id": stage_run_id})

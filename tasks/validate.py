@@ -100,8 +100,37 @@ IMAGE_EXTENSIONS: dict[str, frozenset[str]] = {
 }
 #: Image formats a user may well have dropped in, that the shared decoder does not accept.
 OTHER_IMAGE_EXTENSIONS = frozenset(
-    ".heic .heif .avif .jxl .jp2 .j2k .ico .icns .svg .psd .xcf .raw .cr2 .cr3 .nef .arw .dng .orf .rw2 "
-    ".ppm .pgm .pbm .pnm .tga .pcx .dds .eps .exr .hdr".split()
+    [
+        ".heic",
+        ".heif",
+        ".avif",
+        ".jxl",
+        ".jp2",
+        ".j2k",
+        ".ico",
+        ".icns",
+        ".svg",
+        ".psd",
+        ".xcf",
+        ".raw",
+        ".cr2",
+        ".cr3",
+        ".nef",
+        ".arw",
+        ".dng",
+        ".orf",
+        ".rw2",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+        ".pcx",
+        ".dds",
+        ".eps",
+        ".exr",
+        ".hdr",
+    ]  # fmt: skip
 )
 #: Lower-case names of OS litter files (plus ``._*`` AppleDouble files and ``*:Zone.Identifier`` streams).
 JUNK_FILE_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"})
@@ -155,7 +184,12 @@ class _Scan:
 def _junk_kind(name: str) -> str:
     """``os_junk``, ``hidden`` or "" for a directory entry name."""
     lowered = name.lower()
-    if lowered in JUNK_FILE_NAMES or lowered in JUNK_DIR_NAMES or name.startswith("._") or lowered.endswith(":zone.identifier"):
+    if (
+        lowered in JUNK_FILE_NAMES
+        or lowered in JUNK_DIR_NAMES
+        or name.startswith("._")
+        or lowered.endswith(":zone.identifier")
+    ):
         return "os_junk"
     if name.startswith("."):
         return "hidden"
@@ -244,7 +278,9 @@ def _scan_folder(scan: _Scan, folder: str, rel_folder: str, label: str, root: st
         kind, real = _resolve(entry, root)
         if kind == "dir":
             if real in ancestors:
-                scan.rows.append(_row(rel, label, "ignored", "symlink_loop", "symlink to a parent folder: not descended"))
+                scan.rows.append(
+                    _row(rel, label, "ignored", "symlink_loop", "symlink to a parent folder: not descended")
+                )
             else:
                 _scan_folder(scan, real, rel, label, root, ancestors | {real})
         elif kind == "file":
@@ -327,7 +363,7 @@ def _inspect_isolated(
     try:
         # os.getpid pickles by reference to a stdlib module: a pure "can workers start?" probe.
         pool.submit(os.getpid).result(timeout=300)
-    except Exception:  # noqa: BLE001 - any failure means: do not rely on workers
+    except Exception:
         pool.shutdown(wait=True, cancel_futures=True)
         return None
     records: list[dict[str, Any]] = []
@@ -495,7 +531,9 @@ def _fill_empty_splits(rows: list[dict[str, Any]]) -> None:
     An empty test/val split takes the train image(s) with the smallest u (test first); if train
     has only one image, a split with ≥ 2 gives up the image nearest to the empty range instead.
     """
-    members = {split: sorted((r for r in rows if r["split"] == split), key=lambda r: (r["_u"], r["path"])) for split in SPLITS}
+    members = {
+        split: sorted((r for r in rows if r["split"] == split), key=lambda r: (r["_u"], r["path"])) for split in SPLITS
+    }
     for target in ("train", "test", "val"):
         if members[target]:
             continue
@@ -596,7 +634,10 @@ def _report_near_duplicates(rows: list[dict[str, Any]], max_distance: int) -> li
             )
     warnings = []
     if groups:
-        warnings.append(f"{len(nearest)} usable images form {len(groups)} near-duplicate group(s) (pHash distance <= {max_distance})")
+        warnings.append(
+            f"{len(nearest)} usable images form {len(groups)} near-duplicate group(s) (pHash distance <= "
+            f"{max_distance})"
+        )
     if cross_split:
         warnings.append(f"{cross_split} near-duplicate group(s) span train/val/test: possible evaluation leakage")
     if cross_label:
@@ -626,7 +667,11 @@ def _apply_class_rules(
                 if row["status"] == "ok" and row["label"] in small:
                     row["status"] = "excluded"
                     row["_issues"].append(
-                        ("small_class", f"class {row['label']} has {counts[row['label']]} usable image(s) < min_images_per_class={cfg.min_images_per_class}")
+                        (
+                            "small_class",
+                            f"class {row['label']} has {counts[row['label']]} usable image(s) < "
+                            f"min_images_per_class={cfg.min_images_per_class}",
+                        )
                     )
             warnings.append(f"classes below min_images_per_class={cfg.min_images_per_class} excluded: {described}")
         else:
@@ -637,7 +682,9 @@ def _apply_class_rules(
     usable_classes = sorted({r["label"] for r in rows if r["status"] == "ok"})
     if len(usable_classes) < 2:
         found = f": {', '.join(usable_classes)}" if usable_classes else ""
-        errors.append(f"fewer than 2 usable classes (found {len(usable_classes)}{found}); a classifier needs at least 2")
+        errors.append(
+            f"fewer than 2 usable classes (found {len(usable_classes)}{found}); a classifier needs at least 2"
+        )
     return errors, warnings, folder_issues
 
 
@@ -675,12 +722,20 @@ def _compare_to_previous(
     if "label" not in previous.columns or previous.empty:
         return {"compared": False}, ["drift not computed: the previous manifest has no usable rows with labels"]
     warnings: list[str] = []
-    drift: dict[str, Any] = {"compared": True, "previous_n_valid": int(len(previous)), "current_n_valid": int(len(current))}
+    drift: dict[str, Any] = {
+        "compared": True,
+        "previous_n_valid": int(len(previous)),
+        "current_n_valid": int(len(current)),
+    }
     now, before = _shares(current["label"]), _shares(previous["label"])
     classes = {}
     for label in sorted(set(now) | set(before)):
         change = now.get(label, 0.0) - before.get(label, 0.0)
-        classes[label] = {"previous": round(before.get(label, 0.0), 4), "current": round(now.get(label, 0.0), 4), "change": round(change, 4)}
+        classes[label] = {
+            "previous": round(before.get(label, 0.0), 4),
+            "current": round(now.get(label, 0.0), 4),
+            "change": round(change, 4),
+        }
         if abs(change) > threshold:
             warnings.append(f"drift: class {label} share {before.get(label, 0.0):.1%} -> {now.get(label, 0.0):.1%}")
     drift["class_shares"] = classes
@@ -698,7 +753,11 @@ def _compare_to_previous(
             continue
         if column == "mean":  # brightness: the change as a share of the 0..255 range
             change = (now_value - was) / 255.0
-            stats["median_brightness"] = {"previous": round(was, 2), "current": round(now_value, 2), "change_of_255": round(change, 4)}
+            stats["median_brightness"] = {
+                "previous": round(was, 2),
+                "current": round(now_value, 2),
+                "change_of_255": round(change, 4),
+            }
             if abs(change) > threshold:
                 warnings.append(f"drift: median brightness {was:.1f} -> {now_value:.1f} (of 255)")
             continue
@@ -710,10 +769,15 @@ def _compare_to_previous(
         if column in previous.columns and len(current):
             now_mix, before_mix = _shares(current[column]), _shares(previous[column])
             distance = _linf(now_mix, before_mix)
-            stats[f"{column}_mix"] = {"previous": {k: round(v, 4) for k, v in sorted(before_mix.items())},
-                                      "current": {k: round(v, 4) for k, v in sorted(now_mix.items())}, "linf": distance}
+            stats[f"{column}_mix"] = {
+                "previous": {k: round(v, 4) for k, v in sorted(before_mix.items())},
+                "current": {k: round(v, 4) for k, v in sorted(now_mix.items())},
+                "linf": distance,
+            }
             if distance > threshold:
-                warnings.append(f"drift: image {column} mix changed (L-inf {distance:.2f}): {_mix(before_mix)} -> {_mix(now_mix)}")
+                warnings.append(
+                    f"drift: image {column} mix changed (L-inf {distance:.2f}): {_mix(before_mix)} -> {_mix(now_mix)}"
+                )
     drift["stats"] = stats
     if "sha256" in previous.columns:
         before_hashes, now_hashes = set(previous["sha256"].astype(str)), set(current["sha256"])
@@ -806,8 +870,11 @@ def validate_dataset(
         "data_dir": str(data_dir),
         "format_version": FORMAT_VERSION,
         # Without `workers`: how the work was spread must not change the report.
-        "settings": {"validation": cfg.model_dump(mode="json", exclude={"workers"}),
-                     "val_fraction": data_cfg.val_fraction, "test_fraction": data_cfg.test_fraction},
+        "settings": {
+            "validation": cfg.model_dump(mode="json", exclude={"workers"}),
+            "val_fraction": data_cfg.val_fraction,
+            "test_fraction": data_cfg.test_fraction,
+        },
     }
     return ValidationResult(manifest=manifest, report=report)
 
@@ -822,7 +889,12 @@ def _manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a ``manifest.csv`` back with its dtypes (labels like ``1`` or ``NA`` stay strings)."""
     frame = pd.read_csv(
-        path, dtype=MANIFEST_DTYPES, keep_default_na=False, na_values=[], encoding="utf-8", encoding_errors="surrogateescape"
+        path,
+        dtype=MANIFEST_DTYPES,
+        keep_default_na=False,
+        na_values=[],
+        encoding="utf-8",
+        encoding_errors="surrogateescape",
     )
     return frame
 
@@ -930,7 +1002,11 @@ def format_summary(result: ValidationResult, report_path: Path | str | None = No
     items = [f"{label} {n:,}" for label, n in classes.items()]
     if len(items) > 10:  # keep it to one screen: the smallest and largest classes matter most
         ordered = sorted(classes.items(), key=lambda kv: (kv[1], kv[0]))
-        items = [f"{k} {v:,}" for k, v in ordered[:4]] + [f"... {len(items) - 8} more ..."] + [f"{k} {v:,}" for k, v in ordered[-4:]]
+        items = (
+            [f"{k} {v:,}" for k, v in ordered[:4]]
+            + [f"... {len(items) - 8} more ..."]
+            + [f"{k} {v:,}" for k, v in ordered[-4:]]
+        )
     lines.extend(_wrap(items)[:2])
     splits = summary.get("splits", {})
     if splits:
@@ -968,7 +1044,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     body = []
     for row in rows:
         cells = "".join(
-            f'<td class="n">{value:,}</td>' if isinstance(value, int) else f"<td>{html.escape(str(value))}</td>" for value in row
+            f'<td class="n">{value:,}</td>' if isinstance(value, int) else f"<td>{html.escape(str(value))}</td>"
+            for value in row
         )
         body.append(f"<tr>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
@@ -984,14 +1061,26 @@ def render_html(result: ValidationResult, max_issues: int = 2000) -> str:
         f"<h1>Data validation of <code>{html.escape(str(report.get('data_dir', '')))}</code>: {verdict}</h1>",
         _table(
             ("files", "valid", "excluded", "duplicates", "ignored", "imbalance ratio"),
-            [(summary["n_files"], summary["n_valid"], summary["n_excluded"], summary.get("n_duplicate", 0),
-              summary.get("n_ignored", 0), summary.get("imbalance_ratio") or "-")],
+            [
+                (
+                    summary["n_files"],
+                    summary["n_valid"],
+                    summary["n_excluded"],
+                    summary.get("n_duplicate", 0),
+                    summary.get("n_ignored", 0),
+                    summary.get("imbalance_ratio") or "-",
+                )
+            ],
         ),
     ]
     if result.errors:
-        parts.append("<h2>Errors</h2><ul>" + "".join(f"<li class='bad'>{html.escape(e)}</li>" for e in result.errors) + "</ul>")
+        parts.append(
+            "<h2>Errors</h2><ul>" + "".join(f"<li class='bad'>{html.escape(e)}</li>" for e in result.errors) + "</ul>"
+        )
     if report.get("warnings"):
-        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
+        parts.append(
+            "<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>"
+        )
     splits_by_class: dict[str, Counter[str]] = defaultdict(Counter)
     usable = result.usable
     for label, split in zip(usable["label"], usable["split"]):
@@ -1009,7 +1098,10 @@ def render_html(result: ValidationResult, max_issues: int = 2000) -> str:
         parts.append(
             _table(
                 ("class", "previous share", "current share", "change"),
-                [(label, f"{v['previous']:.1%}", f"{v['current']:.1%}", f"{v['change']:+.1%}") for label, v in drift["class_shares"].items()],
+                [
+                    (label, f"{v['previous']:.1%}", f"{v['current']:.1%}", f"{v['change']:+.1%}")
+                    for label, v in drift["class_shares"].items()
+                ],
             )
         )
         stats = [(name, json.dumps(value, ensure_ascii=False)) for name, value in drift.get("stats", {}).items()]
@@ -1019,9 +1111,16 @@ def render_html(result: ValidationResult, max_issues: int = 2000) -> str:
     parts.append(f"<h2>Issues ({len(issues):,})</h2>")
     kinds = _top_kinds(report)
     if kinds:
-        parts.append(_table(("kind", "count", "status", "meaning"),
-                            [(k, n, ISSUE_KINDS.get(k, ("?", ""))[0], ISSUE_KINDS.get(k, ("", ""))[1]) for k, n, _ in kinds]))
-    parts.append("<p></p>" + _table(("path", "kind", "message"), [(i["path"], i["kind"], i["message"]) for i in issues[:max_issues]]))
+        parts.append(
+            _table(
+                ("kind", "count", "status", "meaning"),
+                [(k, n, ISSUE_KINDS.get(k, ("?", ""))[0], ISSUE_KINDS.get(k, ("", ""))[1]) for k, n, _ in kinds],
+            )
+        )
+    parts.append(
+        "<p></p>"
+        + _table(("path", "kind", "message"), [(i["path"], i["kind"], i["message"]) for i in issues[:max_issues]])
+    )
     if len(issues) > max_issues:
         parts.append(f"<p>... {len(issues) - max_issues:,} more issues in report.json</p>")
     parts.append("</body></html>\n")
@@ -1055,7 +1154,9 @@ def _validation_outputs_valid(parameters: dict[str, Any]) -> bool:
     from vggflow.files import file_sha256
 
     out_dir = Path(parameters["out_dir"]) / parameters["cache_key"]
-    if not all((out_dir / name).is_file() for name in ("report.json", "manifest.csv", "report.html", "rows.csv", "result.json")):
+    if not all(
+        (out_dir / name).is_file() for name in ("report.json", "manifest.csv", "report.html", "rows.csv", "result.json")
+    ):
         return False
     try:
         recorded = json.loads((out_dir / "result.json").read_text())["rows_sha256"]
@@ -1083,7 +1184,9 @@ def _file_digest(path: Path) -> str:
     return file_sha256(path)
 
 
-def run_validation(data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, previous_manifest: Path | None) -> ValidatedData:
+def run_validation(
+    data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, previous_manifest: Path | None
+) -> ValidatedData:
     """Validate, write report/manifest/HTML plus the usable rows (``rows.csv``) into ``out_dir``."""
     from vggflow.files import atomic_write_text, file_sha256
 
@@ -1113,7 +1216,9 @@ def run_validation(data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, p
     persist_result=True,
     result_serializer="json",
 )
-def validate_data_task(data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, previous_manifest: Path | None, cache_key: str) -> ValidatedData:
+def validate_data_task(
+    data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, previous_manifest: Path | None, cache_key: str
+) -> ValidatedData:
     """Prefect shell: validate the data folder (cached by its file listing + config)."""
     validated = run_validation(data_cfg, cfg, Path(out_dir) / cache_key, previous_manifest)
     print(validated.summary)

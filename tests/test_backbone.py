@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("keras")
 
-from vggflow.config import BackboneConfig  # noqa: E402
-from vggflow.errors import BackboneError  # noqa: E402
-from vggflow.model import IMAGENET_NOTOP_FILE, build_base, resolve_weights  # noqa: E402
+from vggflow.config import BackboneConfig
+from vggflow.errors import BackboneError
+from vggflow.model import IMAGENET_NOTOP_FILE, build_base, resolve_weights
 
 
 @pytest.fixture
@@ -32,7 +32,9 @@ def test_imagenet_unavailable_stops_with_the_cache_path_and_alternatives(tmp_pat
 
 
 def test_imagenet_unavailable_falls_back_only_when_allowed(tmp_path, empty_keras_cache):
-    weights = resolve_weights(BackboneConfig(weights="imagenet", allow_random_init=True, image_size=32), tmp_path, seed=0)
+    weights = resolve_weights(
+        BackboneConfig(weights="imagenet", allow_random_init=True, image_size=32), tmp_path, seed=0
+    )
     assert weights.random_init and weights.identity == "random-seed0"
     assert str(empty_keras_cache / IMAGENET_NOTOP_FILE) in weights.note
 
@@ -85,7 +87,11 @@ def test_train_stops_before_any_work_when_weights_are_missing(project, tiny_data
     env = {**__import__("os").environ, "KERAS_HOME": str(tmp_path / "keras-home")}
     done = subprocess.run(
         [str(Path(sys.executable).with_name("vggflow")), "train", "--data", str(tiny_dataset)],
-        cwd=project, env=env, capture_output=True, text=True, timeout=600,
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 4, done.stderr[-3000:]
     assert IMAGENET_NOTOP_FILE in done.stderr and "Traceback" not in done.stderr

@@ -21,7 +21,13 @@ pytestmark = pytest.mark.slow
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = [
-    "bench_extraction", "bench_example1", "bench_finetune", "bench_settings", "bench_memory", "bench_rerun", "bench_photos",
+    "bench_extraction",
+    "bench_example1",
+    "bench_finetune",
+    "bench_settings",
+    "bench_memory",
+    "bench_rerun",
+    "bench_photos",
     "bench_cli",
 ]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -43,4 +49,3 @@ def test_benchmark_script_runs_in_smoke_mode(name: str, bench_cache: Path, tmp_p
     assert module.main(["--smoke", "--cache", str(bench_cache), "--out", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# ") and "Machine:" in text
-

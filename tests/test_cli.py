@@ -97,14 +97,21 @@ def test_console_script_exit_runs_cleanup_flushes_output_and_keeps_the_exit_code
         "sys.argv = ['vggflow', *sys.argv[1:]]\n"
         "console()\n"
     )
-    ok = subprocess.run([sys.executable, "-c", script, "config"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-c", script, "config"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.splitlines()
     assert lines[0] == "seed: 42" and "  deployment_name: nightly" in lines  # the whole config, flushed
     assert lines[-1] == "atexit handler ran" and "worker thread finished" in lines  # threads first, then atexit
 
-    bad = subprocess.run([sys.executable, "-c", script, "train", "--set", "head.epoks=3"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-c", script, "train", "--set", "head.epoks=3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "head.epoks: unknown key" in bad.stderr
     assert bad.stdout.splitlines()[-1] == "atexit handler ran"
 
@@ -119,7 +126,8 @@ def test_tensorflow_start_up_noise_is_dropped_and_everything_else_on_stderr_is_k
     noise = (
         "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
         "I0000 00:00:1795924570.439301   24263 port.cc:153] oneDNN custom operations are on. You may see ...\n"
-        "I0000 00:00:1795924570.439685   24263 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n"
+        "I0000 00:00:1795924570.439685   24263 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU "
+        "will not be used.\n"
         "E0000 00:00:1795924573.291042   24263 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
         "Failed call to cuInit: UNKNOWN ERROR (303)\n"
     )
@@ -136,10 +144,17 @@ def test_tensorflow_start_up_noise_is_dropped_and_everything_else_on_stderr_is_k
 
 def test_quiet_tensorflow_import_prints_no_start_up_noise():
     code = "from vggflow.runtime import import_tensorflow_quietly; import_tensorflow_quietly(); print('imported')"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr
-    assert "cuInit" not in done.stderr and "absl::InitializeLog" not in done.stderr and "cuda drivers" not in done.stderr
+    assert (
+        "cuInit" not in done.stderr and "absl::InitializeLog" not in done.stderr and "cuda drivers" not in done.stderr
+    )
 
 
 def test_imports_without_gc_pauses_the_collector_then_freezes_what_it_created():

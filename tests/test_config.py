@@ -86,7 +86,11 @@ def test_yaml_is_parsed_safely(tmp_path):
 
 def test_duplicate_stage_names_are_refused():
     with pytest.raises(ConfigError, match="stage names must be unique"):
-        load_config(None, ["finetune.stages=[{unfreeze_from: block5, learning_rate: 1}, {unfreeze_from: block5, learning_rate: 2}]"], environ={})
+        load_config(
+            None,
+            ["finetune.stages=[{unfreeze_from: block5, learning_rate: 1}, {unfreeze_from: block5, learning_rate: 2}]"],
+            environ={},
+        )
 
 
 def test_flat_params_cover_every_leaf():

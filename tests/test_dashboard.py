@@ -137,7 +137,11 @@ def test_saved_views_show_the_primary_metric_and_data_version() -> None:
         assert envelope["name"].startswith("vggflow: ") and envelope["createdAt"] == 1
         states[key.removeprefix(prefix)] = json.loads(envelope["state"])
     for state in states.values():
-        assert state["selectedColumns"][:3] == ["attributes.`Dataset`", "metrics.`test_macro_f1`", "metrics.`test_accuracy`"]
+        assert state["selectedColumns"][:3] == [
+            "attributes.`Dataset`",
+            "metrics.`test_macro_f1`",
+            "metrics.`test_accuracy`",
+        ]
         assert "params.`data_version`" in state["selectedColumns"] and state["runsPinned"] == []
     # Nested stage runs need the creation-time order; the leaderboard sorts training runs by the metric.
     assert states[dashboard.COMPARE_VIEW_ID]["orderByKey"] == "attributes.start_time"
@@ -188,7 +192,7 @@ def _read_lines(stream: io.TextIOBase, lines: queue.Queue[str | None]) -> None:
 def served(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> Iterator[Dashboard]:
     """One tiny training run, then `vggflow ui --port <free>` over its store (stopped at the end)."""
     import mlflow
-    from flows.train import train_flow
+    from vggflow.flows.train import train_flow
 
     root = tmp_path_factory.mktemp("dashboard")
     folder = root / "project"
@@ -361,7 +365,9 @@ def test_registered_version_is_served_with_the_model_card_as_description(served:
     summary = served.summary
     model = served.get("/api/2.0/mlflow/registered-models/get", name=summary.model_name)["registered_model"]
     assert {"alias": "champion", "version": summary.model_version} in model.get("aliases", [])
-    versions = served.get("/api/2.0/mlflow/model-versions/search", filter=f"run_id='{summary.run_id}'")["model_versions"]
+    versions = served.get("/api/2.0/mlflow/model-versions/search", filter=f"run_id='{summary.run_id}'")[
+        "model_versions"
+    ]
     assert [v["version"] for v in versions] == [summary.model_version]
     card = served.artifact(summary.run_id, "model_card.md").decode()
     assert versions[0]["description"] == card

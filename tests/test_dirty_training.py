@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_training_on_the_dirty_corpus_completes(project: Path, prefect_server) -> None:
     from mlflow.tracking import MlflowClient
 
-    from flows.train import train_flow
+    from vggflow.flows.train import train_flow
 
     data, expected, counts = build_dirty_corpus(project / "corpus")
     summary = train_flow(

@@ -12,12 +12,12 @@ import pytest
 
 pytest.importorskip("keras")
 
-from tasks.evaluate import evaluate_classifier  # noqa: E402
-from tasks.features import TEST_DIR, compute_features, compute_scoring_prefix  # noqa: E402
-from tasks.finetune import run_stage  # noqa: E402
-from tasks.train_head import train_head  # noqa: E402
-from vggflow.config import BackboneConfig, EvaluateConfig, FinetuneConfig, HeadConfig, StageConfig  # noqa: E402
-from vggflow.model import resolve_weights  # noqa: E402
+from vggflow.config import BackboneConfig, EvaluateConfig, FinetuneConfig, HeadConfig, StageConfig
+from vggflow.model import resolve_weights
+from vggflow.tasks.evaluate import evaluate_classifier
+from vggflow.tasks.features import TEST_DIR, compute_features, compute_scoring_prefix
+from vggflow.tasks.finetune import run_stage
+from vggflow.tasks.train_head import train_head
 
 pytestmark = pytest.mark.slow
 
@@ -26,20 +26,28 @@ pytestmark = pytest.mark.slow
 def trained(tmp_path, tiny_dataset):
     """Rows with a test split, cached train/val features, a head and a block5 stage on them."""
     paths = sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.png"))
-    rows = pd.DataFrame({"path": paths, "label": [p.split("/")[0] for p in paths], "split": ["train", "val", "test"] * 12})
+    rows = pd.DataFrame(
+        {"path": paths, "label": [p.split("/")[0] for p in paths], "split": ["train", "val", "test"] * 12}
+    )
     classes = sorted(rows["label"].unique())
     weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=1)
     features = compute_features(rows, tiny_dataset, weights, 32, 8, tmp_path / "cache", "fp", ["block4_pool"], classes)
-    head = train_head(features, weights, 32, HeadConfig(dense_units=16, epochs=3, patience=3), 7, tmp_path / "head.keras")
+    head = train_head(
+        features, weights, 32, HeadConfig(dense_units=16, epochs=3, patience=3), 7, tmp_path / "head.keras"
+    )
     stage = StageConfig(unfreeze_from="block5", learning_rate=1e-4, epochs=1)
-    block5 = run_stage(head, stage, FinetuneConfig(batch_size=8), features, "block4_pool", tiny_dataset, 32, 7, tmp_path / "b5.keras")
+    block5 = run_stage(
+        head, stage, FinetuneConfig(batch_size=8), features, "block4_pool", tiny_dataset, 32, 7, tmp_path / "b5.keras"
+    )
     return rows, classes, weights, features, head, block5
 
 
 def _evaluate(tmp_path, tiny_dataset, rows, classes, result, prefix, name):
     test = rows[rows["split"] == "test"]
     # No kept scores (scores_dir None): every call scores.
-    return evaluate_classifier(result.checkpoint, test, tiny_dataset, classes, EvaluateConfig(batch_size=4), tmp_path / name, None, prefix)
+    return evaluate_classifier(
+        result.checkpoint, test, tiny_dataset, classes, EvaluateConfig(batch_size=4), tmp_path / name, None, prefix
+    )
 
 
 def _probabilities(evaluation) -> pd.DataFrame:
@@ -51,12 +59,16 @@ def test_cached_prefix_scores_match_the_whole_model_and_are_computed_once(tmp_pa
     rows, classes, weights, features, head, block5 = trained
     result = head if which == "head" else block5
     assert result.prefix_cache == ("avg_pool" if which == "head" else "block4_pool")
-    prefix = compute_scoring_prefix(rows, tiny_dataset, weights, 32, 8, features.directory, result.prefix_cache, result.unfreeze_from)
+    prefix = compute_scoring_prefix(
+        rows, tiny_dataset, weights, 32, 8, features.directory, result.prefix_cache, result.unfreeze_from
+    )
     array = features.directory / TEST_DIR / f"{result.prefix_cache}.npy"
     assert prefix is not None and prefix.n_images == 12 and array.is_file()
     # Computed once per data version: a second call (the next head or stage) reuses the file.
     written = os.stat(array).st_mtime_ns
-    again = compute_scoring_prefix(rows, tiny_dataset, weights, 32, 8, features.directory, result.prefix_cache, result.unfreeze_from)
+    again = compute_scoring_prefix(
+        rows, tiny_dataset, weights, 32, 8, features.directory, result.prefix_cache, result.unfreeze_from
+    )
     assert os.stat(array).st_mtime_ns == written
     assert prefix.seconds > 0 and again == prefix.model_copy(update={"seconds": 0.0})
 
@@ -90,13 +102,18 @@ def test_a_damaged_or_mismatched_prefix_falls_back_to_scoring_the_images(tmp_pat
     assert damaged.metrics == whole.metrics
     # The next call rebuilds it.
     rebuilt = compute_scoring_prefix(rows, tiny_dataset, weights, 32, 8, features.directory, "avg_pool", None)
-    assert _evaluate(tmp_path, tiny_dataset, rows, classes, head, rebuilt, "rebuilt").scored_from.startswith("cached avg_pool")
+    assert _evaluate(tmp_path, tiny_dataset, rows, classes, head, rebuilt, "rebuilt").scored_from.startswith(
+        "cached avg_pool"
+    )
 
 
 def test_nothing_is_cached_when_the_chosen_model_has_no_frozen_part(tmp_path, tiny_dataset, trained):
     rows, _, weights, features, _, _ = trained
     for prefix_cache, unfreeze_from in ((None, "block5"), ("input_layer", "all")):
-        assert compute_scoring_prefix(rows, tiny_dataset, weights, 32, 8, features.directory, prefix_cache, unfreeze_from) is None
+        assert (
+            compute_scoring_prefix(rows, tiny_dataset, weights, 32, 8, features.directory, prefix_cache, unfreeze_from)
+            is None
+        )
     no_test = rows[rows["split"] != "test"]
     assert compute_scoring_prefix(no_test, tiny_dataset, weights, 32, 8, features.directory, "avg_pool", None) is None
     assert not (features.directory / TEST_DIR).exists()

@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("keras")
 
-from tasks.features import RowView, compute_features, load_layer  # noqa: E402
-from vggflow.config import BackboneConfig  # noqa: E402
-from vggflow.model import resolve_weights  # noqa: E402
+from vggflow.config import BackboneConfig
+from vggflow.model import resolve_weights
+from vggflow.tasks.features import RowView, compute_features, load_layer
 
 
 def _mapped(fragment: str) -> list[str]:
@@ -36,8 +36,16 @@ def test_cache_is_written_and_read_without_memory_maps(tmp_path, tiny_dataset, r
     weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=3)
     seen_maps: list[str] = []
     features = compute_features(
-        rows, tiny_dataset, weights, 32, 5, tmp_path / "cache", "fp", ["block4_pool", "input_layer"],
-        sorted(rows["label"].unique()), progress=lambda done, total: seen_maps.extend(_mapped(".tmp.npy")),
+        rows,
+        tiny_dataset,
+        weights,
+        32,
+        5,
+        tmp_path / "cache",
+        "fp",
+        ["block4_pool", "input_layer"],
+        sorted(rows["label"].unique()),
+        progress=lambda done, total: seen_maps.extend(_mapped(".tmp.npy")),
     )
     assert seen_maps == []  # nothing mapped while writing
     full = np.load(features.directory / "block4_pool.npy")

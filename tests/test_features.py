@@ -8,13 +8,13 @@ import pytest
 
 pytest.importorskip("keras")
 
-from tasks.features import compute_features, layer_cache_dir, load_layer, verified_layers  # noqa: E402
-from vggflow.config import BackboneConfig, HeadConfig  # noqa: E402
-from vggflow.datasets import common_image_shape, file_errors_as_data_errors  # noqa: E402
-from vggflow.errors import DataError  # noqa: E402
-from vggflow.files import read_rows  # noqa: E402
-from vggflow.images import load_rgb  # noqa: E402
-from vggflow.model import build_base, build_classifier, resolve_weights  # noqa: E402
+from vggflow.config import BackboneConfig, HeadConfig
+from vggflow.datasets import common_image_shape, file_errors_as_data_errors
+from vggflow.errors import DataError
+from vggflow.files import read_rows
+from vggflow.images import load_rgb
+from vggflow.model import build_base, build_classifier, resolve_weights
+from vggflow.tasks.features import compute_features, layer_cache_dir, load_layer, verified_layers
 
 
 @pytest.fixture
@@ -29,8 +29,17 @@ def rows(tiny_dataset) -> pd.DataFrame:
 def test_features_are_the_classifiers_pooled_base_output_and_are_cached(tmp_path, tiny_dataset, rows):
     weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=3)
     classes = sorted(rows["label"].unique())
-    kwargs = dict(rows=rows, data_dir=tiny_dataset, weights=weights, image_size=32, batch_size=5,
-                  cache_dir=tmp_path / "cache", fingerprint="fp", layers=["block4_pool"], class_names=classes)
+    kwargs = dict(
+        rows=rows,
+        data_dir=tiny_dataset,
+        weights=weights,
+        image_size=32,
+        batch_size=5,
+        cache_dir=tmp_path / "cache",
+        fingerprint="fp",
+        layers=["block4_pool"],
+        class_names=classes,
+    )
     features = compute_features(**kwargs)
     assert set(features.layers) == {"avg_pool", "block4_pool"}
     # Train and val rows only, in manifest order: the test images' outputs are cached apart, after the choice.
@@ -63,11 +72,20 @@ def test_a_cache_folder_that_still_holds_test_rows_is_rebuilt_and_relisted(tmp_p
     """Earlier versions cached every split: such a folder must not be read as train+val arrays."""
     import json
 
-    from tasks.features import _paths_digest
+    from vggflow.tasks.features import _paths_digest
 
     weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=3)
-    kwargs = dict(rows=rows, data_dir=tiny_dataset, weights=weights, image_size=32, batch_size=8,
-                  cache_dir=tmp_path / "cache", fingerprint="fp", layers=[], class_names=sorted(rows["label"].unique()))
+    kwargs = dict(
+        rows=rows,
+        data_dir=tiny_dataset,
+        weights=weights,
+        image_size=32,
+        batch_size=8,
+        cache_dir=tmp_path / "cache",
+        fingerprint="fp",
+        layers=[],
+        class_names=sorted(rows["label"].unique()),
+    )
     features = compute_features(**kwargs)
     expected_listing = features.rows_file.read_text()
     good = np.load(features.directory / "avg_pool.npy").copy()
@@ -87,8 +105,17 @@ def test_a_cache_folder_that_still_holds_test_rows_is_rebuilt_and_relisted(tmp_p
 
 def test_corrupted_or_truncated_cache_is_detected_and_rebuilt(tmp_path, tiny_dataset, rows):
     weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=3)
-    kwargs = dict(rows=rows, data_dir=tiny_dataset, weights=weights, image_size=32, batch_size=8,
-                  cache_dir=tmp_path / "cache", fingerprint="fp", layers=[], class_names=sorted(rows["label"].unique()))
+    kwargs = dict(
+        rows=rows,
+        data_dir=tiny_dataset,
+        weights=weights,
+        image_size=32,
+        batch_size=8,
+        cache_dir=tmp_path / "cache",
+        fingerprint="fp",
+        layers=[],
+        class_names=sorted(rows["label"].unique()),
+    )
     features = compute_features(**kwargs)
     good = np.load(features.directory / "avg_pool.npy").copy()
     path = features.directory / "avg_pool.npy"
@@ -140,8 +167,17 @@ def test_image_dataset_resizes_mixed_sizes_and_modes_exactly_like_the_model(tmp_
 
     rng = np.random.default_rng(0)
     paths = []
-    for i, (size, mode) in enumerate([((40, 30), "RGB"), ((40, 30), "L"), ((17, 50), "RGBA"), ((40, 30), "RGB"),
-                                      ((64, 64), "P"), ((33, 33), "RGB"), ((40, 30), "RGB")]):
+    for i, (size, mode) in enumerate(
+        [
+            ((40, 30), "RGB"),
+            ((40, 30), "L"),
+            ((17, 50), "RGBA"),
+            ((40, 30), "RGB"),
+            ((64, 64), "P"),
+            ((33, 33), "RGB"),
+            ((40, 30), "RGB"),
+        ]
+    ):
         pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         image = Image.fromarray(pixels).convert(mode)
         paths.append(tmp_path / f"{i}.png")
@@ -222,10 +258,13 @@ def test_large_uniform_groups_are_resized_image_by_image_with_the_same_pixels(tm
     script = (
         "import resource, sys; from pathlib import Path; from vggflow.datasets import image_dataset; "
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        f"[b.shape for b in image_dataset(sorted(Path({str(big)!r}).iterdir()), None, 32, 8, same_shape=(3000, 4000))]; "
+        f"[b.shape for b in image_dataset(sorted(Path({str(big)!r}).iterdir()), None, 32, 8, same_shape=(3000, "
+        f"4000))]; "
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
     )
-    grown_mb = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()[-1])
+    grown_mb = int(
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()[-1]
+    )
     assert grown_mb < 1000, f"decoding + resizing 8 photos of 12 MP grew the process by {grown_mb} MB"
 
 
@@ -234,8 +273,8 @@ def test_array_dataset_gives_every_row_once_per_epoch_in_a_seeded_order(tmp_path
     epoch, the same orders for the same seed, and rows read from a cache file's row view."""
     import math
 
-    from tasks.features import RowView
     from vggflow.datasets import array_dataset
+    from vggflow.tasks.features import RowView
 
     n, batch = 23, 5
     values = np.arange(n * 3, dtype=np.float32).reshape(n, 3)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_training_flow_end_to_end(project: Path, tiny_dataset: Path, prefect_server) -> None:
     from mlflow.tracking import MlflowClient
 
-    from flows.train import train_flow
+    from vggflow.flows.train import train_flow
 
     summary = train_flow(overrides=tiny_overrides(), data_dir=str(tiny_dataset))
 
@@ -48,7 +48,11 @@ def test_training_flow_end_to_end(project: Path, tiny_dataset: Path, prefect_ser
         history = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert len(history) >= 1 and child.info.status == "FINISHED"
     # Artifacts.
-    artifacts = {a.path for folder in ("", "stages", "evaluation", "validation", "config") for a in client.list_artifacts(summary.run_id, folder)}
+    artifacts = {
+        a.path
+        for folder in ("", "stages", "evaluation", "validation", "config")
+        for a in client.list_artifacts(summary.run_id, folder)
+    }
     for expected in (
         "stages/learning_curves.png",
         "stages/stage_comparison.json",

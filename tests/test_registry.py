@@ -17,18 +17,18 @@ import pytest
 
 pytest.importorskip("keras")
 
-from tasks.evaluate import score  # noqa: E402
-from tasks.features import compute_features  # noqa: E402
-from tasks.promote import CHALLENGER, CHAMPION, PREVIOUS, promote_if_better, rollback  # noqa: E402
-from tasks.register import RegisteredVersion, log_classifier, register_version  # noqa: E402
-from tasks.train_head import train_head  # noqa: E402
-from tasks.validate import validate_dataset  # noqa: E402
-from tests.conftest import write_dataset  # noqa: E402
-from vggflow.config import Config, HeadConfig, RegistryConfig  # noqa: E402
-from vggflow.dashboard import free_port  # noqa: E402
-from vggflow.images import load_rgb  # noqa: E402
-from vggflow.model import build_base, build_classifier, resolve_weights  # noqa: E402
-from vggflow.tracking import connect  # noqa: E402
+from tests.conftest import write_dataset
+from vggflow.config import Config, HeadConfig, RegistryConfig
+from vggflow.dashboard import free_port
+from vggflow.images import load_rgb
+from vggflow.model import build_base, build_classifier, resolve_weights
+from vggflow.tasks.evaluate import score
+from vggflow.tasks.features import compute_features
+from vggflow.tasks.promote import CHALLENGER, CHAMPION, PREVIOUS, promote_if_better, rollback
+from vggflow.tasks.register import RegisteredVersion, log_classifier, register_version
+from vggflow.tasks.train_head import train_head
+from vggflow.tasks.validate import validate_dataset
+from vggflow.tracking import connect
 
 pytestmark = pytest.mark.slow
 NAME = "vgg19-classifier"
@@ -40,9 +40,13 @@ class Lab:
     def __init__(self, root: Path, data_dir: Path) -> None:
         self.root, self.data_dir = root, data_dir
         cfg = Config()
-        self.cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"artifact_root": root / "artifacts"})})
+        self.cfg = cfg.model_copy(
+            update={"tracking": cfg.tracking.model_copy(update={"artifact_root": root / "artifacts"})}
+        )
         self.client, self.experiment_id = connect(self.cfg.tracking)
-        self.weights = resolve_weights(self.cfg.backbone.model_copy(update={"weights": "none", "image_size": 32}), root / "cache", 7)
+        self.weights = resolve_weights(
+            self.cfg.backbone.model_copy(update={"weights": "none", "image_size": 32}), root / "cache", 7
+        )
         self.refresh_rows()
 
     def refresh_rows(self) -> None:
@@ -53,10 +57,20 @@ class Lab:
 
     def trained_checkpoint(self, epochs: int) -> Path:
         features = compute_features(
-            self.rows, self.data_dir, self.weights, 32, 16, self.root / "cache", f"fp-{len(self.rows)}", [], self.classes
+            self.rows,
+            self.data_dir,
+            self.weights,
+            32,
+            16,
+            self.root / "cache",
+            f"fp-{len(self.rows)}",
+            [],
+            self.classes,
         )
         head = HeadConfig(dense_units=16, epochs=epochs, patience=epochs, learning_rate=1e-2)
-        return train_head(features, self.weights, 32, head, 0, self.root / f"trained-{epochs}-{len(self.rows)}.keras").checkpoint
+        return train_head(
+            features, self.weights, 32, head, 0, self.root / f"trained-{epochs}-{len(self.rows)}.keras"
+        ).checkpoint
 
     def constant_checkpoint(self, label: str) -> Path:
         """A classifier that answers ``label`` for every image."""
@@ -82,7 +96,9 @@ class Lab:
         run_id = self.client.create_run(self.experiment_id).info.run_id
         uri = log_classifier(run_id, checkpoint, self.classes, 32, self.root / run_id)
         metrics = self.keras_metrics(checkpoint, self.test_rows)
-        return register_version(uri, RegistryConfig(), run_id, {"vggflow.test_accuracy": str(metrics["accuracy"])}), metrics
+        return register_version(
+            uri, RegistryConfig(), run_id, {"vggflow.test_accuracy": str(metrics["accuracy"])}
+        ), metrics
 
     def gate(self, version: RegisteredVersion, metrics: dict[str, float], **registry):
         cfg = RegistryConfig(thresholds={"accuracy": 0.0}, **registry)
@@ -168,7 +184,10 @@ def test_registered_model_round_trips_raw_images_in_a_plain_process(lab: Lab) ->
 import json, sys, numpy as np, mlflow
 model = mlflow.pyfunc.load_model("models:/{NAME}@champion")
 out = model.predict(np.load("images.npy"))
-assert not any(m == "vggflow" or m.startswith(("vggflow.", "tasks.", "flows.")) for m in sys.modules), "imported vggflow"
+assert not any(m == (
+    "vggflow" or m.startswith(("vggflow.", "tasks.", "flows.")) for m in sys.modules), "imported "
+    "vggflow"
+)
 print(json.dumps({{"labels": list(out["label"]), "probabilities": list(out["probabilities"])}}))
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=lab.root, capture_output=True, text=True, timeout=300)
@@ -197,9 +216,26 @@ def test_served_model_answers_http_invocations(lab: Lab) -> None:
     # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin must be on it.
     env = os.environ | {"PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen(
-        [str(venv_bin / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        cwd=lab.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        [
+            str(venv_bin / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        cwd=lab.root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 240
@@ -267,8 +303,9 @@ def test_predict_command_labels_files_and_stops_quietly_when_its_reader_goes(lab
     folder = lab.data_dir / lab.classes[0]
     (folder / "notes.txt").write_text("not an image")
 
-    done = subprocess.run([vggflow, "predict", str(folder), "--top-k", "2"], cwd=lab.root, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [vggflow, "predict", str(folder), "--top-k", "2"], cwd=lab.root, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == len(list(folder.glob("*.png")))
@@ -281,8 +318,9 @@ def test_predict_command_labels_files_and_stops_quietly_when_its_reader_goes(lab
     image = next(folder.glob("*.png"))
     for i in range(1000):  # several flushes of stdout's 8 KB buffer: the later ones fail
         (many / f"{i:05d}.png").symlink_to(image)
-    reader = subprocess.Popen([vggflow, "predict", str(many)], cwd=lab.root, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [vggflow, "predict", str(many)], cwd=lab.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert reader.stdout.readline().startswith(str(many))
     reader.stdout.close()  # as `head -1` does
     _, err = reader.communicate(timeout=300)
@@ -294,14 +332,16 @@ def test_test_set_scores_are_reused_only_for_the_same_model_and_test_images(lab:
     does not score the test set again; another checkpoint, champion or data version does."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.evaluate import evaluate_classifier
     from vggflow.config import EvaluateConfig
+    from vggflow.tasks.evaluate import evaluate_classifier
 
     scores, cfg = lab.root / "scores", EvaluateConfig(batch_size=8)
     trained = lab.trained_checkpoint(epochs=5)
 
     def evaluate(checkpoint: Path, fingerprint: str, name: str):
-        return evaluate_classifier(checkpoint, lab.test_rows, lab.data_dir, lab.classes, cfg, lab.root / name, scores / fingerprint)
+        return evaluate_classifier(
+            checkpoint, lab.test_rows, lab.data_dir, lab.classes, cfg, lab.root / name, scores / fingerprint
+        )
 
     first = evaluate(trained, "data-1", "first")
     again = evaluate(trained, "data-1", "again")
@@ -321,8 +361,16 @@ def test_test_set_scores_are_reused_only_for_the_same_model_and_test_images(lab:
 
     def gate(fingerprint: str):
         return promote_if_better(
-            MlflowClient(), RegistryConfig(thresholds={"accuracy": 0.0}, promote=False), candidate.version, candidate_metrics,
-            candidate.run_id, lab.test_rows, lab.data_dir, lab.classes, 8, scores / fingerprint,
+            MlflowClient(),
+            RegistryConfig(thresholds={"accuracy": 0.0}, promote=False),
+            candidate.version,
+            candidate_metrics,
+            candidate.run_id,
+            lab.test_rows,
+            lab.data_dir,
+            lab.classes,
+            8,
+            scores / fingerprint,
         )
 
     capsys.readouterr()

@@ -40,9 +40,13 @@ def train_args(data: Path, *extra: str) -> list[str]:
     return args
 
 
-def run_until(args: list[str], env: dict, cwd: Path, marker: str, timeout: float = 300) -> tuple[subprocess.Popen, list[str]]:
+def run_until(
+    args: list[str], env: dict, cwd: Path, marker: str, timeout: float = 300
+) -> tuple[subprocess.Popen, list[str]]:
     """Start a command and return once a line containing ``marker`` was printed (process still running)."""
-    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     for line in process.stdout:
@@ -121,9 +125,16 @@ def test_kill_during_a_finetuning_stage_resumes_at_that_stage(project, env, tiny
     runs = all_runs()
     finished = [r for r in runs if r.data.tags.get("vggflow.kind") == "training" and r.info.status == "FINISHED"]
     assert len(finished) == 1
-    stages = {r.data.tags["vggflow.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == finished[0].info.run_id}
+    stages = {
+        r.data.tags["vggflow.stage"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == finished[0].info.run_id
+    }
     assert set(stages) == {"head", "block5", "block4", "all"}
-    assert "vggflow.reused_from_run" in stages["head"].data.tags and "vggflow.reused_from_run" in stages["block5"].data.tags
+    assert (
+        "vggflow.reused_from_run" in stages["head"].data.tags
+        and "vggflow.reused_from_run" in stages["block5"].data.tags
+    )
     assert "vggflow.reused_from_run" not in stages["block4"].data.tags
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert {r.data.tags.get("vggflow.kind") for r in killed} == {"training", "stage"}  # the parent and the open stage
@@ -141,8 +152,14 @@ def test_corrupted_checkpoint_is_detected_and_rebuilt(project, env, tiny_dataset
     from vggflow.training import checkpoint_is_valid
 
     assert checkpoint_is_valid(head)  # rebuilt, with a matching checksum
-    latest = max((r for r in all_runs() if r.data.tags.get("vggflow.kind") == "training"), key=lambda r: r.info.start_time)
-    stages = {r.data.tags["vggflow.stage"]: r for r in all_runs() if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id}
+    latest = max(
+        (r for r in all_runs() if r.data.tags.get("vggflow.kind") == "training"), key=lambda r: r.info.start_time
+    )
+    stages = {
+        r.data.tags["vggflow.stage"]: r
+        for r in all_runs()
+        if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id
+    }
     assert "vggflow.reused_from_run" not in stages["head"].data.tags  # retrained, not read from the broken file
 
 
@@ -153,7 +170,12 @@ def test_two_trainings_at_once_on_one_store(project, env, tiny_dataset):
 
     def train(name: str, epochs: str) -> None:
         results[name] = subprocess.run(
-            train_args(tiny_dataset, f"head.epochs={epochs}"), cwd=project, env=env, capture_output=True, text=True, timeout=900
+            train_args(tiny_dataset, f"head.epochs={epochs}"),
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
 
     threads = [threading.Thread(target=train, args=(name, epochs)) for name, epochs in (("a", "2"), ("b", "8"))]
@@ -166,7 +188,9 @@ def test_two_trainings_at_once_on_one_store(project, env, tiny_dataset):
     db = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert len(client().search_model_versions(f"name = '{NAME}'")) == 2
-    parents = sorted((r for r in all_runs() if r.data.tags.get("vggflow.kind") == "training"), key=lambda r: r.info.end_time)
+    parents = sorted(
+        (r for r in all_runs() if r.data.tags.get("vggflow.kind") == "training"), key=lambda r: r.info.end_time
+    )
     assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
     reasons = [r.data.tags["vggflow.promotion_reason"] for r in parents]  # both decisions logged
     assert sum("no champion yet" in reason for reason in reasons) == 1, reasons
@@ -187,12 +211,19 @@ def test_dead_tracking_server_fails_fast_with_a_clear_message(project, tiny_data
 def test_read_only_tracking_store_fails_fast(project, tiny_dataset):
     store = project / "readonly"
     store.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(store)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(store)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only filesystem here (root is bypassing permissions otherwise): {mounted.stderr.strip()}")
+        pytest.skip(
+            f"cannot mount a read-only filesystem here (root is bypassing permissions otherwise): "
+            f"{mounted.stderr.strip()}"
+        )
     try:
         env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
-        done = subprocess.run(train_args(tiny_dataset), cwd=project, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            train_args(tiny_dataset), cwd=project, env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 3
         assert "not writable" in done.stderr and str(store) in done.stderr and "Traceback" not in done.stderr
     finally:
@@ -201,9 +232,15 @@ def test_read_only_tracking_store_fails_fast(project, tiny_dataset):
 
 def test_hostile_file_names_train_end_to_end(project, tiny_dataset, prefect_server):
     """Spaces, unicode, leading dashes, shell metacharacters and very long names are just names."""
-    from flows.train import train_flow
+    from vggflow.flows.train import train_flow
 
-    hostile = ["-rf --no-preserve-root.png", "spaced out  name.png", "ñandú_日本語.png", "$(touch pwned);`x`.png", "x" * 200 + ".png"]
+    hostile = [
+        "-rf --no-preserve-root.png",
+        "spaced out  name.png",
+        "ñandú_日本語.png",
+        "$(touch pwned);`x`.png",
+        "x" * 200 + ".png",
+    ]
     for folder in sorted(tiny_dataset.iterdir()):
         for image, name in zip(sorted(folder.iterdir()), hostile):
             image.rename(folder / name)
@@ -216,7 +253,11 @@ def test_hostile_file_names_train_end_to_end(project, tiny_dataset, prefect_serv
     assert summary.model_version == "1"
     import mlflow
 
-    assert mlflow.models.get_model_info(summary.model_uri).metadata["class_names"] == ["-class with dash", "007", "class_1"]
+    assert mlflow.models.get_model_info(summary.model_uri).metadata["class_names"] == [
+        "-class with dash",
+        "007",
+        "class_1",
+    ]
     assert not (project / "pwned").exists()
     rows = summary.validation_summary
     assert "36 valid" in rows

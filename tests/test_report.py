@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from tasks import report
-from tasks.report import ModelCardInfo
+from vggflow.tasks import report
+from vggflow.tasks.report import ModelCardInfo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,10 @@ def test_misclassified_grid_mixed_sizes_and_empty(tmp_path: Path) -> None:
     images += [rng.integers(0, 256, (300, 180, 3), dtype=np.uint8), rng.integers(0, 256, (40, 64), dtype=np.uint8)]
     n = len(images)
     path = report.plot_misclassified_grid(
-        images, ["T-shirt/top"] * n, ["an extremely long predicted class name, really"] * n, [0.87] * n,
+        images,
+        ["T-shirt/top"] * n,
+        ["an extremely long predicted class name, really"] * n,
+        [0.87] * n,
         tmp_path / "grid.png",
     )
     assert_png(path)
@@ -152,7 +155,9 @@ def test_large_photos_are_shrunk_before_drawing(tmp_path: Path) -> None:
     assert report.shrink_for_figure(np.zeros((4000, 30, 4), dtype=np.uint8)).shape == (720, 5, 4)
     thumbnail = np.ones((28, 28, 3), dtype=np.uint8)
     assert report.shrink_for_figure(thumbnail) is thumbnail
-    assert_png(report.plot_misclassified_grid([photo, thumbnail], ["a", "b"], ["b", "a"], [0.9, 0.8], tmp_path / "grid.png"))
+    assert_png(
+        report.plot_misclassified_grid([photo, thumbnail], ["a", "b"], ["b", "a"], [0.9, 0.8], tmp_path / "grid.png")
+    )
 
 
 def test_repeated_plots_do_not_leak_figures(tmp_path: Path) -> None:
@@ -193,7 +198,7 @@ def test_failed_write_leaves_no_temp_file_and_keeps_old_file(tmp_path: Path) -> 
 
 def test_module_imports_without_heavy_dependencies() -> None:
     code = (
-        "import sys; import tasks.report; "
+        "import sys; import vggflow.tasks.report; "
         "heavy = {'tensorflow', 'keras', 'prefect', 'mlflow', 'matplotlib'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.sync_data import (
+from tests.conftest import make_image, tiny_overrides, write_dataset
+from vggflow.config import DataConfig
+from vggflow.errors import DataError
+from vggflow.tasks.sync_data import (
     RegistryState,
     VersionRef,
     _retry_unless_user_error,
@@ -25,9 +28,6 @@ from tasks.sync_data import (
     read_data_state,
     tracked_version,
 )
-from tests.conftest import make_image, tiny_overrides, write_dataset
-from vggflow.config import DataConfig
-from vggflow.errors import DataError
 from vggflow.tracking import read_dvc_md5
 
 MODEL = "vgg19-classifier"
@@ -82,14 +82,18 @@ def test_decision_does_not_retrain_on_data_the_gate_already_rejected():
     # v4 was trained on v2.dir and rejected: the same data will not produce a better model tonight.
     registry = RegistryState(model_name=MODEL, champion=ref("3", "v1.dir"), challenger=ref("4", "v2.dir"))
     decision = decide_retrain("v2.dir", registry, force=False)
-    assert not decision.retrain and decision.reason.startswith("skipped: data unchanged (version v2.dir") and "rejected" in decision.reason
+    assert (
+        not decision.retrain
+        and decision.reason.startswith("skipped: data unchanged (version v2.dir")
+        and "rejected" in decision.reason
+    )
     # An older rejected challenger does not count (the champion moved on since).
     older = RegistryState(model_name=MODEL, champion=ref("5", "v3.dir"), challenger=ref("4", "v2.dir"))
     assert decide_retrain("v2.dir", older, force=False).retrain
 
 
 def test_aliases_match_the_promotion_gate():
-    from tasks import promote, sync_data
+    from vggflow.tasks import promote, sync_data
 
     assert (sync_data.CHAMPION_ALIAS, sync_data.CHALLENGER_ALIAS) == (promote.CHAMPION, promote.CHALLENGER)
 
@@ -111,7 +115,10 @@ def test_pull_retries_transfer_errors_only():
 
 
 def test_skip_path_does_not_import_training_modules():
-    code = "import sys, flows.retrain; print(sorted(m for m in ('tensorflow', 'sklearn', 'flows.train') if m in sys.modules))"
+    code = (
+        "import sys, vggflow.flows.retrain; print(sorted(m for m in ('tensorflow', 'sklearn', "
+        "'vggflow.flows.train') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.strip() == "[]"
 
@@ -135,7 +142,7 @@ def test_local_unsaved_files_are_never_overwritten(tmp_path: Path, monkeypatch: 
 
 def run_retrain(*extra: str, force: bool = False):
     """Run the retraining flow in-process; returns (outcome, flow run id, seconds)."""
-    from flows.retrain import retrain_flow
+    from vggflow.flows.retrain import retrain_flow
 
     started = time.perf_counter()
     state = retrain_flow(overrides=tiny_overrides() + list(extra), force=force, return_state=True)
@@ -149,7 +156,9 @@ def task_states(flow_run_id) -> dict[str, str]:
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id]))
+        )
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 
@@ -159,7 +168,9 @@ def subflow_runs(flow_run_id) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
 
 
 def flow_logs(flow_run_id) -> str:
@@ -257,7 +268,9 @@ def test_head_only_reruns_reuse_the_head_and_score_from_cached_test_features(tra
     states = task_states(training.id)
     assert states["train-head"] == "Completed" and states["extract-features"] == "Cached", states
     tags = MlflowClient().get_run(outcome.training["run_id"]).data.tags
-    assert tags["vggflow.test_scored_from"].startswith("cached avg_pool of the test images ("), tags["vggflow.test_scored_from"]
+    assert tags["vggflow.test_scored_from"].startswith("cached avg_pool of the test images ("), tags[
+        "vggflow.test_scored_from"
+    ]
 
 
 @pytest.mark.slow

@@ -47,7 +47,11 @@ def test_schedule_comes_from_options_then_config():
 def test_deployment_parameters_and_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     params = deployment_parameters("configs/demo.yaml", ["head.epochs=3"])
-    assert params == {"config_file": str(tmp_path / "configs" / "demo.yaml"), "overrides": ["head.epochs=3"], "force": False}
+    assert params == {
+        "config_file": str(tmp_path / "configs" / "demo.yaml"),
+        "overrides": ["head.epochs=3"],
+        "force": False,
+    }
     server = LocalServer("http://127.0.0.1:4200/api", subprocess.Popen(["true"]), tmp_path / "server.log")
     text = serving_message(DEPLOYMENT, "0 3 * * *", "UTC", server.api_url, "abc-123", server, "/x/results")
     assert f"prefect deployment run '{DEPLOYMENT}'" in text
@@ -63,7 +67,11 @@ def test_bad_schedule_and_unreachable_server_are_one_line_errors(tmp_path: Path)
     bad = _cli(["schedule", "--cron", "every night"], env, tmp_path)
     assert bad.returncode == 2 and "invalid schedule" in bad.stderr and "Traceback" not in bad.stderr
     down = _cli(["schedule"], env, tmp_path)
-    assert down.returncode == 1 and "no Prefect server answers" in down.stderr and "prefect server start --host 127.0.0.1" in down.stderr
+    assert (
+        down.returncode == 1
+        and "no Prefect server answers" in down.stderr
+        and "prefect server start --host 127.0.0.1" in down.stderr
+    )
     assert "Traceback" not in down.stderr
 
 
@@ -76,7 +84,10 @@ def test_prefect_yaml_matches_the_served_deployment_and_runtime_defaults():
     cfg = Config()
     assert f"vggflow-retrain/{deployment['name']}" == f"vggflow-retrain/{cfg.schedule.deployment_name}"
     assert deployment["entrypoint"] == "flows/retrain.py:retrain_flow"
-    assert deployment["schedules"][0]["cron"] == cfg.schedule.cron and deployment["schedules"][0]["timezone"] == cfg.schedule.timezone
+    assert (
+        deployment["schedules"][0]["cron"] == cfg.schedule.cron
+        and deployment["schedules"][0]["timezone"] == cfg.schedule.timezone
+    )
     env = deployment["work_pool"]["job_variables"]["env"]
     assert env["PREFECT_LOCAL_STORAGE_PATH"] == "{{ $PWD }}/.vggflow/prefect/results"
     for name, value in env.items():
@@ -144,7 +155,11 @@ class ProcessTree:
 def start_scheduler(project: Path, env: dict[str, str], log: Path, *args: str) -> ProcessTree:
     sets = [x for o in tiny_overrides() for x in ("--set", o)]
     process = subprocess.Popen(
-        [VGGFLOW, "schedule", *args, *sets], cwd=project, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        [VGGFLOW, "schedule", *args, *sets],
+        cwd=project,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     return ProcessTree(process)
@@ -152,7 +167,11 @@ def start_scheduler(project: Path, env: dict[str, str], log: Path, *args: str) -
 
 def scheduler_env(**extra: str) -> dict[str, str]:
     """The environment of a user's shell: no test-only result store, the project's own MLflow store."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_LOCAL_STORAGE_PATH", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PREFECT_LOCAL_STORAGE_PATH", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")
+    }
     env.update(PREFECT_RUNNER_POLL_FREQUENCY="2", **extra)
     return env
 
@@ -186,7 +205,12 @@ def flow_logs(flow_run_id) -> str:
 
 def logs_contain(flow_run_id, pattern: str, timeout: float = 60) -> str:
     """Wait until the flow run's logs match ``pattern`` (logs reach the API in batches, after the state)."""
-    return wait_for(lambda: (found := re.search(pattern, flow_logs(flow_run_id))) and found.group(0), timeout, f"log {pattern!r}", every=2)
+    return wait_for(
+        lambda: (found := re.search(pattern, flow_logs(flow_run_id))) and found.group(0),
+        timeout,
+        f"log {pattern!r}",
+        every=2,
+    )
 
 
 def trigger_and_wait(timeout: float, tree: ProcessTree | None = None):
@@ -196,7 +220,10 @@ def trigger_and_wait(timeout: float, tree: ProcessTree | None = None):
     flow_run = run_deployment(DEPLOYMENT, timeout=0)
     on_wait = tree.snapshot if tree else None
     return wait_for(
-        lambda: (run := read_flow_run(flow_run.id)).state.is_final() and run, timeout, f"flow run {flow_run.id}", on_wait=on_wait
+        lambda: (run := read_flow_run(flow_run.id)).state.is_final() and run,
+        timeout,
+        f"flow run {flow_run.id}",
+        on_wait=on_wait,
     )
 
 
@@ -217,13 +244,17 @@ def test_served_deployment_runs_on_trigger_and_stops_cleanly(project: Path, pref
     from prefect.settings import PREFECT_API_URL
 
     log = tmp_path / "schedule.log"
-    tree = start_scheduler(project, scheduler_env(PREFECT_API_URL=PREFECT_API_URL.value()), log, "--cron", "0 3 * * *", "--timezone", "UTC")
+    tree = start_scheduler(
+        project, scheduler_env(PREFECT_API_URL=PREFECT_API_URL.value()), log, "--cron", "0 3 * * *", "--timezone", "UTC"
+    )
     try:
         deployment = wait_for(read_deployment, 180, "the deployment", on_wait=tree.snapshot)
         (schedule,) = deployment.schedules
         assert schedule.schedule.cron == "0 3 * * *" and schedule.schedule.timezone == "UTC" and schedule.active
         assert deployment.parameters["overrides"] == tiny_overrides() and deployment.parameters["force"] is False
-        wait_for(lambda: "prefect deployment run 'vggflow-retrain/nightly'" in log.read_text(), 60, "the serving message")
+        wait_for(
+            lambda: "prefect deployment run 'vggflow-retrain/nightly'" in log.read_text(), 60, "the serving message"
+        )
 
         # First run: no champion yet → trains and promotes, in a child of the scheduler.
         started = time.monotonic()
@@ -260,7 +291,12 @@ def test_schedule_starts_and_stops_its_own_local_server(project: Path, tmp_path:
     tree = start_scheduler(project, env, log)
     health = f"http://127.0.0.1:{port}/api/health"
     try:
-        wait_for(lambda: "prefect deployment run" in log.read_text() or tree.process.poll() is not None, 300, "serving", on_wait=tree.snapshot)
+        wait_for(
+            lambda: "prefect deployment run" in log.read_text() or tree.process.poll() is not None,
+            300,
+            "serving",
+            on_wait=tree.snapshot,
+        )
         assert tree.process.poll() is None, log.read_text()[-3000:]
         text = log.read_text()
         assert f"starting a local Prefect server on 127.0.0.1:{port}" in text and "stops with it" in text
@@ -308,11 +344,20 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(project: Pa
     log = tmp_path / "worker.log"
     worker = subprocess.Popen(
         [PREFECT, "worker", "start", "--pool", "vggflow-process", "--limit", "1", "--run-once"],
-        cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     tree = ProcessTree(worker)
     try:
-        run = wait_for(lambda: (r := read_flow_run(flow_run.id)).state.is_final() and r, 360, "the worker's run", on_wait=tree.snapshot)
+        run = wait_for(
+            lambda: (r := read_flow_run(flow_run.id)).state.is_final() and r,
+            360,
+            "the worker's run",
+            on_wait=tree.snapshot,
+        )
         assert run.state.is_completed(), (run.state, log.read_text()[-3000:])
         logs_contain(run.id, r"skipped: data unchanged \(version|training: no @champion")
         worker.wait(60)  # --run-once: the worker exits once its run is done

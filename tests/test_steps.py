@@ -8,20 +8,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.evaluate import score
-from tasks.finetune import plan_prefix_caches, prefix_bytes, prefix_layer
-from tasks.promote import decide
-from tasks.select import choose_freeze_configuration
 from vggflow.caching import directory_fingerprint, key_when_valid, stable_hash
 from vggflow.config import FinetuneConfig, RegistryConfig, StageConfig
+from vggflow.tasks.evaluate import score
+from vggflow.tasks.finetune import plan_prefix_caches, prefix_bytes, prefix_layer
+from vggflow.tasks.promote import decide
+from vggflow.tasks.select import choose_freeze_configuration
 from vggflow.training import StageResult, is_better
 
 
 def stage(name: str, val_accuracy: float, val_loss: float = 1.0) -> StageResult:
     return StageResult(
-        stage=name, unfreeze_from=None if name == "head" else name, learning_rate=1e-3, checkpoint=Path(f"{name}.keras"),
-        checkpoint_sha256="x", history=[], best_epoch=0, best_val_accuracy=val_accuracy, best_val_loss=val_loss,
-        first_trainable_layer="head_dense", trainable_layers=2, trainable_params=10, epochs_run=1, seconds=1.0,
+        stage=name,
+        unfreeze_from=None if name == "head" else name,
+        learning_rate=1e-3,
+        checkpoint=Path(f"{name}.keras"),
+        checkpoint_sha256="x",
+        history=[],
+        best_epoch=0,
+        best_val_accuracy=val_accuracy,
+        best_val_loss=val_loss,
+        first_trainable_layer="head_dense",
+        trainable_layers=2,
+        trainable_params=10,
+        epochs_run=1,
+        seconds=1.0,
         images_per_second=1.0,
     )
 
@@ -36,13 +47,24 @@ def test_prefix_layers_and_sizes():
 
 def test_prefix_cache_plan_only_uses_untouched_blocks():
     descending = FinetuneConfig()
-    assert plan_prefix_caches(descending, 64, 100) == {"block5": "block4_pool", "block4": "block3_pool", "all": "input_layer"}
+    assert plan_prefix_caches(descending, 64, 100) == {
+        "block5": "block4_pool",
+        "block4": "block3_pool",
+        "all": "input_layer",
+    }
     # block5 after block4: block4 was already trained, so block4_pool from the original base is stale.
     ascending = FinetuneConfig(
-        stages=[StageConfig(unfreeze_from="block4", learning_rate=1e-4), StageConfig(unfreeze_from="block5", learning_rate=1e-5)]
+        stages=[
+            StageConfig(unfreeze_from="block4", learning_rate=1e-4),
+            StageConfig(unfreeze_from="block5", learning_rate=1e-5),
+        ]
     )
     assert plan_prefix_caches(ascending, 64, 100) == {"block4": "block3_pool", "block5": None}
-    assert plan_prefix_caches(FinetuneConfig(cache_frozen_prefix=False), 64, 100) == {"block5": None, "block4": None, "all": None}
+    assert plan_prefix_caches(FinetuneConfig(cache_frozen_prefix=False), 64, 100) == {
+        "block5": None,
+        "block4": None,
+        "all": None,
+    }
     small_budget = FinetuneConfig(prefix_cache_max_gb=0.001)  # 1 MB
     assert plan_prefix_caches(small_budget, 224, 100)["block4"] is None
 

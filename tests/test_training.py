@@ -9,20 +9,24 @@ import pytest
 
 pytest.importorskip("keras")
 
-from tasks.features import compute_features  # noqa: E402
-from tasks.finetune import run_stage  # noqa: E402
-from tasks.train_head import train_head  # noqa: E402
-from vggflow.config import BackboneConfig, FinetuneConfig, HeadConfig, StageConfig  # noqa: E402
-from vggflow.model import resolve_weights  # noqa: E402
-from vggflow.training import checkpoint_is_valid  # noqa: E402
+from vggflow.config import BackboneConfig, FinetuneConfig, HeadConfig, StageConfig
+from vggflow.model import resolve_weights
+from vggflow.tasks.features import compute_features
+from vggflow.tasks.finetune import run_stage
+from vggflow.tasks.train_head import train_head
+from vggflow.training import checkpoint_is_valid
 
 
 @pytest.fixture
 def features(tmp_path, tiny_dataset):
     paths = sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.png"))
-    rows = pd.DataFrame({"path": paths, "label": [p.split("/")[0] for p in paths], "split": ["train", "train", "val"] * 12})
+    rows = pd.DataFrame(
+        {"path": paths, "label": [p.split("/")[0] for p in paths], "split": ["train", "train", "val"] * 12}
+    )
     weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=1)
-    fs = compute_features(rows, tiny_dataset, weights, 32, 12, tmp_path / "cache", "fp", ["block4_pool"], sorted(rows["label"].unique()))
+    fs = compute_features(
+        rows, tiny_dataset, weights, 32, 12, tmp_path / "cache", "fp", ["block4_pool"], sorted(rows["label"].unique())
+    )
     return fs, weights
 
 
@@ -35,23 +39,41 @@ def test_head_and_stage_training_are_reproducible(tmp_path, tiny_dataset, featur
     runs = []
     for attempt in range(2):
         head = train_head(fs, weights, 32, head_cfg, 7, tmp_path / f"head{attempt}.keras")
-        tuned = run_stage(head, stage, FinetuneConfig(batch_size=8), fs, "block4_pool", tiny_dataset, 32, 7, tmp_path / f"b5{attempt}.keras")
+        tuned = run_stage(
+            head,
+            stage,
+            FinetuneConfig(batch_size=8),
+            fs,
+            "block4_pool",
+            tiny_dataset,
+            32,
+            7,
+            tmp_path / f"b5{attempt}.keras",
+        )
         runs.append((head, tuned))
     (h0, s0), (h1, s1) = runs
     assert h0.history == h1.history and s0.history == s1.history
-    for a, b in zip(keras.saving.load_model(s0.checkpoint).get_weights(), keras.saving.load_model(s1.checkpoint).get_weights()):
+    for a, b in zip(
+        keras.saving.load_model(s0.checkpoint).get_weights(), keras.saving.load_model(s1.checkpoint).get_weights()
+    ):
         np.testing.assert_array_equal(a, b)
     assert checkpoint_is_valid(s0.checkpoint)
     # The stage started from the head's weights: only block5 and the head changed.
     before, after = keras.saving.load_model(h0.checkpoint), keras.saving.load_model(s0.checkpoint)
     base_before, base_after = before.get_layer("vgg19"), after.get_layer("vgg19")
-    np.testing.assert_array_equal(base_before.get_layer("block4_conv4").get_weights()[0], base_after.get_layer("block4_conv4").get_weights()[0])
-    assert not np.array_equal(base_before.get_layer("block5_conv1").get_weights()[0], base_after.get_layer("block5_conv1").get_weights()[0])
+    np.testing.assert_array_equal(
+        base_before.get_layer("block4_conv4").get_weights()[0], base_after.get_layer("block4_conv4").get_weights()[0]
+    )
+    assert not np.array_equal(
+        base_before.get_layer("block5_conv1").get_weights()[0], base_after.get_layer("block5_conv1").get_weights()[0]
+    )
 
 
 def test_best_epoch_weights_are_kept(tmp_path, features):
     fs, weights = features
-    head = train_head(fs, weights, 32, HeadConfig(dense_units=16, epochs=6, patience=6, learning_rate=0.05), 3, tmp_path / "h.keras")
+    head = train_head(
+        fs, weights, 32, HeadConfig(dense_units=16, epochs=6, patience=6, learning_rate=0.05), 3, tmp_path / "h.keras"
+    )
     losses = [epoch["val_loss"] for epoch in head.history]
     assert head.best_epoch == int(np.argmin(losses)) and head.best_val_loss == pytest.approx(min(losses))
 
@@ -65,7 +87,9 @@ def test_stage_on_streamed_images_ends_epochs_cleanly(tmp_path, tiny_dataset, fe
     stage = StageConfig(unfreeze_from="block5", learning_rate=1e-4, epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tuned = run_stage(head, stage, FinetuneConfig(batch_size=8), fs, None, tiny_dataset, 32, 7, tmp_path / "b5.keras")
+        tuned = run_stage(
+            head, stage, FinetuneConfig(batch_size=8), fs, None, tiny_dataset, 32, 7, tmp_path / "b5.keras"
+        )
     assert tuned.epochs_run == 2 and tuned.prefix_cache is None and checkpoint_is_valid(tuned.checkpoint)
     assert tuned.images_per_second > 0
     # Keras knows where each epoch ends, and is not told to shuffle a dataset that shuffles itself.
@@ -86,7 +110,10 @@ def test_head_is_the_same_whether_the_extraction_set_its_base_aside_or_not(tmp_p
     assert not model_module._spare_base  # taken once
     loaded = train_head(fs, weights, 32, cfg, 7, tmp_path / "loaded.keras")
     assert reused.history == loaded.history
-    for a, b in zip(keras.saving.load_model(reused.checkpoint).get_weights(), keras.saving.load_model(loaded.checkpoint).get_weights()):
+    for a, b in zip(
+        keras.saving.load_model(reused.checkpoint).get_weights(),
+        keras.saving.load_model(loaded.checkpoint).get_weights(),
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -105,7 +132,7 @@ def test_stage_batches_do_not_depend_on_other_users_of_the_global_random_state(t
     for attempt in range(2):
         stop = threading.Event()
 
-        def draw() -> None:
+        def draw(stop: threading.Event = stop) -> None:
             while not stop.wait(0.001):
                 random.random()
 
@@ -113,8 +140,19 @@ def test_stage_batches_do_not_depend_on_other_users_of_the_global_random_state(t
         if attempt:
             other.start()
         try:
-            results.append(run_stage(head, stage, FinetuneConfig(batch_size=4, patience=3), fs, "block4_pool",
-                                     tiny_dataset, 32, 7, tmp_path / f"b5-{attempt}.keras"))
+            results.append(
+                run_stage(
+                    head,
+                    stage,
+                    FinetuneConfig(batch_size=4, patience=3),
+                    fs,
+                    "block4_pool",
+                    tiny_dataset,
+                    32,
+                    7,
+                    tmp_path / f"b5-{attempt}.keras",
+                )
+            )
         finally:
             stop.set()
     assert results[0].history == results[1].history

@@ -23,8 +23,11 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
-from tasks import validate as validation
-from tasks.validate import (
+from vggflow.config import DataConfig, ValidationConfig
+from vggflow.errors import DataError, VggflowError
+from vggflow.images import ImageDecodeError, inspect_files, load_rgb, open_image, to_rgb
+from vggflow.tasks import validate as validation
+from vggflow.tasks.validate import (
     ISSUE_KINDS,
     MANIFEST_COLUMNS,
     ValidationResult,
@@ -36,9 +39,6 @@ from tasks.validate import (
     validate_dataset,
     write_validation_outputs,
 )
-from vggflow.config import DataConfig, ValidationConfig
-from vggflow.errors import DataError, VggflowError
-from vggflow.images import ImageDecodeError, inspect_files, load_rgb, open_image, to_rgb
 
 DATA_CFG = DataConfig()
 SERIAL = ValidationConfig(workers=1, min_side=8, drop_small_classes=True)
@@ -365,7 +365,11 @@ def test_exif_orientation_applied_same_pixels_as_pillows_copying_path_no_file_le
     photo.save(files["plain"], quality=95)
     for mode in ("L", "P", "RGBA", "CMYK", "I;16"):
         files[mode] = tmp_path / f"{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
-        (photo.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)).save(files[mode])
+        (
+            photo.convert(mode)
+            if mode != "I;16"
+            else Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+        ).save(files[mode])
     for extension in ("gif", "tiff", "mpo", "webp"):  # multi-frame files: the first frame is used
         files[extension] = tmp_path / f"frames.{extension}"
         photo.save(files[extension], save_all=True, append_images=[pattern(8, (40, 24))])
@@ -373,7 +377,12 @@ def test_exif_orientation_applied_same_pixels_as_pillows_copying_path_no_file_le
     rotated[0x0112] = 6
     for extension in ("mpo", "webp", "png"):  # orientation outside plain JPEGs, multi-frame included
         files[f"{extension} 6"] = tmp_path / f"rotated.{extension}"
-        photo.save(files[f"{extension} 6"], save_all=extension != "png", append_images=[pattern(9, (40, 24))], exif=rotated.tobytes())
+        photo.save(
+            files[f"{extension} 6"],
+            save_all=extension != "png",
+            append_images=[pattern(9, (40, 24))],
+            exif=rotated.tobytes(),
+        )
 
     open_before = len(os.listdir("/proc/self/fd"))
     for name, path in files.items():

@@ -42,20 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="run the training flow (validate → head → fine-tune → evaluate → log → promote)",
-        description="Run the whole training flow once and print the run, chosen freeze configuration, metrics and model version.",
+        description=(
+            "Run the whole training flow once and print the run, chosen freeze configuration, metrics and "
+            "model version."
+        ),
     )
     _config_args(train)
-    train.add_argument("--data", metavar="DIR", help="folder of labelled images DIR/<class>/<image> (default: data.dir)")
+    train.add_argument(
+        "--data", metavar="DIR", help="folder of labelled images DIR/<class>/<image> (default: data.dir)"
+    )
     train.add_argument("--no-promote", action="store_true", help="register the new version without touching aliases")
     train.set_defaults(handler=cmd_train)
 
     validate = commands.add_parser(
         "validate",
         help="validate a folder of labelled images (exit 0 usable, 2 not usable)",
-        description="Decode every file, report unusable ones, assign splits; writes a JSON report, a manifest and an HTML page.",
+        description=(
+            "Decode every file, report unusable ones, assign splits; writes a JSON report, a manifest and an HTML page."
+        ),
     )
     validate.add_argument("data_dir", metavar="DATA_DIR", help="folder of labelled images DATA_DIR/<class>/<image>")
-    validate.add_argument("--report", metavar="PATH.json", help="where to write the JSON report (manifest and HTML beside it)")
+    validate.add_argument(
+        "--report", metavar="PATH.json", help="where to write the JSON report (manifest and HTML beside it)"
+    )
     _config_args(validate)
     validate.set_defaults(handler=cmd_validate)
 
@@ -80,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser(
         "rollback",
         help="move @champion back to @previous",
-        description="Move @champion back to @previous; the rolled-back version becomes @previous (a second rollback undoes it).",
+        description=(
+            "Move @champion back to @previous; the rolled-back version becomes @previous (a second rollback undoes it)."
+        ),
     )
     _config_args(rollback)
     rollback.set_defaults(handler=cmd_rollback)
@@ -90,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="label images with a registered model (one line per image)",
         description="Print the top-k labels and probabilities of each image; unreadable files are reported, not fatal.",
     )
-    predict.add_argument("inputs", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)")
+    predict.add_argument(
+        "inputs", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)"
+    )
     predict.add_argument("--model", help="model URI (default: models:/<registry.model_name>@champion)")
     predict.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
     _config_args(predict)
@@ -100,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "retrain",
         help="retrain only if the DVC data version changed since the @champion (what the schedule runs)",
         description="Read the data version from the DVC file (dvc pull when data/ does not match it), compare it with "
-        "the @champion's; train (and gate) when it is new or --force is given, else finish with 'skipped: data unchanged'.",
+        "the @champion's; train (and gate) when it is new or --force is given, else finish with 'skipped: data "
+        "unchanged'.",
     )
     _config_args(retrain)
-    retrain.add_argument("--force", action="store_true", help="train even when the champion was trained on this data version")
+    retrain.add_argument(
+        "--force", action="store_true", help="train even when the champion was trained on this data version"
+    )
     retrain.set_defaults(handler=cmd_retrain)
 
     schedule = commands.add_parser(
@@ -115,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(schedule)
     schedule.add_argument("--cron", metavar="EXPR", help='cron expression (default: schedule.cron, "0 3 * * *")')
-    schedule.add_argument("--timezone", metavar="TZ", help="IANA timezone of the cron expression (default: schedule.timezone, UTC)")
+    schedule.add_argument(
+        "--timezone", metavar="TZ", help="IANA timezone of the cron expression (default: schedule.timezone, UTC)"
+    )
     schedule.set_defaults(handler=cmd_schedule)
 
     ui = commands.add_parser(
@@ -126,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(ui)
     ui.add_argument("--port", type=int, default=5000, help="TCP port (default: 5000; 0 = any free port)")
-    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; the UI has no authentication)")
+    ui.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; the UI has no authentication)"
+    )
     ui.set_defaults(handler=cmd_ui)
 
     config = commands.add_parser(
@@ -155,8 +175,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tasks.validate import format_summary, validate_dataset, write_validation_outputs
     from vggflow.config import load_config
+    from vggflow.tasks.validate import format_summary, validate_dataset, write_validation_outputs
 
     cfg = load_config(args.config, args.overrides)
     result = validate_dataset(Path(args.data_dir), cfg.data, cfg.validation)
@@ -201,7 +221,7 @@ def _registry_client(args: argparse.Namespace):
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from tasks.promote import registry_table
+    from vggflow.tasks.promote import registry_table
 
     try:
         cfg, client, _ = _registry_client(args)
@@ -217,7 +237,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from tasks.promote import promote_manually
+    from vggflow.tasks.promote import promote_manually
 
     cfg, client, locks = _registry_client(args)
     name = cfg.registry.model_name
@@ -230,11 +250,14 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from tasks.promote import rollback
+    from vggflow.tasks.promote import rollback
 
     cfg, client, locks = _registry_client(args)
     current, restored = rollback(client, cfg.registry.model_name, locks)
-    print(f"{cfg.registry.model_name}: @champion -> version {restored} (rolled back from {current}; @previous -> {current})")
+    print(
+        f"{cfg.registry.model_name}: @champion -> version {restored} (rolled back from {current}; @previous -> "
+        f"{current})"
+    )
     return 0
 
 
@@ -242,9 +265,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from vggflow.runtime import import_tensorflow_quietly, imports_without_gc
 
     with imports_without_gc():
-        import mlflow
         from mlflow.exceptions import MlflowException
 
+        import mlflow
         from vggflow.predict import expand_inputs, format_prediction, predict_files
         from vggflow.tracking import without_type_hint_advice
 
@@ -284,7 +307,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # start in subprocesses while this process imports TensorFlow. The server must be started
     # before Prefect is imported.
     server = start_local_prefect_server()
-    from tasks.preflight import check_data_dir
+    from vggflow.tasks.preflight import check_data_dir
     from vggflow.tracking import check_store
 
     # The cheap checks first, before anything slow.
@@ -298,7 +321,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # the store's start-up, which stay the critical path; it changed nothing here (BENCHMARKS.md).
     import_tensorflow_quietly()  # the longest import, done while the others start
 
-    from flows.train import train_flow
+    from vggflow.flows.train import train_flow
 
     if server is not None:
         server.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
@@ -322,14 +345,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     server = start_local_prefect_server()  # before Prefect is imported, as in cmd_train
     _quiet_expected_errors()
     signal.signal(signal.SIGTERM, _interrupt)  # a training it starts closes its MLflow run as KILLED
-    from flows.retrain import retrain_flow
+    from vggflow.flows.retrain import retrain_flow
 
     if server is not None:
         server.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
     outcome = retrain_flow(config_file=args.config, overrides=list(args.overrides), force=args.force)
     print(f"vggflow retrain: {outcome.reason}")
     if not outcome.skipped:
-        from flows.train import TrainingSummary
+        from vggflow.flows.train import TrainingSummary
 
         print(format_training_summary(TrainingSummary.model_validate(outcome.training)))
     return 0
@@ -362,7 +385,10 @@ def format_training_summary(summary) -> str:
     ]
     for stage in summary.stages:
         chosen = stage["stage"] == freeze["stage"]
-        row = f" {'*' if chosen else ' '}  {stage['stage']:<10}  {stage['val_accuracy']:7.4f}  {stage['val_loss']:8.4f}  {stage['epochs']:6d}"
+        row = (
+            f" {'*' if chosen else ' '}  {stage['stage']:<10}  {stage['val_accuracy']:7.4f}  "
+            f"{stage['val_loss']:8.4f}  {stage['epochs']:6d}"
+        )
         if chosen:
             row += (
                 f"   <- chosen: from {freeze['first_trainable_layer']}, {freeze['trainable_layers']} layers, "
@@ -375,7 +401,8 @@ def format_training_summary(summary) -> str:
         "",
         "test        " + "   ".join(f"{k} {v:.4f}" for k, v in summary.test_metrics.items()),
         f"model       {summary.model_name} v{summary.model_version}   {summary.model_uri}",
-        f"promotion   {'PROMOTED to @champion' if summary.decision.promoted else 'not promoted'}: {summary.decision.reason}",
+        f"promotion   {'PROMOTED to @champion' if summary.decision.promoted else 'not promoted'}: "
+        f"{summary.decision.reason}",
         f"reports     {summary.report_dir}",
         f"tracking    {summary.tracking_uri}   experiment {summary.experiment_id}",
         f"dashboard   {_run_link(summary)}",

@@ -47,10 +47,14 @@ class ValidationConfig(Section):
     """Data validation: what is excluded, what is reported, what is fatal."""
 
     min_side: int = Field(8, ge=1, description="Images with a smaller width or height are excluded.")
-    max_pixels: int = Field(50_000_000, ge=1, description="Images with more pixels are refused unread (decompression bombs).")
+    max_pixels: int = Field(
+        50_000_000, ge=1, description="Images with more pixels are refused unread (decompression bombs)."
+    )
     min_images_per_class: int = Field(3, ge=1, description="Classes with fewer usable images are an error...")
     drop_small_classes: bool = Field(False, description="...or are excluded (with a warning) when this is true.")
-    near_duplicate_distance: int = Field(4, ge=0, le=64, description="Perceptual-hash Hamming distance reported as near-duplicate.")
+    near_duplicate_distance: int = Field(
+        4, ge=0, le=64, description="Perceptual-hash Hamming distance reported as near-duplicate."
+    )
     imbalance_warning_ratio: float = Field(
         10.0, ge=1, description="Warn when the largest class has more than this many times the images of the smallest."
     )
@@ -61,7 +65,9 @@ class ValidationConfig(Section):
 class BackboneConfig(Section):
     """The VGG19 convolutional base."""
 
-    weights: str = Field("imagenet", description="`imagenet` (Keras cache/download), a path to a .h5/.weights.h5 file, or `none`.")
+    weights: str = Field(
+        "imagenet", description="`imagenet` (Keras cache/download), a path to a .h5/.weights.h5 file, or `none`."
+    )
     allow_random_init: bool = Field(
         False, description="Train on a randomly initialised base when `weights` cannot be obtained (or is `none`)."
     )

@@ -170,14 +170,20 @@ def compare_view_tags(primary_metric: str, created_ms: int | None = None) -> dic
         ),
         LEADERBOARD_VIEW_ID: (
             f"vggflow: leaderboard ({primary})",
-            {"searchFilter": "tags.`vggflow.kind` = 'training'", "orderByKey": column("metrics", primary), "orderByAsc": False},
+            {
+                "searchFilter": "tags.`vggflow.kind` = 'training'",
+                "orderByKey": column("metrics", primary),
+                "orderByAsc": False,
+            },
         ),
     }
     created = int(time.time() * 1000) if created_ms is None else created_ms
     tags = {}
     for view_id, (name, order) in views.items():
         state = json.dumps({**facets, **order, **ui_state}, separators=(",", ":"))  # plain JSON: read uncompressed too
-        tags[f"{VIEW_TAG_PREFIX}{view_id}"] = json.dumps({"name": name, "createdAt": created, "state": state}, separators=(",", ":"))
+        tags[f"{VIEW_TAG_PREFIX}{view_id}"] = json.dumps(
+            {"name": name, "createdAt": created, "state": state}, separators=(",", ":")
+        )
     return tags
 
 
@@ -401,7 +407,9 @@ def experiment_links(base_url: str, experiment_name: str) -> list[tuple[str, str
 
     api = f"{base_url}/api/2.0/mlflow"
     try:
-        response = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": experiment_name}, timeout=10)
+        response = requests.get(
+            f"{api}/experiments/get-by-name", params={"experiment_name": experiment_name}, timeout=10
+        )
         if response.status_code != 200:
             return []
         experiment = response.json()["experiment"]
@@ -412,16 +420,20 @@ def experiment_links(base_url: str, experiment_name: str) -> list[tuple[str, str
         for label, view_id in (("runs and stages", COMPARE_VIEW_ID), ("leaderboard", LEADERBOARD_VIEW_ID)):
             if f"{VIEW_TAG_PREFIX}{view_id}" in saved:
                 links.append((label, f"{runs_url}?viewStateShareKey={quote(view_id)}"))
-        runs = requests.post(
-            f"{api}/runs/search",
-            json={
-                "experiment_ids": [experiment_id],
-                "filter": "tags.`vggflow.kind` = 'training'",
-                "order_by": ["attributes.start_time DESC"],
-                "max_results": 1,
-            },
-            timeout=10,
-        ).json().get("runs", [])
+        runs = (
+            requests.post(
+                f"{api}/runs/search",
+                json={
+                    "experiment_ids": [experiment_id],
+                    "filter": "tags.`vggflow.kind` = 'training'",
+                    "order_by": ["attributes.start_time DESC"],
+                    "max_results": 1,
+                },
+                timeout=10,
+            )
+            .json()
+            .get("runs", [])
+        )
         if runs:
             info = runs[0]["info"]
             link = f"{base_url}/#/experiments/{experiment_id}/runs/{info['run_id']}"
@@ -494,4 +506,3 @@ def serve(
             server.stop()
     out("stopped")
     return 0
-

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from vggflow.errors import DataError
 import vggflow.images
+from vggflow.errors import DataError
 from vggflow.images import ImageDecodeError, batch_has_room, load_rgb
 from vggflow.model import make_resizing
 
@@ -91,7 +91,9 @@ def image_dataset(
     # Whole groups only while small: eight 12-megapixel photos resized at once need a 1.15 GB
     # float32 copy of themselves (two groups in flight: extracting 64 such photos peaked at
     # 5.0 GB RSS, 2.7-2.9 GB image by image).
-    grouped = same_shape is not None and batch_has_room(DECODE_GROUP - 1, same_shape, DECODE_GROUP)  # a whole group fits
+    grouped = same_shape is not None and batch_has_room(
+        DECODE_GROUP - 1, same_shape, DECODE_GROUP
+    )  # a whole group fits
     decode_files = partial(_decode_files, same_shape=same_shape)
 
     def decode(group_paths: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -171,7 +173,9 @@ def _decode_files(group_paths: np.ndarray, same_shape: tuple[int, int] | None = 
             image = load_rgb(path)
         except (ImageDecodeError, OSError) as err:
             # Validation decoded it: it changed (or went away) since.
-            raise DataError(f"{path}: {err}; it changed during this run (validation decoded it): run it again") from None
+            raise DataError(
+                f"{path}: {err}; it changed during this run (validation decoded it): run it again"
+            ) from None
         if same_shape is not None and image.shape[:2] != tuple(same_shape):
             raise DataError(
                 f"{path}: {image.shape[1]}x{image.shape[0]} pixels, but validation measured "

@@ -185,7 +185,7 @@ def inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any]:
     except MemoryError:
         record.update(kind="too_large", message="ran out of memory decoding it")
         return record
-    except Exception as err:  # noqa: BLE001 - a decoder bug on hostile data must not stop validation
+    except Exception as err:
         record.update(kind="corrupt", message=f"decoder failed: {type(err).__name__}: {err}")
         return record
     with image:
@@ -198,7 +198,7 @@ def inspect_file(path: str, max_pixels: int, min_side: int) -> dict[str, Any]:
             # The conversion training uses, so that anything validation accepts also trains (an
             # RGB image is its own conversion: no round trip through an array for it).
             rgb = image if image.mode == "RGB" else Image.fromarray(to_rgb(image))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             record.update(kind="unsupported_format", message=f"cannot convert mode {image.mode} to RGB: {err}")
             return record
     import imagehash  # only validation needs it

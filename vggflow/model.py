@@ -23,9 +23,7 @@ from vggflow.files import file_sha256
 IMAGENET_NOTOP_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 # Where and what VGG19(weights="imagenet") downloads (keras/src/applications/vgg19.py). The public
 # `keras.applications.vgg19` module does not export the URL, so it is spelled out here.
-IMAGENET_NOTOP_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
-)
+IMAGENET_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_NOTOP_MD5 = "253f8cb515780f3b799900260a226db6"
 BASE_NAME = "vgg19"
 HEAD_LAYERS = ("head_dense", "head_dropout", "predictions")
@@ -87,27 +85,40 @@ def resolve_weights(cfg: BackboneConfig, cache_dir: Path, seed: int) -> Resolved
             # Keras's own loader, as VGG19(weights="imagenet") calls it: its cache, a download when
             # missing, the published hash checked; without building a model just to find out.
             found = keras.utils.get_file(
-                IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_URL, cache_dir=str(expected.parent.parent), cache_subdir="models",
+                IMAGENET_NOTOP_FILE,
+                IMAGENET_NOTOP_URL,
+                cache_dir=str(expected.parent.parent),
+                cache_subdir="models",
                 file_hash=IMAGENET_NOTOP_MD5,
             )
         except Exception as err:  # Keras raises a bare Exception for fetch failures
-            problem = f"ImageNet weights for VGG19 are not in the Keras cache ({expected}) and could not be downloaded: {err}"
+            problem = (
+                f"ImageNet weights for VGG19 are not in the Keras cache ({expected}) and could not be downloaded: {err}"
+            )
             if cfg.allow_random_init:
-                return _random_weights(cache_dir, cfg.image_size, seed, f"{problem}. Using a random init (allowed by config).")
+                return _random_weights(
+                    cache_dir, cfg.image_size, seed, f"{problem}. Using a random init (allowed by config)."
+                )
             raise BackboneError(
                 f"{problem}\n"
                 "Fix one of:\n"
                 f"  - copy {IMAGENET_NOTOP_FILE} into {expected.parent} (or set KERAS_HOME),\n"
-                "  - set backbone.weights to the path of a local VGG19 weights file (--set backbone.weights=/path/file.h5),\n"
+                "  - set backbone.weights to the path of a local VGG19 weights file (--set "
+                "backbone.weights=/path/file.h5),\n"
                 "  - for a pipeline test only: --set backbone.allow_random_init=true (or backbone.weights=none)."
             ) from None
         return ResolvedWeights(
-            path=Path(found), identity=f"imagenet:{IMAGENET_NOTOP_MD5[:16]}", random_init=False, note=f"ImageNet weights from {found}"
+            path=Path(found),
+            identity=f"imagenet:{IMAGENET_NOTOP_MD5[:16]}",
+            random_init=False,
+            note=f"ImageNet weights from {found}",
         )
     path = Path(choice).expanduser()
     if not path.is_file():
         if cfg.allow_random_init:
-            return _random_weights(cache_dir, cfg.image_size, seed, f"weights file {path} not found; random init (allowed by config)")
+            return _random_weights(
+                cache_dir, cfg.image_size, seed, f"weights file {path} not found; random init (allowed by config)"
+            )
         raise BackboneError(
             f"backbone.weights: weights file not found: {path}\n"
             "Give the path of a VGG19 `include_top=False` weights file (.h5 or .weights.h5), `imagenet` or `none`."
@@ -115,8 +126,12 @@ def resolve_weights(cfg: BackboneConfig, cache_dir: Path, seed: int) -> Resolved
     try:
         vgg19.VGG19(include_top=False, weights=str(path), input_shape=(32, 32, 3))
     except Exception as err:
-        raise BackboneError(f"backbone.weights: {path} is not a loadable VGG19 (include_top=False) weights file: {err}") from None
-    return ResolvedWeights(path=path, identity=f"file:{file_sha256(path)[:16]}", random_init=False, note=f"weights from {path}")
+        raise BackboneError(
+            f"backbone.weights: {path} is not a loadable VGG19 (include_top=False) weights file: {err}"
+        ) from None
+    return ResolvedWeights(
+        path=path, identity=f"file:{file_sha256(path)[:16]}", random_init=False, note=f"weights from {path}"
+    )
 
 
 def build_base(weights: ResolvedWeights, image_size: int) -> keras.Model:
@@ -285,8 +300,10 @@ def feature_extractor(base: keras.Model, layer_names: list[str], image_size: int
     outputs: dict[str, keras.KerasTensor] = {}
     if "input_layer" in wanted:
         outputs["input_layer"] = x
-    deepest = len(base.layers) if "avg_pool" in wanted else max(
-        (i for i, layer in enumerate(base.layers) if layer.name in wanted), default=0
+    deepest = (
+        len(base.layers)
+        if "avg_pool" in wanted
+        else max((i for i, layer in enumerate(base.layers) if layer.name in wanted), default=0)
     )
     for layer in base.layers[1 : deepest + 1]:
         x = layer(x)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import numpy as np
 import pandas as pd
+
+import mlflow
 
 
 class VggflowClassifier(mlflow.pyfunc.PythonModel):
@@ -49,10 +50,12 @@ class VggflowClassifier(mlflow.pyfunc.PythonModel):
         if len(batch) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
         step = max(1, self.max_pixels_per_call // max(1, batch.shape[1] * batch.shape[2]))
-        return np.concatenate([
-            np.asarray(self.model.predict_on_batch(batch[start : start + step].astype(np.float32)))
-            for start in range(0, len(batch), step)
-        ])
+        return np.concatenate(
+            [
+                np.asarray(self.model.predict_on_batch(batch[start : start + step].astype(np.float32)))
+                for start in range(0, len(batch), step)
+            ]
+        )
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         probabilities = self.predict_proba(model_input)
@@ -61,9 +64,7 @@ class VggflowClassifier(mlflow.pyfunc.PythonModel):
             {
                 "label": [self.class_names[i] for i in best],
                 "confidence": [float(row[i]) for row, i in zip(probabilities, best)],
-                "probabilities": [
-                    {name: float(p) for name, p in zip(self.class_names, row)} for row in probabilities
-                ],
+                "probabilities": [{name: float(p) for name, p in zip(self.class_names, row)} for row in probabilities],
             }
         )
 

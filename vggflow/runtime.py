@@ -11,8 +11,8 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 OFFLINE_DEFAULTS = {
     # TensorFlow: quiet start-up; oneDNN measured +12-20% on these CPUs (stack notes).

@@ -85,7 +85,13 @@ def ui_url(api_url: str) -> str:
 
 
 def serving_message(
-    deployment: str, cron: str, timezone: str, api_url: str, deployment_id: str, server: LocalServer | None, results: str
+    deployment: str,
+    cron: str,
+    timezone: str,
+    api_url: str,
+    deployment_id: str,
+    server: LocalServer | None,
+    results: str,
 ) -> str:
     """What is being served, how to run it now, where to watch it, how to stop it."""
     quoted = f"'{deployment}'"
@@ -164,8 +170,12 @@ def start_local_server(port: int, log_file: Path, timeout: float) -> LocalServer
         # Own session: a Ctrl-C in the terminal must not stop the server before the runner has
         # paused its schedule through it; we stop it ourselves, last.
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
     server = LocalServer(api_url, process, log_file)
     print(f"vggflow schedule: starting a local Prefect server on {LOCAL_HOST}:{port} (log: {log_file}) …", flush=True)
@@ -236,7 +246,11 @@ def _watch_server(server: LocalServer, stopping: threading.Event, died: threadin
     server.process.wait()
     if not stopping.is_set():
         died.set()
-        print(f"vggflow schedule: the Prefect server exited ({server.process.returncode}); stopping", file=sys.stderr, flush=True)
+        print(
+            f"vggflow schedule: the Prefect server exited ({server.process.returncode}); stopping",
+            file=sys.stderr,
+            flush=True,
+        )
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -252,7 +266,7 @@ def _serve(name: str, cron: str, timezone: str, parameters: dict, api_url: str, 
     from prefect.schedules import Cron
     from prefect.settings import get_current_settings
 
-    from flows.retrain import retrain_flow
+    from vggflow.flows.retrain import retrain_flow
 
     # limit=1: one retraining at a time on this machine; pause_on_shutdown: while nobody serves
     # the deployment, its scheduled runs would only pile up as "Late".
@@ -266,7 +280,9 @@ def _serve(name: str, cron: str, timezone: str, parameters: dict, api_url: str, 
         tags=["vggflow"],
     )
     results = str(get_current_settings().results.local_storage_path)
-    print(serving_message(f"{FLOW_NAME}/{name}", cron, timezone, api_url, str(deployment_id), server, results), flush=True)
+    print(
+        serving_message(f"{FLOW_NAME}/{name}", cron, timezone, api_url, str(deployment_id), server, results), flush=True
+    )
     try:
         asyncio.run(runner.start())
     except (KeyboardInterrupt, TerminationSignal, SystemExit):
@@ -316,7 +332,9 @@ def serve_retraining(
                 port = int(os.environ.get("PREFECT_SERVER_API_PORT", DEFAULT_PORT))
                 timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
             except ValueError as err:
-                raise ConfigError(f"PREFECT_SERVER_API_PORT / PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: {err}") from None
+                raise ConfigError(
+                    f"PREFECT_SERVER_API_PORT / PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: {err}"
+                ) from None
             server = start_local_server(port, cfg.work_dir / "prefect" / "server.log", timeout)
             api_url = server.api_url
             if server.owned:

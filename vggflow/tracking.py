@@ -81,7 +81,9 @@ def check_store(cfg: TrackingConfig) -> str:
         except OSError as err:
             raise TrackingError(f"cannot create the artifact folder {root}: {err.strerror}") from None
         if not os.access(root, os.W_OK):
-            raise TrackingError(f"the MLflow artifact folder {root} is not writable; fix its permissions or set tracking.artifact_root")
+            raise TrackingError(
+                f"the MLflow artifact folder {root} is not writable; fix its permissions or set tracking.artifact_root"
+            )
     return uri
 
 
@@ -109,9 +111,10 @@ def connect(cfg: TrackingConfig):
 
     The experiment is created with its artifacts under ``cfg.artifact_root`` when new.
     """
-    import mlflow
     from filelock import FileLock
     from mlflow.tracking import MlflowClient
+
+    import mlflow
 
     uri = check_store(cfg)
     mlflow.set_tracking_uri(uri)
@@ -270,6 +273,10 @@ def champion_manifest(model_name: str, dest: Path) -> Path | None:
     import mlflow.artifacts
 
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="validation/manifest.csv", dst_path=str(dest)))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=version.run_id, artifact_path="validation/manifest.csv", dst_path=str(dest)
+            )
+        )
     except (MlflowException, OSError):
         return None

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -88,7 +89,6 @@ def fit_stage(
     import logging
 
     import keras
-
     import tensorflow as tf
 
     from vggflow.datasets import without_autotune
@@ -106,7 +106,9 @@ def fit_stage(
     callbacks: list[keras.callbacks.Callback] = [stopper, keras.callbacks.TerminateOnNaN()]
     if on_epoch:
         # One report per epoch (MLflow metrics, a progress line), never per batch.
-        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch, _floats(logs))))
+        callbacks.append(
+            keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch, _floats(logs)))
+        )
     started = time.perf_counter()
     if isinstance(train_data, tuple):
         if isinstance(val_data, tuple):
@@ -118,8 +120,13 @@ def fit_stage(
         # The training arrays keep Keras's own (autotuned) pipeline on purpose: its shuffles are
         # the seed's, so benchmark 1 can show identical heads. Ours saved ~0.5 s over 40 epochs.
         fitted = trainable.fit(
-            *train_data, batch_size=batch_size, shuffle=True, validation_data=val_data,
-            epochs=epochs, callbacks=callbacks, verbose=0,
+            *train_data,
+            batch_size=batch_size,
+            shuffle=True,
+            validation_data=val_data,
+            epochs=epochs,
+            callbacks=callbacks,
+            verbose=0,
         )
     else:
         # Datasets shuffle themselves, reproducibly (vggflow.datasets).
@@ -128,8 +135,7 @@ def fit_stage(
         )
     seconds = time.perf_counter() - started
     history = [
-        {key: float(fitted.history[key][epoch]) for key in HISTORY_KEYS if key in fitted.history}
-        | {"epoch": epoch}
+        {key: float(fitted.history[key][epoch]) for key in HISTORY_KEYS if key in fitted.history} | {"epoch": epoch}
         for epoch in range(len(fitted.history.get("loss", [])))
     ]
     best_epoch = stopper.best_epoch if history else 0
