@@ -11,9 +11,9 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel
 
-from vggflow.caching import stable_hash
 from vggflow.config import Config, load_config
 from vggflow.errors import DataError
+from vggflow.hashing import stable_hash
 from vggflow.tasks.evaluate import evaluate_task
 from vggflow.tasks.features import compute_scoring_prefix_task, extract_features_task, feature_cache_key
 from vggflow.tasks.finetune import finetune_stage_task, plan_prefix_caches

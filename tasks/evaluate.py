@@ -24,9 +24,9 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
-from vggflow.caching import stable_hash
 from vggflow.config import EvaluateConfig
-from vggflow.files import atomic_write_bytes, atomic_write_text, file_sha256, read_rows
+from vggflow.files import atomic_write_bytes, atomic_write_text, read_rows
+from vggflow.hashing import file_sha256, stable_hash
 from vggflow.tasks.features import ScoringPrefix
 
 

@@ -29,8 +29,9 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
-from vggflow.caching import key_when_valid
-from vggflow.files import ROWS_COLUMNS, atomic_write_text, file_sha256, read_rows
+from vggflow.caching import cached_task
+from vggflow.files import ROWS_COLUMNS, atomic_write_text, read_rows
+from vggflow.hashing import file_sha256, stable_hash
 
 META_FILE = "meta.json"
 
@@ -55,14 +56,12 @@ class FeatureSet(BaseModel):
 
 def feature_cache_key(fingerprint: str, weights_identity: str, image_size: int, layers: list[str]) -> str:
     """Cache key: the dataset fingerprint + backbone weights + input size (+ which layers)."""
-    text = json.dumps([fingerprint, weights_identity, image_size, sorted(layers)])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return stable_hash(fingerprint, weights_identity, image_size, sorted(layers))
 
 
 def layer_cache_dir(cache_dir: Path, fingerprint: str, weights_identity: str, image_size: int) -> Path:
     """One folder per dataset/backbone/size; each layer is a file in it, computed when first needed."""
-    text = json.dumps([fingerprint, weights_identity, image_size])
-    return Path(cache_dir) / "features" / hashlib.sha256(text.encode()).hexdigest()[:24]
+    return Path(cache_dir) / "features" / stable_hash(fingerprint, weights_identity, image_size)
 
 
 def read_meta(directory: Path) -> dict:
@@ -349,12 +348,7 @@ def progress_logger(label: str, every: float = 0.1):
     return progress
 
 
-@task(
-    name="extract-features",
-    cache_key_fn=key_when_valid("extract-features", _outputs_valid),
-    persist_result=True,
-    result_serializer="json",
-)
+@cached_task("extract-features", _outputs_valid)
 def extract_features_task(
     rows_file: Path,
     data_dir: Path,

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
-from vggflow.caching import key_when_valid
+from vggflow.caching import cached_task
 from vggflow.config import VGG19_BLOCKS, FinetuneConfig, StageConfig
 from vggflow.files import read_rows
 from vggflow.tasks.features import FeatureSet
@@ -138,12 +136,10 @@ def run_stage(
     )
 
 
-@task(
-    name="finetune-stage",
+@cached_task(
+    "finetune-stage",
+    lambda p: checkpoint_is_valid(Path(p["checkpoint"])),
     task_run_name="finetune-{stage.unfreeze_from}",
-    cache_key_fn=key_when_valid("finetune-stage", lambda p: checkpoint_is_valid(Path(p["checkpoint"]))),
-    persist_result=True,
-    result_serializer="json",
 )
 def finetune_stage_task(
     previous: StageResult,

@@ -17,6 +17,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
+from vggflow import mlflow_tags
 from vggflow.config import RegistryConfig
 from vggflow.files import read_rows
 from vggflow.tasks.evaluate import reuse_or_compute, score, scores_file
@@ -156,8 +157,8 @@ def apply_decision(client, decision: Decision) -> None:
         client.set_registered_model_alias(name, CHAMPION, version)
     else:
         client.set_registered_model_alias(name, CHALLENGER, version)
-        client.set_model_version_tag(name, version, "vggflow.rejection_reason", decision.reason)
-    client.set_model_version_tag(name, version, "vggflow.promotion", "promoted" if decision.promoted else "rejected")
+        client.set_model_version_tag(name, version, mlflow_tags.REJECTION_REASON, decision.reason)
+    client.set_model_version_tag(name, version, mlflow_tags.PROMOTION, "promoted" if decision.promoted else "rejected")
 
 
 def log_decision(client, run_id: str, decision: Decision) -> None:
@@ -175,7 +176,7 @@ def log_decision(client, run_id: str, decision: Decision) -> None:
         Param("promotion.registered_version", decision.candidate_version),
     ]
     client.log_batch(run_id, metrics=metrics, params=params)
-    client.set_tag(run_id, "vggflow.promotion_reason", decision.reason)
+    client.set_tag(run_id, mlflow_tags.PROMOTION_REASON, decision.reason)
     client.log_dict(run_id, json.loads(decision.model_dump_json()), "promotion/decision.json")
 
 
@@ -306,8 +307,8 @@ def promote_manually(client, name: str, version: str, reason: str, lock_dir: Pat
         if former is not None:
             client.set_registered_model_alias(name, PREVIOUS, former)
         client.set_registered_model_alias(name, CHAMPION, str(version))
-        client.set_model_version_tag(name, str(version), "vggflow.promotion", "manual")
-        client.set_model_version_tag(name, str(version), "vggflow.manual_promotion_reason", reason)
+        client.set_model_version_tag(name, str(version), mlflow_tags.PROMOTION, "manual")
+        client.set_model_version_tag(name, str(version), mlflow_tags.MANUAL_PROMOTION_REASON, reason)
         if _alias_version(client, name, CHALLENGER) == str(version):
             client.delete_registered_model_alias(name, CHALLENGER)
     return former
@@ -327,7 +328,7 @@ def rollback(client, name: str, lock_dir: Path) -> tuple[str, str]:
         client.set_registered_model_alias(name, CHAMPION, restored)
         if current is not None:
             client.set_registered_model_alias(name, PREVIOUS, current)
-            client.set_model_version_tag(name, current, "vggflow.promotion", "rolled back")
+            client.set_model_version_tag(name, current, mlflow_tags.PROMOTION, "rolled back")
     return current or "none", restored
 
 
@@ -359,7 +360,7 @@ def registry_table(client, name: str) -> pd.DataFrame:
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
         tags = v.tags or {}
         try:
-            freeze = json.loads(tags.get("vggflow.freeze_configuration", "{}")).get("stage", "?")
+            freeze = json.loads(tags.get(mlflow_tags.FREEZE_CONFIGURATION, "{}")).get("stage", "?")
         except ValueError:
             freeze = "?"
         rows.append(
@@ -367,11 +368,11 @@ def registry_table(client, name: str) -> pd.DataFrame:
                 "version": str(v.version),
                 "aliases": ",".join(sorted(by_version.get(str(v.version), []))) or "-",
                 "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
-                "test_accuracy": tags.get("vggflow.test_accuracy", "?"),
-                "test_macro_f1": tags.get("vggflow.test_macro_f1", "?"),
-                "data_version": tags.get("vggflow.data_version", "?"),
+                "test_accuracy": tags.get(mlflow_tags.test_metric("accuracy"), "?"),
+                "test_macro_f1": tags.get(mlflow_tags.test_metric("macro_f1"), "?"),
+                "data_version": tags.get(mlflow_tags.DATA_VERSION, "?"),
                 "freeze": freeze,
-                "promotion": tags.get("vggflow.promotion", "-"),
+                "promotion": tags.get(mlflow_tags.PROMOTION, "-"),
                 "run_id": v.run_id or "-",
             }
         )

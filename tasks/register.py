@@ -19,10 +19,10 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
+from vggflow import mlflow_tags
 from vggflow.config import RegistryConfig
 from vggflow.files import atomic_write_text, read_rows
 from vggflow.tasks.evaluate import Evaluation
-from vggflow.tracking import TAG_DATA_VERSION, TAG_FREEZE, TAG_RANDOM_INIT
 from vggflow.training import StageResult
 
 MODEL_CODE = Path(__file__).resolve().parent.parent / "vggflow" / "pyfunc_model.py"
@@ -92,9 +92,9 @@ def log_results(
     ]
     metrics += [Metric(f"seconds_{metric_key(k)}", float(v), now, 0) for k, v in (compute_seconds or {}).items()]
     client.log_batch(run_id, metrics=metrics, params=params)
-    client.set_tag(run_id, TAG_FREEZE, chosen.stage)
+    client.set_tag(run_id, mlflow_tags.FREEZE_CONFIGURATION, chosen.stage)
     # How the test set was scored: images through the whole model, a cached frozen part, or kept scores.
-    client.set_tag(run_id, "vggflow.test_scored_from", evaluation.scored_from)
+    client.set_tag(run_id, mlflow_tags.TEST_SCORED_FROM, evaluation.scored_from)
     table = stage_table(stages, chosen)
     client.log_dict(
         run_id,
@@ -191,14 +191,14 @@ def register_version(model_uri: str, cfg: RegistryConfig, run_id: str, tags: dic
 def version_tags(run_tags: dict[str, str], run_id: str, chosen: StageResult, evaluation: Evaluation) -> dict[str, str]:
     """Tags of a registered version: data version, git commit, run id, freeze configuration, metrics."""
     tags = {
-        TAG_DATA_VERSION: run_tags.get(TAG_DATA_VERSION, "unknown"),
-        "vggflow.git_commit": run_tags.get("mlflow.source.git.commit", "unknown"),
-        "vggflow.run_id": run_id,
-        TAG_FREEZE: json.dumps(chosen.freeze_configuration()),
-        TAG_RANDOM_INIT: run_tags.get(TAG_RANDOM_INIT, "unknown"),
+        mlflow_tags.DATA_VERSION: run_tags.get(mlflow_tags.DATA_VERSION, "unknown"),
+        mlflow_tags.GIT_COMMIT: run_tags.get(mlflow_tags.MLFLOW_GIT_COMMIT, "unknown"),
+        mlflow_tags.RUN_ID: run_id,
+        mlflow_tags.FREEZE_CONFIGURATION: json.dumps(chosen.freeze_configuration()),
+        mlflow_tags.RANDOM_INIT: run_tags.get(mlflow_tags.RANDOM_INIT, "unknown"),
     }
     for key in ("accuracy", "macro_f1"):
-        tags[f"vggflow.test_{key}"] = f"{evaluation.metrics[key]:.6f}"
+        tags[mlflow_tags.test_metric(key)] = f"{evaluation.metrics[key]:.6f}"
     return tags
 
 
@@ -304,7 +304,7 @@ def describe_version(
     client.log_artifact(run_id, str(path))
     client.update_model_version(version.name, version.version, description=card)
     note = run_note(version, chosen, evaluation, decision, data.md5, weights.random_init)
-    client.set_tag(run_id, "mlflow.note.content", note)  # the run page's Description
+    client.set_tag(run_id, mlflow_tags.MLFLOW_NOTE, note)  # the run page's Description
     return path
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel
 
+from vggflow import mlflow_tags
 from vggflow.config import DataConfig, TrackingConfig
 from vggflow.errors import DataError, VggflowError
-from vggflow.tracking import TAG_DATA_VERSION, read_dvc_md5
+from vggflow.tracking import read_dvc_md5
 
 # Registry aliases, as set by tasks/promote.py (CHAMPION, CHALLENGER). Not imported from there:
 # that module pulls in scikit-learn, ~2 s on every skipped run. tests/test_retrain.py checks
@@ -169,9 +170,9 @@ def version_ref(model_version) -> VersionRef:
     tags = model_version.tags or {}
     return VersionRef(
         version=str(model_version.version),
-        data_version=tags.get(TAG_DATA_VERSION),
+        data_version=tags.get(mlflow_tags.DATA_VERSION),
         run_id=model_version.run_id,
-        rejection_reason=tags.get("vggflow.rejection_reason"),
+        rejection_reason=tags.get(mlflow_tags.REJECTION_REASON),
     )
 
 

@@ -15,11 +15,9 @@ from pathlib import Path
 
 from prefect import task
 
+from vggflow import mlflow_tags
 from vggflow.config import Config
 from vggflow.tracking import (
-    TAG_DATA_VERSION,
-    TAG_FREEZE,
-    TAG_RANDOM_INIT,
     DataVersion,
     epoch_metrics,
     git_info,
@@ -65,16 +63,16 @@ def start_training_run(
     versions = package_versions()
     tags = {
         **data.as_tags(),
-        "mlflow.source.git.commit": commit,
-        "vggflow.git_dirty": "unknown" if dirty is None else str(dirty).lower(),
-        "vggflow.backbone_weights": weights_identity,
-        TAG_RANDOM_INIT: str(random_init).lower(),
-        "vggflow.kind": "training",
+        mlflow_tags.MLFLOW_GIT_COMMIT: commit,
+        mlflow_tags.GIT_DIRTY: "unknown" if dirty is None else str(dirty).lower(),
+        mlflow_tags.BACKBONE_WEIGHTS: weights_identity,
+        mlflow_tags.RANDOM_INIT: str(random_init).lower(),
+        mlflow_tags.KIND: "training",
         **_owner_tags(),
     }
     flow_run_id = _prefect_flow_run_id()
     if flow_run_id:
-        tags["vggflow.prefect_flow_run_id"] = flow_run_id
+        tags[mlflow_tags.PREFECT_FLOW_RUN_ID] = flow_run_id
     name = run_name or f"train-{data.md5.removesuffix('.dir')[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     run_id = run.info.run_id
@@ -149,13 +147,13 @@ def open_stage_run(
     """
     client = _client()
     parent = client.get_run(parent_run_id)
-    data_version = parent.data.tags.get(TAG_DATA_VERSION, "unknown")
+    data_version = parent.data.tags.get(mlflow_tags.DATA_VERSION, "unknown")
     tags = {
-        "mlflow.parentRunId": parent_run_id,
-        "vggflow.stage": stage,
-        TAG_FREEZE: stage,
-        TAG_DATA_VERSION: data_version,
-        "vggflow.kind": "stage",
+        mlflow_tags.MLFLOW_PARENT_RUN_ID: parent_run_id,
+        mlflow_tags.STAGE: stage,
+        mlflow_tags.FREEZE_CONFIGURATION: stage,
+        mlflow_tags.DATA_VERSION: data_version,
+        mlflow_tags.KIND: "stage",
         **_owner_tags(),
     }
     run = client.create_run(experiment_id, run_name=f"stage-{stage}", tags=tags)
@@ -190,7 +188,7 @@ def close_stage_run(stage_run_id: str, result: StageResult) -> None:
         ]
         if metrics:
             client.log_batch(stage_run_id, metrics=metrics)
-        client.set_tag(stage_run_id, "vggflow.reused_from_run", result.mlflow_run_id or "cache")
+        client.set_tag(stage_run_id, mlflow_tags.REUSED_FROM_RUN, result.mlflow_run_id or "cache")
     freeze = result.freeze_configuration()
     _log_params(
         client, stage_run_id, {k: v for k, v in freeze.items() if k not in ("stage", "learning_rate", "unfreeze_from")}
@@ -228,9 +226,9 @@ def end_run_for(run_id: str | None, error: BaseException) -> None:
 def _owner_tags() -> dict[str, str]:
     """Which process owns a run, so a later run can tell an abandoned run from a live one."""
     return {
-        "vggflow.host": socket.gethostname(),
-        "vggflow.pid": str(os.getpid()),
-        "vggflow.pid_started": str(_process_start(os.getpid())),
+        mlflow_tags.HOST: socket.gethostname(),
+        mlflow_tags.PID: str(os.getpid()),
+        mlflow_tags.PID_STARTED: str(_process_start(os.getpid())),
     }
 
 
@@ -245,10 +243,10 @@ def _process_start(pid: int) -> float:
 
 def is_abandoned(tags: dict[str, str], host: str) -> bool:
     """True when a RUNNING run's owning process on this host is gone (killed, crashed, or its pid reused)."""
-    if tags.get("vggflow.host") != host or "vggflow.pid" not in tags:
+    if tags.get(mlflow_tags.HOST) != host or mlflow_tags.PID not in tags:
         return False  # another machine's run: we cannot tell, leave it alone
-    started = _process_start(int(tags["vggflow.pid"]))
-    return started < 0 or abs(started - float(tags.get("vggflow.pid_started", started))) > 1.0
+    started = _process_start(int(tags[mlflow_tags.PID]))
+    return started < 0 or abs(started - float(tags.get(mlflow_tags.PID_STARTED, started))) > 1.0
 
 
 def close_abandoned_runs(experiment_id: str) -> list[str]:
@@ -261,7 +259,7 @@ def close_abandoned_runs(experiment_id: str) -> list[str]:
     closed = []
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         if is_abandoned(run.data.tags, host):
-            client.set_tag(run.info.run_id, "vggflow.closed_by", "a later run found its process gone")
+            client.set_tag(run.info.run_id, mlflow_tags.CLOSED_BY, "a later run found its process gone")
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
     return closed

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
-from vggflow.caching import key_when_valid
+from vggflow.caching import cached_task
 from vggflow.config import HeadConfig
 from vggflow.tasks.features import FeatureSet
 from vggflow.training import StageResult, checkpoint_is_valid
@@ -71,12 +69,7 @@ def train_head(
     return finish_stage(model, checkpoint, HEAD_STAGE, None, cfg.learning_rate, freeze, fit, len(y_train), "avg_pool")
 
 
-@task(
-    name="train-head",
-    cache_key_fn=key_when_valid("train-head", lambda p: checkpoint_is_valid(Path(p["checkpoint"]))),
-    persist_result=True,
-    result_serializer="json",
-)
+@cached_task("train-head", lambda p: checkpoint_is_valid(Path(p["checkpoint"])))
 def train_head_task(
     features: FeatureSet,
     weights,

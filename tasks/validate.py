@@ -1133,7 +1133,7 @@ def render_html(result: ValidationResult, max_issues: int = 2000) -> str:
 from prefect import task  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from vggflow.caching import key_when_valid  # noqa: E402
+from vggflow.caching import cached_task  # noqa: E402
 
 
 class ValidatedData(BaseModel):
@@ -1151,7 +1151,7 @@ class ValidatedData(BaseModel):
 
 def _validation_outputs_valid(parameters: dict[str, Any]) -> bool:
     """All outputs present, and the rows training reads match the checksum recorded with them."""
-    from vggflow.files import file_sha256
+    from vggflow.hashing import file_sha256
 
     out_dir = Path(parameters["out_dir"]) / parameters["cache_key"]
     if not all(
@@ -1171,7 +1171,8 @@ def validation_cache_key(data_cfg: DataConfig, cfg: ValidationConfig, previous_m
     The data version is DVC's md5 when ``data/`` matches ``data.dvc`` (so a ``dvc pull`` that
     rewrites the same files keeps the key); otherwise the folder's listing (names, sizes, mtimes).
     """
-    from vggflow.caching import directory_fingerprint, stable_hash
+    from vggflow.caching import directory_fingerprint
+    from vggflow.hashing import stable_hash
 
     version = dvc.md5 if dvc.md5 and dvc.matches else directory_fingerprint(Path(data_cfg.dir))
     previous = _file_digest(previous_manifest) if previous_manifest else None
@@ -1179,7 +1180,7 @@ def validation_cache_key(data_cfg: DataConfig, cfg: ValidationConfig, previous_m
 
 
 def _file_digest(path: Path) -> str:
-    from vggflow.files import file_sha256
+    from vggflow.hashing import file_sha256
 
     return file_sha256(path)
 
@@ -1188,7 +1189,8 @@ def run_validation(
     data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, previous_manifest: Path | None
 ) -> ValidatedData:
     """Validate, write report/manifest/HTML plus the usable rows (``rows.csv``) into ``out_dir``."""
-    from vggflow.files import atomic_write_text, file_sha256
+    from vggflow.files import atomic_write_text
+    from vggflow.hashing import file_sha256
 
     previous = read_manifest(previous_manifest) if previous_manifest else None
     result = validate_dataset(Path(data_cfg.dir), data_cfg, cfg, previous)
@@ -1210,12 +1212,7 @@ def run_validation(
     return validated
 
 
-@task(
-    name="validate-data",
-    cache_key_fn=key_when_valid("validate-data", _validation_outputs_valid),
-    persist_result=True,
-    result_serializer="json",
-)
+@cached_task("validate-data", _validation_outputs_valid)
 def validate_data_task(
     data_cfg: DataConfig, cfg: ValidationConfig, out_dir: Path, previous_manifest: Path | None, cache_key: str
 ) -> ValidatedData:

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vggflow.caching import directory_fingerprint, key_when_valid, stable_hash
+from vggflow.caching import directory_fingerprint, key_when_valid
 from vggflow.config import FinetuneConfig, RegistryConfig, StageConfig
+from vggflow.hashing import stable_hash
 from vggflow.tasks.evaluate import score
 from vggflow.tasks.finetune import plan_prefix_caches, prefix_bytes, prefix_layer
 from vggflow.tasks.promote import decide

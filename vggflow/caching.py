@@ -9,28 +9,12 @@ because Prefect's result store is shared by all tasks.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot hash {type(value).__name__}")
-
-
-def stable_hash(*parts: Any, length: int = 24) -> str:
-    """A short, stable hex digest of JSON-able parts (pydantic models and paths allowed)."""
-    text = json.dumps(parts, default=_default, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+from vggflow.hashing import stable_hash
 
 
 def directory_fingerprint(root: Path) -> str:
@@ -76,3 +60,25 @@ def key_when_valid(task_name: str, outputs_valid: Callable[[dict[str, Any]], boo
         return None
 
     return cache_key_fn
+
+
+def cached_task(name: str, outputs_valid: Callable[[dict[str, Any]], bool], **options):
+    """A Prefect ``@task`` whose result is reused for the same ``cache_key`` parameter.
+
+    The result is persisted as JSON (a reference: paths, ids, metrics), under the key
+    ``<name>-<cache_key>``, and reused only while ``outputs_valid(parameters)`` holds.
+
+    Args:
+        name: the task's name, also the namespace of its keys.
+        outputs_valid: given the task's parameters, True when its on-disk outputs are intact.
+        options: any other ``prefect.task`` option (``task_run_name``, …).
+    """
+    from prefect import task
+
+    return task(
+        name=name,
+        cache_key_fn=key_when_valid(name, outputs_valid),
+        persist_result=True,
+        result_serializer="json",
+        **options,
+    )

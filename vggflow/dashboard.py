@@ -29,6 +29,7 @@ from types import FrameType
 from typing import Self
 from urllib.parse import quote, urlparse
 
+from vggflow import mlflow_tags
 from vggflow.errors import VggflowError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -140,9 +141,9 @@ def compare_view_tags(primary_metric: str, created_ms: int | None = None) -> dic
             column("attributes", "Dataset"),
             *(column("metrics", m) for m in metrics),
             column("metrics", "best_val_accuracy"),
-            column("tags", "vggflow.freeze_configuration"),
+            column("tags", mlflow_tags.FREEZE_CONFIGURATION),
             column("params", "data_version"),
-            column("tags", "vggflow.random_init"),
+            column("tags", mlflow_tags.RANDOM_INIT),
             column("attributes", "Models"),
         ],
         "columnOrder": [],

@@ -1,32 +1,46 @@
-"""Small file helpers: atomic writes and checksums.
+"""Atomic file writes and the validated rows file.
 
-Every cache, report and checkpoint is written to a temporary file in the same folder and then
-renamed over the target, so a crash never leaves a half-written file under the final name.
+Every cache, report, checkpoint and artifact is written to a temporary sibling and then renamed
+over the target, so a crash never leaves a half-written file under the final name. The
+temporary file is created like any other file, so the result gets the permissions the umask
+allows (0644 under the usual 022): artifacts stay readable by a tracking server running as
+another user.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
-import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write; renamed over ``path`` when the block succeeds.
+
+    For libraries that write by file name (``model.save``, ``np.save``): the temporary name keeps
+    ``path``'s suffixes, which some of them check. On an error the temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{uuid.uuid4().hex[:12]}.{path.name}")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (synced before the rename)."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -34,17 +48,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's content, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 #: Columns of a validated rows file: each usable image, its class, its split and its decoded
-#: size (after EXIF orientation). Files written by older versions have only the first three.
+#: size (after EXIF orientation).
 ROWS_COLUMNS = ("path", "label", "split", "height", "width")
 
 

@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from vggflow.config import VGG19_BLOCKS, BackboneConfig, HeadConfig
 from vggflow.errors import BackboneError
-from vggflow.files import file_sha256
+from vggflow.files import atomic_path
+from vggflow.hashing import file_sha256
 
 IMAGENET_NOTOP_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 # Where and what VGG19(weights="imagenet") downloads (keras/src/applications/vgg19.py). The public
@@ -55,12 +56,10 @@ def _random_weights(cache_dir: Path, image_size: int, seed: int, note: str) -> R
     """Create (once) and cache a seeded random initialisation so every step loads the same base."""
     path = cache_dir / "backbones" / f"vgg19-random-seed{seed}.weights.h5"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         keras.utils.set_random_seed(seed)
         base = vgg19.VGG19(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.weights.h5")
-        base.save_weights(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            base.save_weights(tmp)
     return ResolvedWeights(path=path, identity=f"random-seed{seed}", random_init=True, note=note)
 
 

@@ -17,15 +17,11 @@ from urllib.parse import urlparse
 
 import yaml
 
+from vggflow import mlflow_tags
 from vggflow.config import TrackingConfig
 from vggflow.errors import TrackingError
 
 PACKAGES = ("tensorflow", "keras", "prefect", "mlflow", "dvc", "pandas", "numpy", "pillow", "scikit-learn", "pydantic")
-
-# Tags and params shared by runs, registry versions and the retraining flow.
-TAG_DATA_VERSION = "vggflow.data_version"
-TAG_RANDOM_INIT = "vggflow.random_init"
-TAG_FREEZE = "vggflow.freeze_configuration"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -149,8 +145,8 @@ class DataVersion:
 
     def as_tags(self) -> dict[str, str]:
         return {
-            TAG_DATA_VERSION: self.md5,
-            "vggflow.data_matches_dvc": "unknown" if self.matches is None else str(self.matches).lower(),
+            mlflow_tags.DATA_VERSION: self.md5,
+            mlflow_tags.DATA_MATCHES_DVC: "unknown" if self.matches is None else str(self.matches).lower(),
         }
 
 

@@ -7,7 +7,6 @@ and report the same way. Importing this module imports Keras.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from vggflow.files import atomic_write_text, file_sha256
+from vggflow.files import atomic_path, atomic_write_text
+from vggflow.hashing import file_sha256
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -233,11 +233,9 @@ def _floats(logs: dict | None) -> dict[str, float]:
 
 def save_checkpoint(model, path: Path) -> str:
     """Save the whole classifier atomically, with a ``.sha256`` sidecar checked before reuse."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    model.save(tmp)
-    digest = file_sha256(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+        digest = file_sha256(tmp)
     atomic_write_text(_sidecar(path), digest)
     return digest
 
