@@ -174,7 +174,7 @@ def child_vggflow(args) -> dict:
     import numpy as np
 
     from vggflow.tasks.features import compute_features
-    from vggflow.tasks.train_head import train_head
+    from vggflow.tasks.train_head import train_head_on_features as train_head
 
     folder, rows, weights, classes = _setup(args)
     cache = Path(tempfile.mkdtemp(dir=args.scratch))

@@ -56,7 +56,7 @@ NAME = "extraction"
 def flow_layers(image_size: int, n_images: int) -> list[str]:
     """The layers the training flow extracts with the default stages (see flows/train.py)."""
     from vggflow.config import FinetuneConfig
-    from vggflow.tasks.finetune import plan_prefix_caches
+    from vggflow.stages import plan_prefix_caches
 
     return sorted({layer for layer in plan_prefix_caches(FinetuneConfig(), image_size, n_images).values() if layer})
 
@@ -69,8 +69,8 @@ def measure_size(image_size: int, n_images: int, batch_size: int, rounds: int, s
 
     from vggflow.config import BackboneConfig
     from vggflow.datasets import image_dataset
+    from vggflow.feature_cache import extract_features
     from vggflow.model import build_base, resolve_weights
-    from vggflow.tasks.features import extract_features
 
     folder = fashion_mnist_folder(n_images)
     rows = dataset_rows(folder)

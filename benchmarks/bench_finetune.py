@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from vggflow.config import BackboneConfig, FeaturesConfig, FinetuneConfig, HeadConfig, StageConfig
     from vggflow.model import resolve_weights
+    from vggflow.stages import plan_prefix_caches
     from vggflow.tasks.features import compute_features
-    from vggflow.tasks.finetune import plan_prefix_caches, run_stage
-    from vggflow.tasks.train_head import train_head
+    from vggflow.tasks.finetune import run_stage
+    from vggflow.tasks.train_head import train_head_on_features as train_head
 
     folder = fashion_mnist_folder(args.images)
     rows = dataset_rows(folder)

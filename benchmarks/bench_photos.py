@@ -167,7 +167,7 @@ def measure_extract(variant: str, paths: list[Path], scratch: Path, image_size: 
     import numpy as np
     import pandas as pd
 
-    from vggflow.tasks.features import extract_features
+    from vggflow.feature_cache import extract_features
 
     _set_cap(variant == "capped")
     base = _base(image_size, scratch)

@@ -64,8 +64,8 @@ def child(args) -> dict:
 
     from vggflow.config import BackboneConfig
     from vggflow.datasets import image_dataset
+    from vggflow.feature_cache import extract_features
     from vggflow.model import build_base, resolve_weights
-    from vggflow.tasks.features import extract_features
 
     scratch = Path(tempfile.mkdtemp(dir=args.scratch))
     out: dict[str, float] = {}

@@ -1,46 +1,49 @@
-"""Step 5: evaluate the chosen classifier on the test split.
+"""Step 6, evaluate: score the chosen classifier on the test split and write its report files.
 
 The classifier is fed raw decoded images exactly as a client of the registered model would
 (its own resize and preprocessing inside), so the reported numbers are the exported model's.
 When the chosen model's lower layers are the frozen backbone (a head-only model, or a stage
 trained on a cached prefix), their output for the test images is cached once per data version
-(``tasks/features.py``, :func:`~tasks.features.compute_scoring_prefix`) and only the layers
-above it run: iterating on the head no longer pushes every test image through VGG19 again.
-A spread sample of test images is still scored through the whole saved model and must agree;
-if it does not, every test image is scored that way instead.
-Its test-set probabilities are kept, keyed by the checkpoint's content and the test images: a
-re-run that chose the same checkpoint on the same data reuses them instead of scoring again.
+and only the layers above it run, so iterating on the head does not push every test image
+through VGG19 again. A spread sample of test images is still scored through the whole saved
+model and must agree; if it does not, every test image is scored that way instead. The
+test-set probabilities are kept, keyed by the checkpoint's content and the test images
+(``vggflow/scoring.py``): a re-run that chose the same checkpoint on the same data reuses them.
 """
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from prefect import task
-from pydantic import BaseModel
 
-from vggflow.config import EvaluateConfig
-from vggflow.files import atomic_write_bytes, atomic_write_text, read_rows
-from vggflow.hashing import file_sha256, stable_hash
-from vggflow.tasks.features import ScoringPrefix
+from vggflow.checks import check_disk_space, required_bytes
+from vggflow.config import Config, EvaluateConfig
+from vggflow.feature_cache import (
+    TEST_DIR,
+    FeatureSet,
+    RowView,
+    ScoringPrefix,
+    bytes_per_image,
+    extract_features,
+    scoring_prefix_layer,
+    verified_arrays,
+)
+from vggflow.files import atomic_write_text, read_rows
+from vggflow.hashing import file_sha256
+from vggflow.progress import progress_logger
+from vggflow.runs import TrainingRun
+from vggflow.scoring import Evaluation, reuse_or_compute, score, scores_dir, scores_file
+from vggflow.training import StageResult
 
-
-class Evaluation(BaseModel):
-    """Test metrics and the report files written for them."""
-
-    metrics: dict[str, float]
-    n_test: int
-    confusion: list[list[int]]
-    class_names: list[str]
-    files: dict[str, Path]
-    seconds: float = 0.0
-    scores_reused: bool = False
-    scored_from: str = "images"
+if TYPE_CHECKING:
+    from vggflow.model import ResolvedWeights
+    from vggflow.validation import ValidatedData
 
 
 #: Test images scored through the whole saved model when the rest come from a cached prefix.
@@ -51,77 +54,50 @@ CHECKED_IMAGES = 8
 PREFIX_TOLERANCE = 1e-4
 
 
-def reuse_or_compute(
-    cache_file: Path | None, n_rows: int, compute: Callable[[], np.ndarray]
-) -> tuple[np.ndarray, bool]:
-    """``compute()``, or the array an identical earlier call saved in ``cache_file``.
+def compute_scoring_prefix(
+    rows: pd.DataFrame,
+    data_dir: Path,
+    weights,
+    image_size: int,
+    batch_size: int,
+    features_dir: Path,
+    prefix_cache: str | None,
+    unfreeze_from: str | None,
+    progress=None,
+) -> ScoringPrefix | None:
+    """Make sure the test rows' output of the chosen model's frozen part is cached (once per data version).
 
-    The file's name must identify everything the array depends on (see :func:`scores_file`). An
-    unreadable file or one with another number of rows is recomputed and replaced.
+    Args:
+        rows: usable manifest rows (only the test split is used).
+        data_dir: dataset root.
+        weights: the resolved backbone weights (the frozen part's weights).
+        image_size: square input side.
+        batch_size: images per forward pass.
+        features_dir: this data version's feature cache folder (:attr:`FeatureSet.directory`).
+        prefix_cache: the chosen stage's ``prefix_cache`` (see :func:`scoring_prefix_layer`).
+        unfreeze_from: the chosen stage's first trainable block (None: head only).
 
     Returns:
-        The array, and whether it was reused.
+        A reference to the cached array, or None when the chosen model has no frozen part to
+        skip or there are no test rows (then the test images are scored through the whole model).
     """
-    if cache_file is not None:
-        try:
-            cached = np.load(cache_file, allow_pickle=False)
-            if len(cached) == n_rows:
-                return cached, True
-        except (OSError, ValueError, EOFError):
-            pass
-    values = np.asarray(compute())
-    if cache_file is not None:
-        buffer = io.BytesIO()
-        np.save(buffer, values, allow_pickle=False)
-        atomic_write_bytes(cache_file, buffer.getvalue())
-    return values, False
+    from vggflow.model import build_base
 
-
-def scores_file(
-    scores_dir: Path | None, model_identity: str, test_rows: pd.DataFrame, class_names: list[str], batch_size: int
-) -> Path | None:
-    """Where the test-set scores of one model on one data version are kept (None: not kept).
-
-    Args:
-        scores_dir: the kept scores of one data version: a folder named by the validated
-            dataset's content fingerprint, which covers the test images' content (``None``
-            turns keeping off).
-        model_identity: what identifies the model's weights (a checkpoint's sha256, a registered version).
-        test_rows: the rows scored (paths and labels, in order).
-        class_names: the class list the scores are indexed by.
-        batch_size: batch size of the scoring (batches change float round-off).
-    """
-    if scores_dir is None:
+    layer = scoring_prefix_layer(prefix_cache)
+    test = rows[rows["split"] == "test"].reset_index(drop=True)
+    if layer is None or len(test) == 0:
         return None
-    key = stable_hash(model_identity, list(test_rows["path"]), list(test_rows["label"]), class_names, batch_size)
-    return Path(scores_dir) / f"{key}.npy"
-
-
-def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict[str, float], np.ndarray]:
-    """Accuracy, macro/weighted F1, macro precision/recall and the confusion matrix.
-
-    Args:
-        y_true: true class indices.
-        y_pred: predicted class indices (-1 for a label outside the class list: always wrong).
-        n_classes: number of classes (absent classes still get a confusion-matrix row).
-    """
-    from sklearn.metrics import (
-        accuracy_score,
-        confusion_matrix,
-        f1_score,
-        precision_score,
-        recall_score,
+    directory = Path(features_dir) / TEST_DIR
+    started, seconds = time.perf_counter(), 0.0
+    if layer not in verified_arrays(directory, test):
+        check_disk_space(directory, required_bytes(len(test), bytes_per_image([layer], image_size), 0))
+        extract_features(
+            test, data_dir, build_base(weights, image_size), [layer], image_size, batch_size, directory, progress
+        )
+        seconds = time.perf_counter() - started
+    return ScoringPrefix(
+        directory=directory, layer=layer, unfreeze_from=unfreeze_from, n_images=len(test), seconds=seconds
     )
-
-    labels = list(range(n_classes))
-    metrics = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
-        "macro_precision": float(precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "macro_recall": float(recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-    }
-    return metrics, confusion_matrix(y_true, y_pred, labels=labels)
 
 
 def scores_from_prefix(
@@ -147,7 +123,6 @@ def scores_from_prefix(
         disagrees (then score the images); and a line saying which and why.
     """
     from vggflow.model import head_model, suffix_model
-    from vggflow.tasks.features import RowView, verified_arrays
 
     if prefix.layer not in verified_arrays(prefix.directory, test_rows.reset_index(drop=True)):
         return None, f"images (the cached {prefix.layer} of the test images does not match them)"
@@ -261,22 +236,42 @@ def evaluate_classifier(
 
 @task(name="evaluate")
 def evaluate_task(
-    checkpoint: Path,
-    rows_file: Path,
-    data_dir: Path,
-    class_names: list[str],
-    cfg: EvaluateConfig,
-    out_dir: Path,
-    scores_dir: Path | None = None,
-    prefix: ScoringPrefix | None = None,
+    cfg: Config,
+    weights: ResolvedWeights,
+    validated: ValidatedData,
+    features: FeatureSet,
+    chosen: StageResult,
+    run: TrainingRun,
 ) -> Evaluation:
-    """Prefect shell: evaluate the chosen classifier on the test split of the validated rows."""
-    rows = read_rows(rows_file)
+    """Evaluate the chosen classifier on the test split; its report files go to the run's folder."""
+    rows = read_rows(validated.rows_file)
+    prefix = None
+    if scoring_prefix_layer(chosen.prefix_cache) is not None:
+        # The test images' output of the chosen model's frozen part, cached once per data version.
+        prefix = compute_scoring_prefix(
+            rows,
+            cfg.data.dir,
+            weights,
+            cfg.backbone.image_size,
+            cfg.features.batch_size,
+            features.directory,
+            chosen.prefix_cache,
+            chosen.unfreeze_from,
+            progress_logger("test images' frozen-part outputs"),
+        )
+    prefix_seconds = prefix.seconds if prefix is not None else 0.0
     evaluation = evaluate_classifier(
-        checkpoint, rows[rows["split"] == "test"], data_dir, class_names, cfg, out_dir, scores_dir, prefix
+        chosen.checkpoint,
+        rows[rows["split"] == "test"],
+        cfg.data.dir,
+        validated.class_names,
+        cfg.evaluate,
+        run.report_dir,
+        scores_dir(cfg.work_dir, validated.fingerprint),
+        prefix,
     )
     if evaluation.scores_reused:
         print(f"evaluate: same checkpoint, same test images: reused its {evaluation.n_test} test-set scores")
     else:
         print(f"evaluate: {evaluation.n_test} test images scored from {evaluation.scored_from}")
-    return evaluation
+    return evaluation.model_copy(update={"test_prefix_seconds": prefix_seconds})

@@ -1,13 +1,13 @@
-"""Step 3: staged-unfreezing fine-tuning (the seed's Examples 2 and 3, made systematic).
+"""Step 4, fine-tuning: staged unfreezing (the article's Examples 2 and 3, made systematic).
 
 Each stage unfreezes the base from a block upwards (``block5``, then ``block4``, … or ``all``),
-starts from the previous stage's best weights, recompiles with its own (smaller) learning rate,
-trains with early stopping on validation loss and keeps its best weights. The flow stops the
-sequence when a stage does not improve on the best so far.
+starts from the best weights so far, recompiles with its own (smaller) learning rate, trains with
+early stopping on validation loss and keeps its best weights. The sequence stops when a stage does
+not improve on the best so far (``finetune.stop_when_no_improvement``).
 
 Where a stage's lower blocks stay frozen and are still the original backbone, the stage trains
-on their cached output (computed once with the features) instead of recomputing them every
-epoch: same gradients for the trainable layers, a fraction of the compute.
+on their cached output (computed once with the features, see ``vggflow/stages.py``) instead of
+recomputing them every epoch: same gradients for the trainable layers, a fraction of the compute.
 """
 
 from __future__ import annotations
@@ -15,56 +15,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from vggflow.caching import cached_task
-from vggflow.config import VGG19_BLOCKS, FinetuneConfig, StageConfig
+from vggflow.config import Config, FinetuneConfig, StageConfig
+from vggflow.feature_cache import FeatureSet, load_layer
 from vggflow.files import read_rows
-from vggflow.tasks.features import FeatureSet
-from vggflow.training import StageResult, checkpoint_is_valid
+from vggflow.hashing import stable_hash
+from vggflow.runs import TrainingRun, in_stage_run
+from vggflow.training import (
+    StageResult,
+    TrainedStages,
+    checkpoint_is_valid,
+    checkpoint_path,
+    is_better,
+    report_stage,
+)
 
-#: Output channels of each VGG19 block (its pooling layer's depth).
-BLOCK_CHANNELS = {"block1": 64, "block2": 128, "block3": 256, "block4": 512, "block5": 512}
-
-
-def block_index(unfreeze_from: str) -> int:
-    """1-based block number; ``all`` counts as block 1."""
-    return 1 if unfreeze_from == "all" else VGG19_BLOCKS.index(unfreeze_from) + 1
-
-
-def prefix_layer(unfreeze_from: str) -> str:
-    """The last frozen layer below a stage (its output is the stage's input)."""
-    index = block_index(unfreeze_from)
-    return "input_layer" if index == 1 else f"block{index - 1}_pool"
-
-
-def prefix_bytes(unfreeze_from: str, image_size: int, n_images: int) -> int:
-    """Size on disk of a stage's cached prefix output (float32)."""
-    index = block_index(unfreeze_from)
-    if index == 1:
-        side, channels = image_size, 3
-    else:
-        side, channels = image_size // 2 ** (index - 1), BLOCK_CHANNELS[f"block{index - 1}"]
-    return 4 * n_images * side * side * channels
-
-
-def plan_prefix_caches(cfg: FinetuneConfig, image_size: int, n_images: int) -> dict[str, str | None]:
-    """For each stage: the prefix layer it trains from (cached), or None to run the full model.
-
-    A prefix cache is valid only while every layer in it is still the original backbone, i.e. no
-    earlier stage unfroze anything at or below it. Caches above ``prefix_cache_max_gb`` are not
-    used (they are read from disk batch by batch, but disk is finite).
-    """
-    plan: dict[str, str | None] = {}
-    lowest_touched = len(VGG19_BLOCKS) + 1  # no block trained yet
-    budget = cfg.prefix_cache_max_gb * 1e9
-    for stage in cfg.stages:
-        index = block_index(stage.unfreeze_from)
-        usable = (
-            cfg.cache_frozen_prefix
-            and index <= lowest_touched
-            and prefix_bytes(stage.unfreeze_from, image_size, n_images) <= budget
-        )
-        plan[stage.label] = prefix_layer(stage.unfreeze_from) if usable else None
-        lowest_touched = min(lowest_touched, index)
-    return plan
+#: Settings that change how a stage trains (the others choose stages or stop the sequence).
+STAGE_TRAINING_EXCLUDES = {"stages", "selection_metric", "min_improvement", "stop_when_no_improvement"}
 
 
 def run_stage(
@@ -78,6 +44,7 @@ def run_stage(
     seed: int,
     checkpoint: Path,
     on_epoch=None,
+    cache_key: str = "",
 ) -> StageResult:
     """Train one stage from ``previous``'s best weights; save the stage's best classifier.
 
@@ -92,12 +59,12 @@ def run_stage(
         seed: reproducible shuffling and dropout.
         checkpoint: where this stage's best classifier is saved.
         on_epoch: optional ``callable(epoch, logs)``.
+        cache_key: the key the checkpoint is reused under (recorded in the result).
     """
     import keras
 
     from vggflow.datasets import array_dataset, common_image_shape, file_errors_as_data_errors, image_dataset
     from vggflow.model import suffix_model, unfreeze_to
-    from vggflow.tasks.features import load_layer
     from vggflow.training import finish_stage, fit_stage
 
     keras.utils.set_random_seed(seed)
@@ -132,36 +99,89 @@ def run_stage(
     with file_errors_as_data_errors():  # an image that changed since validation: named, one line
         fit = fit_stage(trainable, train, val, stage.learning_rate, stage.epochs, cfg.patience, on_epoch)
     return finish_stage(
-        model, checkpoint, stage.label, stage.unfreeze_from, stage.learning_rate, freeze, fit, n_train, prefix
+        model,
+        checkpoint,
+        stage.label,
+        stage.unfreeze_from,
+        stage.learning_rate,
+        freeze,
+        fit,
+        n_train,
+        prefix,
+        cache_key,
     )
+
+
+def stage_key(cfg: Config, previous: StageResult, stage: StageConfig, features: FeatureSet) -> str:
+    """A stage's cache key: chained from the stage it starts from, plus its own settings and input."""
+    shared = cfg.finetune.model_dump(exclude=STAGE_TRAINING_EXCLUDES)
+    return stable_hash(previous.cache_key, stage, shared, features.prefix_plan.get(stage.label))
+
+
+def _stage_key(parameters: dict) -> str:
+    return stage_key(parameters["cfg"], parameters["previous"], parameters["stage"], parameters["features"])
 
 
 @cached_task(
     "finetune-stage",
-    lambda p: checkpoint_is_valid(Path(p["checkpoint"])),
+    _stage_key,
+    lambda p: checkpoint_is_valid(checkpoint_path(p["cfg"].work_dir, _stage_key(p))),
     task_run_name="finetune-{stage.unfreeze_from}",
 )
 def finetune_stage_task(
-    previous: StageResult,
-    stage: StageConfig,
-    cfg: FinetuneConfig,
-    features: FeatureSet,
-    prefix: str | None,
-    data_dir: Path,
-    image_size: int,
-    seed: int,
-    checkpoint: Path,
-    cache_key: str,
-    stage_run_id: str | None = None,
+    cfg: Config, previous: StageResult, stage: StageConfig, features: FeatureSet, stage_run_id: str | None = None
 ) -> StageResult:
-    """Prefect shell: train one stage, logging each epoch to the stage's MLflow run."""
-    from vggflow.training import epoch_reporter, stage_summary_line
-
-    print(
+    """Train one stage from ``previous``, each epoch logged to the stage's MLflow run."""
+    key = stage_key(cfg, previous, stage, features)
+    prefix = features.prefix_plan.get(stage.label)
+    return report_stage(
+        stage.label,
+        stage.epochs,
+        stage_run_id,
         f"stage {stage.label}: training from {previous.stage}, lr {stage.learning_rate:g}, "
-        f"{'on cached ' + prefix if prefix else 'on images'}"
+        f"{'on cached ' + prefix if prefix else 'on images'}",
+        lambda on_epoch: run_stage(
+            previous,
+            stage,
+            cfg.finetune,
+            features,
+            prefix,
+            cfg.data.dir,
+            cfg.backbone.image_size,
+            cfg.seed,
+            checkpoint_path(cfg.work_dir, key),
+            on_epoch,
+            key,
+        ),
     )
-    on_epoch = epoch_reporter(stage.label, stage.epochs, stage_run_id)
-    result = run_stage(previous, stage, cfg, features, prefix, data_dir, image_size, seed, checkpoint, on_epoch)
-    print(stage_summary_line(result, stage.epochs))
-    return result.model_copy(update={"mlflow_run_id": stage_run_id})
+
+
+def finetune(cfg: Config, features: FeatureSet, head: StageResult, run: TrainingRun) -> TrainedStages:
+    """Train the configured stages in order, each from the best so far, until one does not improve.
+
+    Every stage runs in its own nested MLflow run. Returns the head and every stage that trained,
+    and the stages the stop rule skipped.
+    """
+    metric = cfg.finetune.selection_metric
+    results, best = [head], head
+    for position, stage in enumerate(cfg.finetune.stages):
+        result = in_stage_run(
+            run,
+            stage.label,
+            stage.unfreeze_from,
+            stage.learning_rate,
+            lambda stage_run_id, start=best, stage=stage: finetune_stage_task(
+                cfg, start, stage, features, stage_run_id
+            ),
+        )
+        results.append(result)
+        if is_better(result.metric(metric), best.metric(metric), metric, cfg.finetune.min_improvement):
+            best = result
+        elif cfg.finetune.stop_when_no_improvement:
+            skipped = [s.label for s in cfg.finetune.stages[position + 1 :]]
+            print(
+                f"stage {stage.label} did not improve {metric} on {best.stage}: "
+                f"stopping (skipped: {', '.join(skipped) or 'none'})"
+            )
+            return TrainedStages(results=results, skipped=skipped)
+    return TrainedStages(results=results)

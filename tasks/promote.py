@@ -12,91 +12,23 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from prefect import task
-from pydantic import BaseModel
 
 from vggflow import mlflow_tags
-from vggflow.config import RegistryConfig
+from vggflow.config import Config, RegistryConfig
 from vggflow.files import read_rows
-from vggflow.tasks.evaluate import reuse_or_compute, score, scores_file
+from vggflow.promotion import Decision, RegisteredVersion, decide
+from vggflow.runs import TrainingRun
+from vggflow.scoring import Evaluation, reuse_or_compute, score, scores_dir, scores_file
+from vggflow.tracking import lock_dir
+
+if TYPE_CHECKING:
+    from vggflow.validation import ValidatedData
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
-
-
-class Decision(BaseModel):
-    """The promotion decision, as logged, printed and tagged."""
-
-    promoted: bool
-    reason: str
-    model_name: str
-    candidate_version: str
-    champion_version: str | None = None
-    primary_metric: str
-    candidate_value: float
-    champion_value: float | None = None
-    delta: float | None = None
-    min_delta: float
-    thresholds: dict[str, float]
-    failed_thresholds: dict[str, float] = {}
-    aliases_changed: bool = False
-
-
-def decide(
-    candidate: dict[str, float],
-    champion: dict[str, float] | None,
-    cfg: RegistryConfig,
-    candidate_version: str,
-    champion_version: str | None,
-) -> Decision:
-    """Apply the gate (pure).
-
-    The candidate must meet every threshold; with a champion, it must also improve the primary
-    metric by more than zero and by at least ``min_delta`` (a tie keeps the champion).
-    """
-    metric = cfg.primary_metric
-    failed = {
-        name: candidate.get(name, float("nan"))
-        for name, minimum in cfg.thresholds.items()
-        if not candidate.get(name, float("nan")) >= minimum
-    }
-    thresholds_text = ", ".join(
-        f"{name} {candidate.get(name, float('nan')):.4f} ≥ {minimum}" for name, minimum in cfg.thresholds.items()
-    )
-    common = dict(
-        model_name=cfg.model_name,
-        candidate_version=candidate_version,
-        champion_version=champion_version,
-        primary_metric=metric,
-        candidate_value=candidate[metric],
-        min_delta=cfg.min_delta,
-        thresholds=dict(cfg.thresholds),
-        failed_thresholds=failed,
-    )
-    if failed:
-        below = ", ".join(f"{name} {value:.4f} < {cfg.thresholds[name]}" for name, value in failed.items())
-        reason = f"below the absolute threshold(s): {below}"
-        if champion is not None:
-            delta = candidate[metric] - champion[metric]
-            return Decision(promoted=False, reason=reason, champion_value=champion[metric], delta=delta, **common)
-        return Decision(promoted=False, reason=reason + " (no champion yet)", **common)
-    if champion is None:
-        return Decision(
-            promoted=True, reason=f"no champion yet; thresholds met ({thresholds_text or 'none set'})", **common
-        )
-    delta = candidate[metric] - champion[metric]
-    if delta > 0 and delta >= cfg.min_delta:
-        reason = (
-            f"beats champion v{champion_version} on {metric}: {candidate[metric]:.4f} vs {champion[metric]:.4f} "
-            f"(Δ {delta:+.4f} ≥ {cfg.min_delta})"
-        )
-        return Decision(promoted=True, reason=reason, champion_value=champion[metric], delta=delta, **common)
-    reason = (
-        f"does not beat champion v{champion_version} on {metric}: {candidate[metric]:.4f} vs {champion[metric]:.4f} "
-        f"(Δ {delta:+.4f}, needs > 0 and ≥ {cfg.min_delta}), same test split"
-    )
-    return Decision(promoted=False, reason=reason, champion_value=champion[metric], delta=delta, **common)
 
 
 def current_champion(client, name: str):
@@ -251,33 +183,24 @@ def promote_if_better(
 
 @task(name="promote-if-better", retries=2, retry_delay_seconds=5)
 def promote_if_better_task(
-    cfg: RegistryConfig,
-    candidate_version: str,
-    candidate_metrics: dict[str, float],
-    run_id: str,
-    rows_file: Path,
-    data_dir: Path,
-    class_names: list[str],
-    batch_size: int,
-    lock_dir: Path,
-    scores_dir: Path | None = None,
+    cfg: Config, run: TrainingRun, version: RegisteredVersion, evaluation: Evaluation, validated: ValidatedData
 ) -> Decision:
-    """Prefect shell: the gate, under the promotion lock (registry I/O: retried)."""
+    """The gate, under the promotion lock (registry I/O: retried)."""
     from mlflow.tracking import MlflowClient
 
-    rows = read_rows(rows_file)
-    with promotion_lock(Path(lock_dir)):
+    rows = read_rows(validated.rows_file)
+    with promotion_lock(lock_dir(cfg.tracking, cfg.work_dir)):
         decision = promote_if_better(
             MlflowClient(),
-            cfg,
-            candidate_version,
-            candidate_metrics,
-            run_id,
+            cfg.registry,
+            version.version,
+            evaluation.metrics,
+            run.run_id,
             rows[rows["split"] == "test"],
-            data_dir,
-            class_names,
-            batch_size,
-            scores_dir,
+            cfg.data.dir,
+            validated.class_names,
+            cfg.evaluate.batch_size,
+            scores_dir(cfg.work_dir, validated.fingerprint),
         )
     print(("PROMOTED: " if decision.promoted else "not promoted: ") + decision.reason)
     return decision

@@ -1,37 +1,19 @@
-"""Step 4: choose the freeze configuration — the stage with the best validation metric wins."""
+"""Step 5, choose: the freeze configuration whose stage has the best validation metric wins."""
 
 from __future__ import annotations
 
-from vggflow.training import StageResult, is_better
+from vggflow.training import StageResult, TrainedStages, is_better
 
 
-def choose_freeze_configuration(results: list[StageResult], metric: str) -> StageResult:
-    """The stage with the best validation metric (head-only included); earlier stage wins ties.
+def choose_freeze_configuration(stages: TrainedStages, metric: str) -> StageResult:
+    """The stage with the best validation metric (head-only included); an earlier stage wins ties.
 
-    Step 4 of the flow: this model is the one evaluated and registered.
+    This model is the one evaluated and registered.
     """
-    if not results:
+    if not stages.results:
         raise ValueError("no stage finished")
-    best = results[0]
-    for result in results[1:]:
+    best = stages.results[0]
+    for result in stages.results[1:]:
         if is_better(result.metric(metric), best.metric(metric), metric):
             best = result
     return best
-
-
-def stage_table(results: list[StageResult], chosen: StageResult) -> list[dict]:
-    """All stages side by side (the stage-comparison JSON artifact)."""
-    return [
-        result.freeze_configuration()
-        | {
-            "best_val_accuracy": result.best_val_accuracy,
-            "best_val_loss": result.best_val_loss,
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "seconds": round(result.seconds, 2),
-            "images_per_second": round(result.images_per_second, 1),
-            "prefix_cache": result.prefix_cache,
-            "chosen": result.stage == chosen.stage,
-        }
-        for result in results
-    ]

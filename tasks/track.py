@@ -1,45 +1,42 @@
-"""Step 6a: the MLflow runs — one parent run per flow run, one nested run per stage.
+"""Tracking: the MLflow parent run of a flow run, and the results logged to it at the end.
 
 The parent run records what makes a result reproducible before any training starts: the whole
 config (file and flattened params), data version and whether ``data/`` matches it, git commit
 and dirty flag, package versions, seed, backbone weights, and the validation report/manifest.
+At the end it receives the chosen freeze configuration, the stage comparison, the test metrics,
+the report files and how many seconds each step computed. Nested stage runs are opened by the
+steps that train (``vggflow/runs.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pandas as pd
 from prefect import task
 
 from vggflow import mlflow_tags
+from vggflow.checks import Preflight
 from vggflow.config import Config
-from vggflow.tracking import (
-    DataVersion,
-    epoch_metrics,
-    git_info,
-    package_versions,
+from vggflow.feature_cache import FeatureSet
+from vggflow.runs import (
+    TrainingRun,
+    close_abandoned_runs,
+    log_params,
+    metric_key,
+    mlflow_client,
+    owner_tags,
+    run_dir,
 )
-from vggflow.training import StageResult
+from vggflow.scoring import Evaluation
+from vggflow.tracking import DataVersion, git_info, package_versions
+from vggflow.training import StageResult, TrainedStages
 
-MAX_PARAMS_PER_BATCH = 100
-
-
-def _client():
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient()
-
-
-def _log_params(client, run_id: str, params: dict[str, str]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
-    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+if TYPE_CHECKING:
+    from vggflow.validation import ValidatedData
 
 
 def start_training_run(
@@ -56,7 +53,7 @@ def start_training_run(
 
     First closes runs left RUNNING by killed processes on this host (see :func:`close_abandoned_runs`).
     """
-    client = _client()
+    client = mlflow_client()
     for closed in close_abandoned_runs(experiment_id):
         print(f"marked run {closed} KILLED: its process is gone (killed or crashed)")
     commit, dirty = git_info()
@@ -68,7 +65,7 @@ def start_training_run(
         mlflow_tags.BACKBONE_WEIGHTS: weights_identity,
         mlflow_tags.RANDOM_INIT: str(random_init).lower(),
         mlflow_tags.KIND: "training",
-        **_owner_tags(),
+        **owner_tags(),
     }
     flow_run_id = _prefect_flow_run_id()
     if flow_run_id:
@@ -83,7 +80,7 @@ def start_training_run(
         "backbone.random_init": str(random_init),
     }
     params |= {f"package.{name}": version for name, version in versions.items()}
-    _log_params(client, run_id, params)
+    log_params(client, run_id, params)
     client.log_text(run_id, cfg.as_yaml(), "config/effective_config.yaml")
     if config_file is not None:
         client.log_text(run_id, Path(config_file).read_text(encoding="utf-8"), f"config/{Path(config_file).name}")
@@ -137,143 +134,97 @@ def _prefect_flow_run_id() -> str | None:
         return None
 
 
-def open_stage_run(
-    experiment_id: str, parent_run_id: str, stage: str, unfreeze_from: str | None, learning_rate: float
-) -> str:
-    """Create the nested run of a stage, named after its freeze configuration.
+def log_results(
+    run_id: str,
+    stages: TrainedStages,
+    chosen: StageResult,
+    evaluation: Evaluation,
+    selection_metric: str,
+    out_dir: Path,
+    compute_seconds: dict[str, float] | None = None,
+) -> None:
+    """Log the chosen freeze configuration, the stage comparison, test metrics and report files.
 
-    It repeats the parent's data version (tag, param, dataset input) and carries its own freeze
-    configuration under the parent's tag key, so stage rows fill the same columns in the UI.
+    ``compute_seconds`` (step → seconds of TensorFlow compute) is logged as ``seconds_<step>``
+    metrics, so wall time minus compute shows a run's fixed overhead.
     """
-    client = _client()
-    parent = client.get_run(parent_run_id)
-    data_version = parent.data.tags.get(mlflow_tags.DATA_VERSION, "unknown")
-    tags = {
-        mlflow_tags.MLFLOW_PARENT_RUN_ID: parent_run_id,
-        mlflow_tags.STAGE: stage,
-        mlflow_tags.FREEZE_CONFIGURATION: stage,
-        mlflow_tags.DATA_VERSION: data_version,
-        mlflow_tags.KIND: "stage",
-        **_owner_tags(),
-    }
-    run = client.create_run(experiment_id, run_name=f"stage-{stage}", tags=tags)
-    params = {
-        "stage": stage,
-        "unfreeze_from": unfreeze_from or "none",
-        "learning_rate": learning_rate,
-        "data_version": data_version,
-    }
-    _log_params(client, run.info.run_id, params)
-    inputs = parent.inputs.dataset_inputs if parent.inputs else []
-    if inputs:
-        client.log_inputs(run.info.run_id, datasets=list(inputs))
-    return run.info.run_id
+    from mlflow.entities import Metric, Param
 
+    from vggflow.tasks import report
 
-def close_stage_run(stage_run_id: str, result: StageResult) -> None:
-    """Log a finished stage's summary; replay its epochs when the stage came from the cache.
-
-    A cached stage (reused from an earlier, e.g. interrupted, run) trained under another run id:
-    its per-epoch history is copied here so every parent run shows all of its stages.
-    """
-    from mlflow.entities import Metric
-
-    client = _client()
-    if result.mlflow_run_id != stage_run_id:
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, value, now, int(epoch["epoch"]))
-            for epoch in result.history
-            for key, value in epoch_metrics(epoch).items()
-        ]
-        if metrics:
-            client.log_batch(stage_run_id, metrics=metrics)
-        client.set_tag(stage_run_id, mlflow_tags.REUSED_FROM_RUN, result.mlflow_run_id or "cache")
-    freeze = result.freeze_configuration()
-    _log_params(
-        client, stage_run_id, {k: v for k, v in freeze.items() if k not in ("stage", "learning_rate", "unfreeze_from")}
+    client = mlflow_client()
+    freeze = chosen.freeze_configuration()
+    params = [Param(f"chosen.{key}", str(value)) for key, value in freeze.items()]
+    params.append(Param("stages_skipped", ",".join(stages.skipped) or "none"))
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"test_{metric_key(k)}", float(v), now, 0) for k, v in evaluation.metrics.items()]
+    metrics += [
+        Metric("best_val_accuracy", chosen.best_val_accuracy, now, 0),
+        Metric("best_val_loss", chosen.best_val_loss, now, 0),
+    ]
+    metrics += [Metric(f"seconds_{metric_key(k)}", float(v), now, 0) for k, v in (compute_seconds or {}).items()]
+    client.log_batch(run_id, metrics=metrics, params=params)
+    client.set_tag(run_id, mlflow_tags.FREEZE_CONFIGURATION, chosen.stage)
+    # How the test set was scored: images through the whole model, a cached frozen part, or kept scores.
+    client.set_tag(run_id, mlflow_tags.TEST_SCORED_FROM, evaluation.scored_from)
+    table = stages.table(chosen)
+    client.log_dict(
+        run_id,
+        {"selection_metric": selection_metric, "chosen": freeze, "stages": table, "skipped": stages.skipped},
+        "stages/stage_comparison.json",
     )
-    summary = {
-        "best_val_accuracy": result.best_val_accuracy,
-        "best_val_loss": result.best_val_loss,
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "stage_seconds": result.seconds,
-        "images_per_second": result.images_per_second,
-    }
-    client.log_batch(
-        stage_run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()]
+    history = pd.DataFrame([epoch | {"stage": s.stage} for s in stages.results for epoch in s.history])
+    if history.empty:
+        history = pd.DataFrame(columns=["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = report.plot_learning_curves(history, chosen.stage, out_dir / "learning_curves.png")
+    comparison = report.plot_stage_comparison(
+        pd.DataFrame(table).rename(columns={f"best_{selection_metric}": selection_metric}),
+        selection_metric,
+        chosen.stage,
+        out_dir / "stage_comparison.png",
     )
-    client.set_terminated(stage_run_id, "FINISHED")
-
-
-def end_run(run_id: str, status: str) -> None:
-    """Mark a run FINISHED, FAILED or KILLED."""
-    _client().set_terminated(run_id, status)
-
-
-def end_run_for(run_id: str | None, error: BaseException) -> None:
-    """Close ``run_id`` after ``error``: KILLED for an interrupt/SIGTERM, FAILED otherwise."""
-    if run_id is None:
-        return
-    killed = isinstance(error, (KeyboardInterrupt, SystemExit))
-    try:
-        end_run(run_id, "KILLED" if killed else "FAILED")
-    except Exception:  # the store itself may be what failed; the next run's sweep will close it
-        pass
-
-
-def _owner_tags() -> dict[str, str]:
-    """Which process owns a run, so a later run can tell an abandoned run from a live one."""
-    return {
-        mlflow_tags.HOST: socket.gethostname(),
-        mlflow_tags.PID: str(os.getpid()),
-        mlflow_tags.PID_STARTED: str(_process_start(os.getpid())),
-    }
-
-
-def _process_start(pid: int) -> float:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return -1.0
-
-
-def is_abandoned(tags: dict[str, str], host: str) -> bool:
-    """True when a RUNNING run's owning process on this host is gone (killed, crashed, or its pid reused)."""
-    if tags.get(mlflow_tags.HOST) != host or mlflow_tags.PID not in tags:
-        return False  # another machine's run: we cannot tell, leave it alone
-    started = _process_start(int(tags[mlflow_tags.PID]))
-    return started < 0 or abs(started - float(tags.get(mlflow_tags.PID_STARTED, started))) > 1.0
-
-
-def close_abandoned_runs(experiment_id: str) -> list[str]:
-    """Mark this host's RUNNING runs whose process died (e.g. ``kill -9``) as KILLED.
-
-    Returns the ids it closed. Runs of live processes (a concurrent training) are untouched.
-    """
-    client = _client()
-    host = socket.gethostname()
-    closed = []
-    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
-        if is_abandoned(run.data.tags, host):
-            client.set_tag(run.info.run_id, mlflow_tags.CLOSED_BY, "a later run found its process gone")
-            client.set_terminated(run.info.run_id, "KILLED")
-            closed.append(run.info.run_id)
-    return closed
+    client.log_artifact(run_id, str(curves), "stages")
+    client.log_artifact(run_id, str(comparison), "stages")
+    for path in evaluation.files.values():
+        client.log_artifact(run_id, str(path), "evaluation")
 
 
 @task(name="start-run")
-def start_training_run_task(
+def start_run_task(cfg: Config, config_file: str | None, ready: Preflight, validated: ValidatedData) -> TrainingRun:
+    """Create the parent run (not retried: a retry could create a second run)."""
+    run_id = start_training_run(
+        cfg,
+        ready.experiment_id,
+        Path(config_file) if config_file else None,
+        validated.data,
+        ready.weights.identity,
+        ready.weights.random_init,
+        validated.files,
+    )
+    return TrainingRun(
+        run_id=run_id,
+        experiment_id=ready.experiment_id,
+        tracking_uri=ready.tracking_uri,
+        report_dir=run_dir(cfg.work_dir, run_id),
+    )
+
+
+@task(name="log-results")
+def log_results_task(
     cfg: Config,
-    experiment_id: str,
-    config_file: Path | None,
-    data: DataVersion,
-    weights_identity: str,
-    random_init: bool,
-    validation_files: dict[str, Path],
-) -> str:
-    """Prefect shell: create the parent run (not retried: a retry could create a second run)."""
-    return start_training_run(cfg, experiment_id, config_file, data, weights_identity, random_init, validation_files)
+    run: TrainingRun,
+    features: FeatureSet,
+    stages: TrainedStages,
+    chosen: StageResult,
+    evaluation: Evaluation,
+) -> None:
+    """Log metrics, the freeze configuration, report files and each step's compute seconds to the parent run."""
+    # Seconds of TensorFlow compute per step: wall time minus their sum is the run's fixed overhead.
+    compute = {
+        "features": features.seconds,
+        **{f"fit_{result.stage}": result.seconds for result in stages.results},
+        "test_prefix": evaluation.test_prefix_seconds,
+        "evaluate": evaluation.seconds,
+    }
+    log_results(run.run_id, stages, chosen, evaluation, cfg.finetune.selection_metric, run.report_dir, compute)

@@ -1,31 +1,37 @@
-"""Step 2b: feature-extraction training (the seed's Example 1) on cached base features.
+"""Step 3, head: feature-extraction training on the cached base features.
 
-The classifier is the seed's: frozen VGG19 base → GlobalAveragePooling2D → Dense(128, relu) →
+The classifier is the article's: frozen VGG19 base → GlobalAveragePooling2D → Dense(128, relu) →
 Dense(n, softmax). Because the base is frozen and pooling has no weights, training the head on
-the cached pooled features is the same optimisation as the seed's ``fit`` through the frozen
-base, without running the base every epoch.
+the cached pooled features is the same optimisation as fitting the whole model through the
+frozen base, without running the base every epoch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vggflow.caching import cached_task
-from vggflow.config import HeadConfig
-from vggflow.tasks.features import FeatureSet
-from vggflow.training import StageResult, checkpoint_is_valid
+from vggflow.config import Config, HeadConfig
+from vggflow.feature_cache import FeatureSet, load_layer
+from vggflow.hashing import stable_hash
+from vggflow.runs import TrainingRun, in_stage_run
+from vggflow.stages import HEAD_STAGE
+from vggflow.training import StageResult, checkpoint_is_valid, checkpoint_path, report_stage
 
-HEAD_STAGE = "head"
+if TYPE_CHECKING:
+    from vggflow.model import ResolvedWeights
 
 
-def train_head(
+def train_head_on_features(
     features: FeatureSet,
-    weights,
+    weights: ResolvedWeights,
     image_size: int,
     cfg: HeadConfig,
     seed: int,
     checkpoint: Path,
     on_epoch=None,
+    cache_key: str = "",
 ) -> StageResult:
     """Build the classifier, train its head on cached pooled features, save it.
 
@@ -37,12 +43,12 @@ def train_head(
         seed: makes initialisation and shuffling reproducible.
         checkpoint: where the whole classifier (``.keras``) is saved.
         on_epoch: optional ``callable(epoch, logs)``.
+        cache_key: the key the checkpoint is reused under (recorded in the result).
     """
     import keras
     import numpy as np
 
     from vggflow.model import build_classifier, head_model, take_base, unfreeze_to
-    from vggflow.tasks.features import load_layer
     from vggflow.training import finish_stage, fit_stage
 
     base = take_base(weights, image_size)
@@ -53,7 +59,7 @@ def train_head(
     model = build_classifier(base, len(features.class_names), cfg, image_size)
     freeze = unfreeze_to(model, None, HEAD_STAGE)
     # Pooled features are small (512 floats per image): fit on in-memory arrays with Keras's own
-    # shuffle, exactly as the seed's `model.fit` over images through the frozen base would.
+    # shuffle, exactly as `model.fit` over images through the frozen base would.
     x_train, y_train = (np.asarray(a[: len(a)]) for a in load_layer(features, "avg_pool", "train"))
     x_val, y_val = (np.asarray(a[: len(a)]) for a in load_layer(features, "avg_pool", "val"))
     fit = fit_stage(
@@ -66,26 +72,53 @@ def train_head(
         on_epoch,
         batch_size=cfg.batch_size,
     )
-    return finish_stage(model, checkpoint, HEAD_STAGE, None, cfg.learning_rate, freeze, fit, len(y_train), "avg_pool")
-
-
-@cached_task("train-head", lambda p: checkpoint_is_valid(Path(p["checkpoint"])))
-def train_head_task(
-    features: FeatureSet,
-    weights,
-    image_size: int,
-    cfg: HeadConfig,
-    seed: int,
-    checkpoint: Path,
-    cache_key: str,
-    stage_run_id: str | None = None,
-) -> StageResult:
-    """Prefect shell: train the head, logging each epoch to the stage's MLflow run."""
-    from vggflow.training import epoch_reporter, stage_summary_line
-
-    print(f"stage {HEAD_STAGE}: training the new head on cached features, lr {cfg.learning_rate:g}")
-    result = train_head(
-        features, weights, image_size, cfg, seed, checkpoint, epoch_reporter(HEAD_STAGE, cfg.epochs, stage_run_id)
+    return finish_stage(
+        model, checkpoint, HEAD_STAGE, None, cfg.learning_rate, freeze, fit, len(y_train), "avg_pool", cache_key
     )
-    print(stage_summary_line(result, cfg.epochs))
-    return result.model_copy(update={"mlflow_run_id": stage_run_id})
+
+
+def head_key(cfg: Config, features: FeatureSet) -> str:
+    """The head's cache key: its pooled features (not the stages' prefix layers beside them), config and seed.
+
+    So adding stages after iterating on the head alone reuses the head already trained.
+    """
+    return stable_hash(features.pooled_key, cfg.head, cfg.seed, features.class_names)
+
+
+@cached_task(
+    "train-head",
+    lambda p: head_key(p["cfg"], p["features"]),
+    lambda p: checkpoint_is_valid(checkpoint_path(p["cfg"].work_dir, head_key(p["cfg"], p["features"]))),
+)
+def train_head_task(
+    cfg: Config, weights: ResolvedWeights, features: FeatureSet, stage_run_id: str | None = None
+) -> StageResult:
+    """Train the head on the cached pooled features, each epoch logged to the stage's MLflow run."""
+    key = head_key(cfg, features)
+    return report_stage(
+        HEAD_STAGE,
+        cfg.head.epochs,
+        stage_run_id,
+        f"stage {HEAD_STAGE}: training the new head on cached features, lr {cfg.head.learning_rate:g}",
+        lambda on_epoch: train_head_on_features(
+            features,
+            weights,
+            cfg.backbone.image_size,
+            cfg.head,
+            cfg.seed,
+            checkpoint_path(cfg.work_dir, key),
+            on_epoch,
+            key,
+        ),
+    )
+
+
+def train_head(cfg: Config, weights: ResolvedWeights, features: FeatureSet, run: TrainingRun) -> StageResult:
+    """The head, trained (or reused from the cache) inside its own nested MLflow run."""
+    return in_stage_run(
+        run,
+        HEAD_STAGE,
+        None,
+        cfg.head.learning_rate,
+        lambda stage_run_id: train_head_task(cfg, weights, features, stage_run_id),
+    )

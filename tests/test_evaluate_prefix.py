@@ -13,11 +13,12 @@ import pytest
 pytest.importorskip("keras")
 
 from vggflow.config import BackboneConfig, EvaluateConfig, FinetuneConfig, HeadConfig, StageConfig
+from vggflow.feature_cache import TEST_DIR
 from vggflow.model import resolve_weights
-from vggflow.tasks.evaluate import evaluate_classifier
-from vggflow.tasks.features import TEST_DIR, compute_features, compute_scoring_prefix
+from vggflow.tasks.evaluate import compute_scoring_prefix, evaluate_classifier
+from vggflow.tasks.features import compute_features
 from vggflow.tasks.finetune import run_stage
-from vggflow.tasks.train_head import train_head
+from vggflow.tasks.train_head import train_head_on_features as train_head
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,9 @@ import pytest
 pytest.importorskip("keras")
 
 from vggflow.config import BackboneConfig
+from vggflow.feature_cache import RowView, load_layer
 from vggflow.model import resolve_weights
-from vggflow.tasks.features import RowView, compute_features, load_layer
+from vggflow.tasks.features import compute_features
 
 
 def _mapped(fragment: str) -> list[str]:

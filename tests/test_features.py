@@ -11,10 +11,11 @@ pytest.importorskip("keras")
 from vggflow.config import BackboneConfig, HeadConfig
 from vggflow.datasets import common_image_shape, file_errors_as_data_errors
 from vggflow.errors import DataError
+from vggflow.feature_cache import layer_cache_dir, load_layer, verified_layers
 from vggflow.files import read_rows
 from vggflow.images import load_rgb
 from vggflow.model import build_base, build_classifier, resolve_weights
-from vggflow.tasks.features import compute_features, layer_cache_dir, load_layer, verified_layers
+from vggflow.tasks.features import compute_features
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ def test_a_cache_folder_that_still_holds_test_rows_is_rebuilt_and_relisted(tmp_p
     """Earlier versions cached every split: such a folder must not be read as train+val arrays."""
     import json
 
-    from vggflow.tasks.features import _paths_digest
+    from vggflow.feature_cache import _paths_digest
 
     weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=3)
     kwargs = dict(
@@ -274,7 +275,7 @@ def test_array_dataset_gives_every_row_once_per_epoch_in_a_seeded_order(tmp_path
     import math
 
     from vggflow.datasets import array_dataset
-    from vggflow.tasks.features import RowView
+    from vggflow.feature_cache import RowView
 
     n, batch = 23, 5
     values = np.arange(n * 3, dtype=np.float32).reshape(n, 3)

@@ -22,11 +22,12 @@ from vggflow.config import Config, HeadConfig, RegistryConfig
 from vggflow.dashboard import free_port
 from vggflow.images import load_rgb
 from vggflow.model import build_base, build_classifier, resolve_weights
-from vggflow.tasks.evaluate import score
+from vggflow.promotion import RegisteredVersion
+from vggflow.scoring import score
 from vggflow.tasks.features import compute_features
 from vggflow.tasks.promote import CHALLENGER, CHAMPION, PREVIOUS, promote_if_better, rollback
-from vggflow.tasks.register import RegisteredVersion, log_classifier, register_version
-from vggflow.tasks.train_head import train_head
+from vggflow.tasks.register import log_classifier, register_version
+from vggflow.tasks.train_head import train_head_on_features as train_head
 from vggflow.tasks.validate import validate_dataset
 from vggflow.tracking import connect
 

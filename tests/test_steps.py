@@ -11,11 +11,11 @@ import pytest
 from vggflow.caching import directory_fingerprint, key_when_valid
 from vggflow.config import FinetuneConfig, RegistryConfig, StageConfig
 from vggflow.hashing import stable_hash
-from vggflow.tasks.evaluate import score
-from vggflow.tasks.finetune import plan_prefix_caches, prefix_bytes, prefix_layer
-from vggflow.tasks.promote import decide
+from vggflow.promotion import decide
+from vggflow.scoring import score
+from vggflow.stages import plan_prefix_caches, prefix_bytes, prefix_layer
 from vggflow.tasks.select import choose_freeze_configuration
-from vggflow.training import StageResult, is_better
+from vggflow.training import StageResult, TrainedStages, is_better
 
 
 def stage(name: str, val_accuracy: float, val_loss: float = 1.0) -> StageResult:
@@ -71,10 +71,11 @@ def test_prefix_cache_plan_only_uses_untouched_blocks():
 
 
 def test_choose_freeze_configuration_head_included_and_ties_keep_earlier():
-    results = [stage("head", 0.80, 0.5), stage("block5", 0.85, 0.6), stage("block4", 0.85, 0.4)]
+    results = TrainedStages(results=[stage("head", 0.80, 0.5), stage("block5", 0.85, 0.6), stage("block4", 0.85, 0.4)])
     assert choose_freeze_configuration(results, "val_accuracy").stage == "block5"
     assert choose_freeze_configuration(results, "val_loss").stage == "block4"
-    assert choose_freeze_configuration([stage("head", 0.9), stage("block5", 0.1)], "val_accuracy").stage == "head"
+    first_wins = TrainedStages(results=[stage("head", 0.9), stage("block5", 0.1)])
+    assert choose_freeze_configuration(first_wins, "val_accuracy").stage == "head"
     assert not is_better(float("nan"), 0.1, "val_accuracy")
 
 
@@ -132,6 +133,6 @@ def test_directory_fingerprint_sees_added_changed_and_removed_files(tmp_path):
 
 
 def test_cache_key_is_withheld_when_outputs_are_invalid():
-    key_fn = key_when_valid("step", lambda params: params["ok"])
+    key_fn = key_when_valid("step", lambda params: params["cache_key"], lambda params: params["ok"])
     assert key_fn(None, {"cache_key": "abc", "ok": True}) == "step-abc"
     assert key_fn(None, {"cache_key": "abc", "ok": False}) is None

@@ -13,7 +13,7 @@ from vggflow.config import BackboneConfig, FinetuneConfig, HeadConfig, StageConf
 from vggflow.model import resolve_weights
 from vggflow.tasks.features import compute_features
 from vggflow.tasks.finetune import run_stage
-from vggflow.tasks.train_head import train_head
+from vggflow.tasks.train_head import train_head_on_features as train_head
 from vggflow.training import checkpoint_is_valid
 
 

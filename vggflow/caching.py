@@ -37,39 +37,49 @@ def directory_fingerprint(root: Path) -> str:
     return stable_hash(entries)
 
 
-def key_when_valid(task_name: str, outputs_valid: Callable[[dict[str, Any]], bool]):
-    """A Prefect ``cache_key_fn``: ``<task_name>-<parameters["cache_key"]>`` when the outputs check out.
+def key_when_valid(
+    task_name: str, key: Callable[[dict[str, Any]], str | None], outputs_valid: Callable[[dict[str, Any]], bool]
+):
+    """A Prefect ``cache_key_fn``: ``<task_name>-<key(parameters)>`` when the outputs check out.
 
     Args:
         task_name: namespace of the key in the shared result store.
+        key: given the task's parameters, the key of what it produces (None: do not cache).
         outputs_valid: given the task's parameters, True when its on-disk outputs exist and are intact.
     """
 
     def cache_key_fn(context, parameters: dict[str, Any]) -> str | None:
-        key = parameters.get("cache_key")
-        if not key:
+        value = key(parameters)
+        if not value:
             return None
+        namespaced = f"{task_name}-{value}"
         if outputs_valid(parameters):
-            return f"{task_name}-{key}"
+            return namespaced
         # The task will run. Prefect records its result only under a key, so keep the key when
         # nothing is recorded under it yet (a first run): the next run is then a cache hit.
         # Withhold it when a record exists, since that record points at the missing outputs.
         store = getattr(context, "result_store", None)
-        if store is not None and not store.exists(f"{task_name}-{key}"):
-            return f"{task_name}-{key}"
+        if store is not None and not store.exists(namespaced):
+            return namespaced
         return None
 
     return cache_key_fn
 
 
-def cached_task(name: str, outputs_valid: Callable[[dict[str, Any]], bool], **options):
-    """A Prefect ``@task`` whose result is reused for the same ``cache_key`` parameter.
+def cached_task(
+    name: str,
+    key: Callable[[dict[str, Any]], str | None],
+    outputs_valid: Callable[[dict[str, Any]], bool],
+    **options,
+):
+    """A Prefect ``@task`` whose result is reused while its key is the same and its outputs are intact.
 
-    The result is persisted as JSON (a reference: paths, ids, metrics), under the key
-    ``<name>-<cache_key>``, and reused only while ``outputs_valid(parameters)`` holds.
+    The result is persisted as JSON (a reference: paths, ids, metrics) under ``<name>-<key>``.
 
     Args:
         name: the task's name, also the namespace of its keys.
+        key: given the task's parameters, the key of what it produces; the task derives its
+            output paths from the same function, so the key and the outputs cannot drift apart.
         outputs_valid: given the task's parameters, True when its on-disk outputs are intact.
         options: any other ``prefect.task`` option (``task_run_name``, …).
     """
@@ -77,7 +87,7 @@ def cached_task(name: str, outputs_valid: Callable[[dict[str, Any]], bool], **op
 
     return task(
         name=name,
-        cache_key_fn=key_when_valid(name, outputs_valid),
+        cache_key_fn=key_when_valid(name, key, outputs_valid),
         persist_result=True,
         result_serializer="json",
         **options,

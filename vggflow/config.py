@@ -296,13 +296,16 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     environ: dict[str, str] | None = None,
+    values: dict[str, Any] | None = None,
 ) -> Config:
     """Build the effective config.
 
     Args:
         path: YAML file, or None for the defaults.
-        overrides: ``section.key=value`` strings (values parsed as YAML), applied last.
+        overrides: ``section.key=value`` strings (values parsed as YAML), applied after the environment.
         environ: environment to read ``VGGFLOW__SECTION__KEY`` overrides from (default: os.environ).
+        values: ``{"section.key": value}`` set last, as typed values (a command's own options such as
+            ``--data``); None values are skipped.
 
     Raises:
         ConfigError: unreadable file, bad YAML, unknown key or invalid value, naming the culprit.
@@ -335,7 +338,10 @@ def load_config(
     for text in overrides:
         key_path, value = _parse_override(text, f"--set {text}")
         _apply_override(tree, key_path, value, f"--set {text}", defaults)
-    if overrides or any(n.startswith(ENV_PREFIX) for n in environ):
+    given = {key: value for key, value in (values or {}).items() if value is not None}
+    for key, value in given.items():
+        _apply_override(tree, key.split("."), value.as_posix() if isinstance(value, Path) else value, key, defaults)
+    if overrides or given or any(n.startswith(ENV_PREFIX) for n in environ):
         source += " + overrides"
     try:
         return Config.model_validate(tree)

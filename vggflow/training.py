@@ -40,6 +40,7 @@ class StageResult(BaseModel):
     images_per_second: float
     prefix_cache: str | None = None
     mlflow_run_id: str | None = None
+    cache_key: str = ""
 
     def metric(self, name: str) -> float:
         """The stage's best ``val_accuracy`` or ``val_loss``."""
@@ -55,6 +56,29 @@ class StageResult(BaseModel):
             "trainable_params": self.trainable_params,
             "learning_rate": self.learning_rate,
         }
+
+    def summary(self) -> dict[str, Any]:
+        """The stage's row wherever stages are shown side by side (run summary, model card, MLflow)."""
+        return self.freeze_configuration() | {
+            "best_val_accuracy": self.best_val_accuracy,
+            "best_val_loss": self.best_val_loss,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "seconds": round(self.seconds, 2),
+            "images_per_second": round(self.images_per_second, 1),
+            "prefix_cache": self.prefix_cache,
+        }
+
+
+class TrainedStages(BaseModel):
+    """Every stage that trained, in order (the head first), and the ones the stop rule skipped."""
+
+    results: list[StageResult]
+    skipped: list[str] = []
+
+    def table(self, chosen: StageResult) -> list[dict[str, Any]]:
+        """Every stage's :meth:`StageResult.summary` row, the chosen one marked."""
+        return [result.summary() | {"chosen": result.stage == chosen.stage} for result in self.results]
 
 
 def is_better(candidate: float, best: float, metric: str, margin: float = 0.0) -> bool:
@@ -172,6 +196,33 @@ def epoch_reporter(
     return report
 
 
+def report_stage(
+    stage: str,
+    epochs: int,
+    stage_run_id: str | None,
+    intro: str,
+    train: Callable[[Callable[[int, dict[str, float]], None]], StageResult],
+) -> StageResult:
+    """Train a stage with per-epoch reporting: a line before, one per few seconds, one after.
+
+    Args:
+        stage: the stage's label.
+        epochs: its epoch budget.
+        stage_run_id: its nested MLflow run (per-epoch metrics go there).
+        intro: the line printed before training.
+        train: trains the stage given an ``on_epoch(epoch, logs)`` callback.
+    """
+    print(intro)
+    result = train(epoch_reporter(stage, epochs, stage_run_id))
+    print(stage_summary_line(result, epochs))
+    return result.model_copy(update={"mlflow_run_id": stage_run_id})
+
+
+def checkpoint_path(work_dir: Path, key: str) -> Path:
+    """Where a stage's classifier with cache key ``key`` is saved."""
+    return Path(work_dir) / "checkpoints" / f"{key}.keras"
+
+
 def stage_summary_line(result: StageResult, epochs: int) -> str:
     """One line closing a stage: epochs run, best epoch and its validation metrics, speed."""
     stopped = " (early stop)" if result.epochs_run < epochs else ""
@@ -192,6 +243,7 @@ def finish_stage(
     fit: tuple[list[dict[str, float]], int, float],
     n_train: int,
     prefix_cache: str | None,
+    cache_key: str = "",
 ) -> StageResult:
     """Save a trained stage's classifier (checksummed) and describe it.
 
@@ -203,6 +255,7 @@ def finish_stage(
         fit: what :func:`fit_stage` returned.
         n_train: training images per epoch (for images/s).
         prefix_cache: the cached layer it trained from, if any.
+        cache_key: the key its checkpoint is saved and reused under.
     """
     history, best_epoch, seconds = fit
     digest = save_checkpoint(model, checkpoint)
@@ -224,6 +277,7 @@ def finish_stage(
         seconds=seconds,
         images_per_second=n_train * len(history) / seconds if seconds else 0.0,
         prefix_cache=prefix_cache,
+        cache_key=cache_key,
     )
 
 

@@ -1,0 +1,112 @@
+"""Scoring a model on the test split: the metrics, and keeping a model's test-set scores.
+
+Used by the evaluation step (the candidate) and the promotion gate (the champion, re-scored on
+the candidate's test split), so both are measured the same way. Scores are kept in a folder per
+data version, under a name that identifies the model and the rows: an identical later call
+reuses them instead of running the model again.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+from vggflow.files import atomic_write_bytes
+from vggflow.hashing import stable_hash
+
+
+class Evaluation(BaseModel):
+    """Test metrics and the report files written for them."""
+
+    metrics: dict[str, float]
+    n_test: int
+    confusion: list[list[int]]
+    class_names: list[str]
+    files: dict[str, Path]
+    seconds: float = 0.0
+    scores_reused: bool = False
+    scored_from: str = "images"
+    test_prefix_seconds: float = 0.0
+
+
+def scores_dir(work_dir: Path, fingerprint: str) -> Path:
+    """The kept test-set scores of one data version (named by the validated dataset's fingerprint)."""
+    return Path(work_dir) / "scores" / fingerprint
+
+
+def reuse_or_compute(
+    cache_file: Path | None, n_rows: int, compute: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, bool]:
+    """``compute()``, or the array an identical earlier call saved in ``cache_file``.
+
+    The file's name must identify everything the array depends on (see :func:`scores_file`). An
+    unreadable file or one with another number of rows is recomputed and replaced.
+
+    Returns:
+        The array, and whether it was reused.
+    """
+    if cache_file is not None:
+        try:
+            cached = np.load(cache_file, allow_pickle=False)
+            if len(cached) == n_rows:
+                return cached, True
+        except (OSError, ValueError, EOFError):
+            pass
+    values = np.asarray(compute())
+    if cache_file is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, values, allow_pickle=False)
+        atomic_write_bytes(cache_file, buffer.getvalue())
+    return values, False
+
+
+def scores_file(
+    scores_dir: Path | None, model_identity: str, test_rows: pd.DataFrame, class_names: list[str], batch_size: int
+) -> Path | None:
+    """Where the test-set scores of one model on one data version are kept (None: not kept).
+
+    Args:
+        scores_dir: the kept scores of one data version: a folder named by the validated
+            dataset's content fingerprint, which covers the test images' content (``None``
+            turns keeping off).
+        model_identity: what identifies the model's weights (a checkpoint's sha256, a registered version).
+        test_rows: the rows scored (paths and labels, in order).
+        class_names: the class list the scores are indexed by.
+        batch_size: batch size of the scoring (batches change float round-off).
+    """
+    if scores_dir is None:
+        return None
+    key = stable_hash(model_identity, list(test_rows["path"]), list(test_rows["label"]), class_names, batch_size)
+    return Path(scores_dir) / f"{key}.npy"
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict[str, float], np.ndarray]:
+    """Accuracy, macro/weighted F1, macro precision/recall and the confusion matrix.
+
+    Args:
+        y_true: true class indices.
+        y_pred: predicted class indices (-1 for a label outside the class list: always wrong).
+        n_classes: number of classes (absent classes still get a confusion-matrix row).
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_score,
+        recall_score,
+    )
+
+    labels = list(range(n_classes))
+    metrics = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "macro_precision": float(precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_recall": float(recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+    }
+    return metrics, confusion_matrix(y_true, y_pred, labels=labels)
