@@ -12,7 +12,6 @@ from prefect import flow
 from pydantic import BaseModel
 
 from vggflow.config import Config, load_config
-from vggflow.errors import DataError
 from vggflow.hashing import stable_hash
 from vggflow.tasks.evaluate import evaluate_task
 from vggflow.tasks.features import compute_scoring_prefix_task, extract_features_task, feature_cache_key
@@ -23,12 +22,7 @@ from vggflow.tasks.register import log_model_task, log_results_task, model_card_
 from vggflow.tasks.select import choose_freeze_configuration
 from vggflow.tasks.track import close_stage_run, end_run, end_run_for, open_stage_run, start_training_run_task
 from vggflow.tasks.train_head import HEAD_STAGE, train_head_task
-from vggflow.tasks.validate import (
-    dvc_state_task,
-    fetch_champion_manifest_task,
-    validate_data_task,
-    validation_cache_key,
-)
+from vggflow.tasks.validate import validate_data
 from vggflow.tracking import lock_dir
 from vggflow.training import is_better
 
@@ -71,18 +65,8 @@ def train_flow(
     ready = preflight_task(cfg)
     weights = ready.weights
 
-    previous_manifest = fetch_champion_manifest_task(cfg.registry.model_name, cfg.work_dir / "champion")
-    dvc = dvc_state_task(cfg.data)
-    validated = validate_data_task(
-        cfg.data,
-        cfg.validation,
-        cfg.work_dir / "validation",
-        previous_manifest,
-        cache_key=validation_cache_key(cfg.data, cfg.validation, previous_manifest, dvc),
-    )
-    if not validated.ok:
-        raise DataError(validated.summary)
-    data = dvc.version(validated.fingerprint)
+    validated = validate_data(cfg)
+    data = validated.data_version
     run_id = start_training_run_task(
         cfg,
         ready.experiment_id,
