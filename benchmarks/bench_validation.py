@@ -30,8 +30,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout, without installing the package
-# tasks.validate is imported inside main(): spawned workers re-import this script as __mp_main__,
-# and should not pay for what tasks.validate imports (Prefect, for its task shells).
+# vggflow.validation is imported inside main(): spawned workers re-import this script as __mp_main__,
+# and should not pay for what it imports (pandas, the config models).
 
 N_CLASSES = 10
 RESULTS = ROOT / "benchmarks" / "results" / "validation.md"
@@ -131,7 +131,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     from vggflow.config import DataConfig, ValidationConfig
-    from vggflow.tasks.validate import validate_dataset
+    from vggflow.validation import validate_dataset
 
     folder = args.cache / f"n{args.files}"
     started = time.perf_counter()

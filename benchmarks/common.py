@@ -380,7 +380,7 @@ def dataset_rows(folder: Path):
     import pandas as pd
 
     from vggflow.config import DataConfig
-    from vggflow.tasks.validate import split_of
+    from vggflow.validation import split_of
 
     cfg = DataConfig()
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.png"))

@@ -17,7 +17,7 @@ from vggflow.tasks.register import log_model_task, register_task
 from vggflow.tasks.select import choose_freeze_configuration
 from vggflow.tasks.track import log_results_task, start_run_task
 from vggflow.tasks.train_head import train_head
-from vggflow.tasks.validate import validate_data_task
+from vggflow.tasks.validate import validate_data
 
 
 @flow(name="vggflow-train", log_prints=True)
@@ -37,7 +37,7 @@ def train_flow(
     """
     cfg = load_config(config_file, overrides or [], values={"data.dir": data_dir, "registry.promote": promote})
     ready = preflight_task(cfg)
-    validated = validate_data_task(cfg)
+    validated = validate_data(cfg)
     run = start_run_task(cfg, config_file, ready, validated)
     with closed_on_exit(run.run_id):
         features = extract_features_task(cfg, ready.weights, validated)

@@ -149,7 +149,7 @@ def model_card_task(
         cfg,
         run.run_id,
         version,
-        validated.data,
+        validated.data_version,
         validated,
         weights,
         stages,

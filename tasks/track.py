@@ -197,7 +197,7 @@ def start_run_task(cfg: Config, config_file: str | None, ready: Preflight, valid
         cfg,
         ready.experiment_id,
         Path(config_file) if config_file else None,
-        validated.data,
+        validated.data_version,
         ready.weights.identity,
         ready.weights.random_init,
         validated.files,

@@ -28,8 +28,8 @@ from vggflow.tasks.features import compute_features
 from vggflow.tasks.promote import CHALLENGER, CHAMPION, PREVIOUS, promote_if_better, rollback
 from vggflow.tasks.register import log_classifier, register_version
 from vggflow.tasks.train_head import train_head_on_features as train_head
-from vggflow.tasks.validate import validate_dataset
 from vggflow.tracking import connect
+from vggflow.validation import validate_dataset
 
 pytestmark = pytest.mark.slow
 NAME = "vgg19-classifier"

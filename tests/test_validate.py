@@ -26,15 +26,17 @@ from PIL import Image, ImageEnhance
 from vggflow.config import DataConfig, ValidationConfig
 from vggflow.errors import DataError, VggflowError
 from vggflow.images import ImageDecodeError, inspect_files, load_rgb, open_image, to_rgb
-from vggflow.tasks import validate as validation
-from vggflow.tasks.validate import (
+from vggflow.tasks.validate import run_validation, validate_data
+from vggflow.validation import (
     ISSUE_KINDS,
     MANIFEST_COLUMNS,
     ValidationResult,
     dataset_fingerprint,
+    decode,
     format_summary,
     read_manifest,
     report_json,
+    rules,
     split_of,
     validate_dataset,
     write_validation_outputs,
@@ -262,7 +264,7 @@ def test_rows_file_lists_the_usable_rows_with_their_measured_sizes(corpus, resul
     """Training reads rows.csv, not the manifest: each image's decoded size travels with it."""
     from vggflow.files import ROWS_COLUMNS, read_rows
 
-    validated = validation.run_validation(DataConfig(dir=corpus[0]), SERIAL, tmp_path, None)
+    validated = run_validation(DataConfig(dir=corpus[0]), SERIAL, tmp_path, None)
     rows = read_rows(validated.rows_file)
     assert tuple(rows.columns) == ROWS_COLUMNS
     assert rows.astype({"height": int, "width": int}).equals(result.usable[list(ROWS_COLUMNS)].reset_index(drop=True))
@@ -443,10 +445,10 @@ def test_fill_empty_splits_moves_the_nearest_images() -> None:
         return [{"path": f"{i}", "split": split, "_u": u} for i, (split, u) in enumerate(pairs)]
 
     only_train = rows(("train", 0.9), ("train", 0.5), ("train", 0.7), ("train", 0.35))
-    validation._fill_empty_splits(only_train)
+    rules._fill_empty_splits(only_train)
     assert [r["split"] for r in only_train] == ["train", "val", "train", "test"]
     only_test = rows(("test", 0.01), ("test", 0.05), ("test", 0.1))
-    validation._fill_empty_splits(only_test)
+    rules._fill_empty_splits(only_test)
     assert [r["split"] for r in only_test] == ["test", "val", "train"]
 
 
@@ -472,7 +474,7 @@ def test_output_is_deterministic(corpus, result: ValidationResult) -> None:
 
 
 def test_process_pool_gives_identical_results(corpus, result: ValidationResult, monkeypatch) -> None:
-    monkeypatch.setattr(validation, "SERIAL_BELOW", 0)
+    monkeypatch.setattr(decode, "SERIAL_BELOW", 0)
     pooled = validate_dataset(corpus[0], DATA_CFG, ValidationConfig(workers=2, min_side=8, drop_small_classes=True))
     pd.testing.assert_frame_equal(pooled.manifest, result.manifest)
     assert pooled.report == result.report
@@ -490,7 +492,7 @@ def test_a_dying_decoder_costs_only_its_file(tmp_path: Path) -> None:
     for index, name in enumerate(names):
         pattern(index).save(tmp_path / name)
     paths = [str(tmp_path / name) for name in names]
-    records, notes = validation._inspect_parallel(paths, 2, 50_000_000, 8, chunk_fn=crash_on_boom)
+    records, notes = decode._inspect_parallel(paths, 2, 50_000_000, 8, chunk_fn=crash_on_boom)
     assert [r["kind"] for r in records] == ["", "decoder_crash", "", ""]
     assert records[2]["sha256"] == hashlib.sha256((tmp_path / "c.png").read_bytes()).hexdigest()
     assert notes == ["a decoding process died; the unfinished files were redone one by one"]
@@ -509,7 +511,7 @@ def test_near_duplicate_pairs_match_brute_force() -> None:
             for j in range(i + 1, len(hashes))
             if np.bitwise_count(hashes[i] ^ hashes[j]) <= distance
         ]
-        assert validation._near_duplicate_pairs(hashes, distance) == brute, distance
+        assert rules._near_duplicate_pairs(hashes, distance) == brute, distance
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,8 +536,14 @@ def test_outputs_are_written_and_read_back(tmp_path: Path) -> None:
     # Labels that CSV readers love to mangle: numbers and NA.
     write_class_images(tmp_path / "data", per_class=4, classes=("1", "NA", "007"))
     outcome = validate_dataset(tmp_path / "data", DATA_CFG, SERIAL)
-    files = write_validation_outputs(outcome, tmp_path / "out")
+    umask = os.umask(0o022)
+    try:
+        files = write_validation_outputs(outcome, tmp_path / "out")
+    finally:
+        os.umask(umask)
     assert set(files) == {"report", "manifest", "html"}
+    # Readable by a tracking server running as another user: the umask's permissions, not 0600.
+    assert {path.stat().st_mode & 0o777 for path in files.values()} == {0o644}
     assert json.loads(files["report"].read_text(encoding="utf-8")) == json.loads(report_json(outcome.report))
     pd.testing.assert_frame_equal(read_manifest(files["manifest"]), outcome.manifest)
     page = files["html"].read_text(encoding="utf-8")
@@ -578,3 +586,44 @@ def test_docs_list_every_issue_kind_with_its_status() -> None:
         assert f"| `{kind}` | {status} |" in docs, kind
     for column in MANIFEST_COLUMNS:
         assert f"`{column}`" in docs, column
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline step (tasks/validate.py), against a real Prefect server
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_step_reuses_an_unchanged_validation_and_stops_on_unusable_data(project: Path, prefect_server) -> None:
+    import shutil
+
+    from prefect import flow
+
+    from vggflow.config import load_config
+
+    write_class_images(project / "data", per_class=4, classes=("a", "b"))
+    cfg = load_config(None, ["validation.workers=1", "validation.min_side=8", "validation.min_images_per_class=3"])
+    cfg.data.dir = project / "data"
+
+    @flow
+    def validation_step():
+        return validate_data(cfg)
+
+    first = validation_step()
+    assert first.ok and first.n_valid == 8 and first.class_names == ["a", "b"]
+    assert first.data_version.md5 == f"untracked-{first.fingerprint}"  # no data.dvc here
+    assert first.rows_file.parent.parent == (cfg.work_dir / "validation")
+    assert set(first.files) == {"report", "manifest", "html"}
+    written = (first.rows_file.parent / "result.json").stat().st_mtime_ns
+
+    again = validation_step()  # same data, config, champion (none) and DVC state: reused
+    assert again == first and (first.rows_file.parent / "result.json").stat().st_mtime_ns == written
+
+    pattern(99, (24, 24)).save(project / "data" / "a" / "new.png")
+    changed = validation_step()
+    assert changed.rows_file.parent != first.rows_file.parent and changed.n_valid == 9
+    assert changed.fingerprint != first.fingerprint
+
+    shutil.rmtree(project / "data" / "b")
+    with pytest.raises(DataError, match="NOT USABLE"):
+        validation_step()

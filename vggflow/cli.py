@@ -176,7 +176,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from vggflow.config import load_config
-    from vggflow.tasks.validate import format_summary, validate_dataset, write_validation_outputs
+    from vggflow.validation import format_summary, validate_dataset, write_validation_outputs
 
     cfg = load_config(args.config, args.overrides)
     result = validate_dataset(Path(args.data_dir), cfg.data, cfg.validation)
