@@ -77,7 +77,7 @@ def log_results(
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from vggflow.tasks import report
+    from vggflow.reports import stage_figures
     from vggflow.tasks.select import stage_table
 
     client = MlflowClient()
@@ -105,8 +105,8 @@ def log_results(
     if history.empty:
         history = pd.DataFrame(columns=["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    curves = report.plot_learning_curves(history, chosen.stage, out_dir / "learning_curves.png")
-    comparison = report.plot_stage_comparison(
+    curves = stage_figures.plot_learning_curves(history, chosen.stage, out_dir / "learning_curves.png")
+    comparison = stage_figures.plot_stage_comparison(
         pd.DataFrame(table).rename(columns={f"best_{selection_metric}": selection_metric}),
         selection_metric,
         chosen.stage,
@@ -250,15 +250,15 @@ def describe_version(
     """Write the model card, log it to the run and set it as the version's description."""
     from mlflow.tracking import MlflowClient
 
-    from vggflow.tasks import report
+    from vggflow.reports.model_card import ModelCardInfo, render_model_card
     from vggflow.tracking import git_info
 
     commit, dirty = git_info()
     rows = read_rows(validated.rows_file)
     counts = {label: group["split"].value_counts().to_dict() for label, group in rows.groupby("label", sort=True)}
     per_class = pd.read_csv(evaluation.files["per_class_csv"], dtype={"class": str}, keep_default_na=False)
-    card = report.render_model_card(
-        report.ModelCardInfo(
+    card = render_model_card(
+        ModelCardInfo(
             model_name=version.name,
             version=version.version,
             run_id=run_id,
@@ -270,15 +270,7 @@ def describe_version(
             backbone_weights=cfg.backbone.weights,
             random_init=weights.random_init,
             freeze_configuration=chosen.freeze_configuration(),
-            stage_results=[
-                {
-                    "stage": s.stage,
-                    "best_val_accuracy": s.best_val_accuracy,
-                    "best_val_loss": s.best_val_loss,
-                    "epochs": s.epochs_run,
-                }
-                for s in stages
-            ],
+            stages=[s.summary() | {"chosen": s.stage == chosen.stage} for s in stages],  # stage_table's rows
             test_metrics={
                 k: evaluation.metrics[k]
                 for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")

@@ -20,18 +20,5 @@ def choose_freeze_configuration(results: list[StageResult], metric: str) -> Stag
 
 
 def stage_table(results: list[StageResult], chosen: StageResult) -> list[dict]:
-    """All stages side by side (the stage-comparison JSON artifact)."""
-    return [
-        result.freeze_configuration()
-        | {
-            "best_val_accuracy": result.best_val_accuracy,
-            "best_val_loss": result.best_val_loss,
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "seconds": round(result.seconds, 2),
-            "images_per_second": round(result.images_per_second, 1),
-            "prefix_cache": result.prefix_cache,
-            "chosen": result.stage == chosen.stage,
-        }
-        for result in results
-    ]
+    """All stages side by side (the stage-comparison JSON artifact and the model card's rows)."""
+    return [result.summary() | {"chosen": result.stage == chosen.stage} for result in results]

@@ -1,7 +1,7 @@
 """Training one stage: compile, fit with early stopping, keep the best weights, report.
 
 Shared by the feature-extraction (head) step and every fine-tuning stage so they train, stop
-and report the same way. Importing this module imports Keras.
+and report the same way. Keras is imported when a stage is fitted, not on import.
 """
 
 from __future__ import annotations
@@ -54,6 +54,18 @@ class StageResult(BaseModel):
             "trainable_layers": self.trainable_layers,
             "trainable_params": self.trainable_params,
             "learning_rate": self.learning_rate,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The stage's row of the stage comparison: its freeze configuration and how it trained."""
+        return self.freeze_configuration() | {
+            "best_val_accuracy": self.best_val_accuracy,
+            "best_val_loss": self.best_val_loss,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "seconds": round(self.seconds, 2),
+            "images_per_second": round(self.images_per_second, 1),
+            "prefix_cache": self.prefix_cache,
         }
 
 
