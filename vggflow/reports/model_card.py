@@ -78,8 +78,8 @@ class ModelCardInfo(BaseModel):
         backbone_weights: ``imagenet``, a weights path or ``none``.
         random_init: True when the backbone had no pretrained weights.
         freeze_configuration: the kept stage's ``StageResult.freeze_configuration()``.
-        stages: one row per stage, as the stage-comparison table has them
-            (``vggflow.tasks.select.stage_table``: ``StageResult.summary()`` plus ``chosen``).
+        stages: one row per stage, as the stage-comparison table has them:
+            ``StageResult.summary()`` plus ``chosen`` (True for the kept stage).
         test_metrics: e.g. ``{"accuracy": 0.91, "macro_f1": 0.90}``.
         per_class: rows of the per-class table (``class, precision, recall, f1, support``); a
             DataFrame is taken as its rows.
