@@ -25,7 +25,7 @@ is its own; a fresh TensorFlow each time):
   classifier, which resizes inside, in float32) with the cap (batches of at most 4 MP: one photo
   here) vs without it (batches of ``evaluate.batch_size`` = 32 photos, all of them here). Wall
   time and growth in peak RSS; the probabilities must be identical.
-- **grid**: the report's grid of the 16 worst mistakes (``tasks.report.plot_misclassified_grid``)
+- **grid**: the report's grid of the 16 worst mistakes (``vggflow.reports.evaluation_figures.plot_misclassified_grid``)
   with each photo shrunk to 720 px on its longest side vs drawn at full size (the shrinking
   turned off). Seconds in the plotting call.
 
@@ -220,22 +220,24 @@ def measure_score(variant: str, paths: list[Path], scratch: Path, image_size: in
 
 def measure_grid(variant: str, paths: list[Path], scratch: Path) -> dict:
     from vggflow.images import load_rgb
-    from vggflow.tasks import report
+    from vggflow.reports import evaluation_figures
 
     shown = paths[:16]
     images = [load_rgb(p) for p in shown]
-    shrink = report.shrink_for_figure
+    shrink = evaluation_figures.shrink_for_figure
     if variant == "shrunk":
         images = [shrink(i) for i in images]  # as evaluate does when it loads them
     else:
-        report.shrink_for_figure = lambda pixels, max_side=0: pixels  # the grid function's own shrink, off
+        evaluation_figures.shrink_for_figure = lambda pixels, max_side=0: pixels  # the grid function's own shrink, off
     out = scratch / f"grid-{variant.replace(' ', '-')}.png"
     try:
         t0 = time.perf_counter()
-        report.plot_misclassified_grid(images, ["a"] * len(shown), ["b"] * len(shown), [0.9] * len(shown), out)
+        evaluation_figures.plot_misclassified_grid(
+            images, ["a"] * len(shown), ["b"] * len(shown), [0.9] * len(shown), out
+        )
         seconds = time.perf_counter() - t0
     finally:
-        report.shrink_for_figure = shrink  # later measurements in this process (--smoke) get the real one
+        evaluation_figures.shrink_for_figure = shrink  # later measurements in this process (--smoke) get the real one
     return {"seconds": seconds, "png_kb": out.stat().st_size / 1024}
 
 

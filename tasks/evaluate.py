@@ -164,7 +164,7 @@ def evaluate_classifier(
     """
     from vggflow.datasets import predict_in_batches
     from vggflow.images import load_rgb
-    from vggflow.tasks import report
+    from vggflow.reports import evaluation_figures
 
     paths = [Path(data_dir) / p for p in test_rows["path"]]
     route = {"from": "kept scores"}
@@ -201,9 +201,13 @@ def evaluate_classifier(
     y_pred = probabilities.argmax(axis=1)
     metrics, confusion = score(y_true, y_pred, len(class_names))
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = report.per_class_metrics(y_true, y_pred, class_names)
-    files = {"confusion_matrix": report.plot_confusion_matrix(confusion, class_names, out_dir / "confusion_matrix.png")}
-    files["per_class_csv"], files["per_class_png"] = report.write_per_class_outputs(
+    table = evaluation_figures.per_class_metrics(y_true, y_pred, class_names)
+    files = {
+        "confusion_matrix": evaluation_figures.plot_confusion_matrix(
+            confusion, class_names, out_dir / "confusion_matrix.png"
+        )
+    }
+    files["per_class_csv"], files["per_class_png"] = evaluation_figures.write_per_class_outputs(
         table, out_dir / "per_class_metrics.csv", out_dir / "per_class_metrics.png"
     )
     predictions = test_rows[["path", "label"]].assign(
@@ -211,9 +215,9 @@ def evaluate_classifier(
     )
     files["predictions"] = out_dir / "test_predictions.csv"
     atomic_write_text(files["predictions"], predictions.to_csv(index=False))
-    worst = report.worst_misclassified(y_true, probabilities, cfg.worst_examples)
-    files["misclassified"] = report.plot_misclassified_grid(
-        [report.shrink_for_figure(load_rgb(paths[i])) for i in worst],  # not 16 full-size photos at once
+    worst = evaluation_figures.worst_misclassified(y_true, probabilities, cfg.worst_examples)
+    files["misclassified"] = evaluation_figures.plot_misclassified_grid(
+        [evaluation_figures.shrink_for_figure(load_rgb(paths[i])) for i in worst],  # not 16 full-size photos at once
         [class_names[y_true[i]] for i in worst],
         [class_names[y_pred[i]] for i in worst],
         [float(probabilities[i].max()) for i in worst],

@@ -41,15 +41,15 @@ def describe_version(
     out_dir: Path,
 ) -> Path:
     """Write the model card, log it to the run and set it as the version's description."""
-    from vggflow.tasks import report
+    from vggflow.reports.model_card import ModelCardInfo, render_model_card
     from vggflow.tracking import git_info
 
     commit, dirty = git_info()
     rows = read_rows(validated.rows_file)
     counts = {label: group["split"].value_counts().to_dict() for label, group in rows.groupby("label", sort=True)}
     per_class = pd.read_csv(evaluation.files["per_class_csv"], dtype={"class": str}, keep_default_na=False)
-    card = report.render_model_card(
-        report.ModelCardInfo(
+    card = render_model_card(
+        ModelCardInfo(
             model_name=version.name,
             version=version.version,
             run_id=run_id,
@@ -61,15 +61,7 @@ def describe_version(
             backbone_weights=cfg.backbone.weights,
             random_init=weights.random_init,
             freeze_configuration=chosen.freeze_configuration(),
-            stage_results=[
-                {
-                    "stage": s.stage,
-                    "best_val_accuracy": s.best_val_accuracy,
-                    "best_val_loss": s.best_val_loss,
-                    "epochs": s.epochs_run,
-                }
-                for s in stages.results
-            ],
+            stages=stages.table(chosen),
             test_metrics={
                 k: evaluation.metrics[k]
                 for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")

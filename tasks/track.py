@@ -150,7 +150,7 @@ def log_results(
     """
     from mlflow.entities import Metric, Param
 
-    from vggflow.tasks import report
+    from vggflow.reports import stage_figures
 
     client = mlflow_client()
     freeze = chosen.freeze_configuration()
@@ -177,8 +177,8 @@ def log_results(
     if history.empty:
         history = pd.DataFrame(columns=["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    curves = report.plot_learning_curves(history, chosen.stage, out_dir / "learning_curves.png")
-    comparison = report.plot_stage_comparison(
+    curves = stage_figures.plot_learning_curves(history, chosen.stage, out_dir / "learning_curves.png")
+    comparison = stage_figures.plot_stage_comparison(
         pd.DataFrame(table).rename(columns={f"best_{selection_metric}": selection_metric}),
         selection_metric,
         chosen.stage,

@@ -1,8 +1,10 @@
-"""Tests of the per-run report artifacts (tasks/report.py): fast, no TensorFlow/MLflow/Prefect."""
+"""Tests of the per-run report artifacts (vggflow/reports/): fast, no TensorFlow/MLflow/Prefect."""
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,10 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from vggflow.tasks import report
-from vggflow.tasks.report import ModelCardInfo
+from vggflow.reports import evaluation_figures, stage_figures
+from vggflow.reports.model_card import TEMPLATE, ModelCardInfo, render_model_card
+from vggflow.tasks.select import stage_table
+from vggflow.training import StageResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,9 +77,11 @@ def test_confusion_and_per_class_figures_are_valid_pngs(tmp_path: Path, n_classe
     names = class_names(n_classes)
     matrix = confusion_matrix(y_true, y_pred, labels=range(n_classes))
 
-    png = report.plot_confusion_matrix(matrix, names, tmp_path / "confusion.png")
-    table = report.per_class_metrics(y_true, y_pred, names)
-    csv, bars = report.write_per_class_outputs(table, tmp_path / "per_class.csv", tmp_path / "per_class.png")
+    png = evaluation_figures.plot_confusion_matrix(matrix, names, tmp_path / "confusion.png")
+    table = evaluation_figures.per_class_metrics(y_true, y_pred, names)
+    csv, bars = evaluation_figures.write_per_class_outputs(
+        table, tmp_path / "per_class.csv", tmp_path / "per_class.png"
+    )
 
     assert png == tmp_path / "confusion.png"
     assert_png(png)
@@ -89,9 +95,9 @@ def test_confusion_and_per_class_figures_are_valid_pngs(tmp_path: Path, n_classe
 
 def test_confusion_matrix_with_an_absent_class_and_mismatched_names(tmp_path: Path) -> None:
     matrix = np.array([[5, 1, 0], [0, 0, 0], [2, 0, 7]])  # class 1 has no test samples
-    assert_png(report.plot_confusion_matrix(matrix, ["a", "b", "c"], tmp_path / "cm.png"))
+    assert_png(evaluation_figures.plot_confusion_matrix(matrix, ["a", "b", "c"], tmp_path / "cm.png"))
     with pytest.raises(ValueError, match="class_names"):
-        report.plot_confusion_matrix(matrix, ["a", "b"], tmp_path / "bad.png")
+        evaluation_figures.plot_confusion_matrix(matrix, ["a", "b"], tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
 
 
@@ -104,24 +110,24 @@ def test_confusion_matrix_with_an_absent_class_and_mismatched_names(tmp_path: Pa
     ],
 )
 def test_learning_curves(tmp_path: Path, stages: dict[str, int], chosen: str) -> None:
-    path = report.plot_learning_curves(history_frame(stages), chosen, tmp_path / "curves.png")
+    path = stage_figures.plot_learning_curves(history_frame(stages), chosen, tmp_path / "curves.png")
     assert_png(path)
     assert_no_temp_files(tmp_path)
 
 
 def test_learning_curves_empty_history_and_missing_columns(tmp_path: Path) -> None:
-    empty = pd.DataFrame(columns=report.HISTORY_COLUMNS)
-    assert_png(report.plot_learning_curves(empty, "head", tmp_path / "empty.png"))
+    empty = pd.DataFrame(columns=stage_figures.HISTORY_COLUMNS)
+    assert_png(stage_figures.plot_learning_curves(empty, "head", tmp_path / "empty.png"))
     no_validation = history_frame({"head": 2, "block5": 2}).drop(columns=["val_loss", "val_accuracy"])
-    assert_png(report.plot_learning_curves(no_validation, "block5", tmp_path / "train_only.png"))
+    assert_png(stage_figures.plot_learning_curves(no_validation, "block5", tmp_path / "train_only.png"))
     with pytest.raises(ValueError, match="epoch"):
-        report.plot_learning_curves(history_frame({"head": 2}).drop(columns="epoch"), "head", tmp_path / "x.png")
+        stage_figures.plot_learning_curves(history_frame({"head": 2}).drop(columns="epoch"), "head", tmp_path / "x.png")
 
 
 @pytest.mark.parametrize("metric", ["val_accuracy", "val_loss"])
 def test_stage_comparison(tmp_path: Path, metric: str) -> None:
     stages = pd.DataFrame({"stage": ["head", "block5", "block4", "all"], metric: [0.8, 0.86, 0.85, np.nan]})
-    assert_png(report.plot_stage_comparison(stages, metric, "block5", tmp_path / "stages.png"))
+    assert_png(stage_figures.plot_stage_comparison(stages, metric, "block5", tmp_path / "stages.png"))
     assert_no_temp_files(tmp_path)
 
 
@@ -130,7 +136,7 @@ def test_misclassified_grid_mixed_sizes_and_empty(tmp_path: Path) -> None:
     images = [rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in range(5)]
     images += [rng.integers(0, 256, (300, 180, 3), dtype=np.uint8), rng.integers(0, 256, (40, 64), dtype=np.uint8)]
     n = len(images)
-    path = report.plot_misclassified_grid(
+    path = evaluation_figures.plot_misclassified_grid(
         images,
         ["T-shirt/top"] * n,
         ["an extremely long predicted class name, really"] * n,
@@ -138,10 +144,10 @@ def test_misclassified_grid_mixed_sizes_and_empty(tmp_path: Path) -> None:
         tmp_path / "grid.png",
     )
     assert_png(path)
-    empty = report.plot_misclassified_grid([], [], [], [], tmp_path / "none.png")
+    empty = evaluation_figures.plot_misclassified_grid([], [], [], [], tmp_path / "none.png")
     assert_png(empty)
     with pytest.raises(ValueError, match="same length"):
-        report.plot_misclassified_grid(images, ["x"], ["y"], [0.5], tmp_path / "bad.png")
+        evaluation_figures.plot_misclassified_grid(images, ["x"], ["y"], [0.5], tmp_path / "bad.png")
     assert_no_temp_files(tmp_path)
 
 
@@ -149,14 +155,16 @@ def test_large_photos_are_shrunk_before_drawing(tmp_path: Path) -> None:
     """Sixteen 12-megapixel photos took matplotlib 14.6 s to draw at full size."""
     photo = np.zeros((3000, 4000, 3), dtype=np.uint8)
     photo[:, 2000:] = 200  # right half bright: still the right half after shrinking
-    small = report.shrink_for_figure(photo)
-    assert small.shape == (540, report.FIGURE_IMAGE_MAX_SIDE, 3) and small.dtype == np.uint8
+    small = evaluation_figures.shrink_for_figure(photo)
+    assert small.shape == (540, evaluation_figures.FIGURE_IMAGE_MAX_SIDE, 3) and small.dtype == np.uint8
     assert small[:, :350].max() == 0 and small[:, 370:].min() == 200
-    assert report.shrink_for_figure(np.zeros((4000, 30, 4), dtype=np.uint8)).shape == (720, 5, 4)
+    assert evaluation_figures.shrink_for_figure(np.zeros((4000, 30, 4), dtype=np.uint8)).shape == (720, 5, 4)
     thumbnail = np.ones((28, 28, 3), dtype=np.uint8)
-    assert report.shrink_for_figure(thumbnail) is thumbnail
+    assert evaluation_figures.shrink_for_figure(thumbnail) is thumbnail
     assert_png(
-        report.plot_misclassified_grid([photo, thumbnail], ["a", "b"], ["b", "a"], [0.9, 0.8], tmp_path / "grid.png")
+        evaluation_figures.plot_misclassified_grid(
+            [photo, thumbnail], ["a", "b"], ["b", "a"], [0.9, 0.8], tmp_path / "grid.png"
+        )
     )
 
 
@@ -171,35 +179,42 @@ def test_repeated_plots_do_not_leak_figures(tmp_path: Path) -> None:
         return sum(isinstance(obj, Figure) for obj in gc.get_objects())
 
     matrix = np.array([[3, 1], [0, 4]])
-    report.plot_confusion_matrix(matrix, ["cat", "dog"], tmp_path / "cm.png")  # warm-up
+    evaluation_figures.plot_confusion_matrix(matrix, ["cat", "dog"], tmp_path / "cm.png")  # warm-up
     before = live_figures()
     for i in range(20):
-        report.plot_confusion_matrix(matrix, ["cat", "dog"], tmp_path / "cm.png")
+        evaluation_figures.plot_confusion_matrix(matrix, ["cat", "dog"], tmp_path / "cm.png")
         if i % 5 == 0:
-            report.plot_learning_curves(history_frame({"head": 3}), "head", tmp_path / "lc.png")
-            report.plot_misclassified_grid([], [], [], [], tmp_path / "grid.png")
+            stage_figures.plot_learning_curves(history_frame({"head": 3}), "head", tmp_path / "lc.png")
+            evaluation_figures.plot_misclassified_grid([], [], [], [], tmp_path / "grid.png")
     assert plt.get_fignums() == []
     assert live_figures() <= before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.png", "grid.png", "lc.png"]
 
 
-def test_failed_write_leaves_no_temp_file_and_keeps_old_file(tmp_path: Path) -> None:
-    target = tmp_path / "table.csv"
-    target.write_text("previous\n")
-
-    def explode(_handle: object) -> None:
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        report._atomic_write(target, explode, binary=False)
-    assert target.read_text() == "previous\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+def test_report_files_are_readable_by_others_and_a_failed_figure_keeps_the_old_file(tmp_path: Path) -> None:
+    """Artifacts go through vggflow.files: 0644 under the usual umask (a tracking server running
+    as another user reads them), no temporary file left, the old file kept when drawing fails."""
+    previous = os.umask(0o022)
+    try:
+        table = evaluation_figures.per_class_metrics(np.array([0, 1]), np.array([0, 0]), ["a", "b"])
+        written = evaluation_figures.write_per_class_outputs(table, tmp_path / "pc.csv", tmp_path / "pc.png")
+        written += (stage_figures.plot_learning_curves(history_frame({"head": 2}), "head", tmp_path / "lc.png"),)
+    finally:
+        os.umask(previous)
+    assert [stat.S_IMODE(path.stat().st_mode) for path in written] == [0o644] * 3
+    target = tmp_path / "grid.png"
+    target.write_bytes(b"previous")
+    with pytest.raises(ValueError, match="RGB"):
+        evaluation_figures.plot_misclassified_grid([np.zeros((4, 4, 2), np.uint8)], ["a"], ["b"], [0.5], target)
+    assert target.read_bytes() == b"previous"
+    assert_no_temp_files(tmp_path)
 
 
 def test_module_imports_without_heavy_dependencies() -> None:
     code = (
-        "import sys; import vggflow.tasks.report; "
-        "heavy = {'tensorflow', 'keras', 'prefect', 'mlflow', 'matplotlib'} & set(sys.modules); "
+        "import sys; import vggflow.reports.evaluation_figures, vggflow.reports.stage_figures, "
+        "vggflow.reports.model_card; "
+        "heavy = {'tensorflow', 'keras', 'prefect', 'mlflow', 'matplotlib', 'jinja2'} & set(sys.modules); "
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
@@ -214,7 +229,7 @@ def test_per_class_metrics_match_hand_computed_and_sklearn_values() -> None:
     y_pred = np.array([0, 0, 1, 1, 0, 1, 0])
     names = ["cat", "dog", "bird", "fish"]
 
-    table = report.per_class_metrics(y_true, y_pred, names)
+    table = evaluation_figures.per_class_metrics(y_true, y_pred, names)
 
     assert list(table.columns) == ["class", "precision", "recall", "f1", "support"]
     assert table["class"].tolist() == names
@@ -230,7 +245,7 @@ def test_per_class_metrics_match_hand_computed_and_sklearn_values() -> None:
 
 def test_per_class_metrics_rejects_indices_outside_the_class_list() -> None:
     with pytest.raises(ValueError, match="outside"):
-        report.per_class_metrics(np.array([0, 3]), np.array([0, 1]), ["a", "b"])
+        evaluation_figures.per_class_metrics(np.array([0, 3]), np.array([0, 1]), ["a", "b"])
 
 
 def test_worst_misclassified_orders_by_confidence_of_the_mistake() -> None:
@@ -245,13 +260,41 @@ def test_worst_misclassified_orders_by_confidence_of_the_mistake() -> None:
             [0.60, 0.20, 0.20],  # 5: wrong, 0.60 (tie with 1: sample order kept)
         ]
     )
-    assert report.worst_misclassified(y_true, probabilities, 10) == [2, 3, 1, 5]
-    assert report.worst_misclassified(y_true, probabilities, 2) == [2, 3]
-    assert report.worst_misclassified(y_true, probabilities, 0) == []
-    assert report.worst_misclassified(np.array([0]), np.array([[1.0, 0.0]]), 5) == []
+    assert evaluation_figures.worst_misclassified(y_true, probabilities, 10) == [2, 3, 1, 5]
+    assert evaluation_figures.worst_misclassified(y_true, probabilities, 2) == [2, 3]
+    assert evaluation_figures.worst_misclassified(y_true, probabilities, 0) == []
+    assert evaluation_figures.worst_misclassified(np.array([0]), np.array([[1.0, 0.0]]), 5) == []
 
 
 # --------------------------------------------------------------------------- model card
+
+
+def stage_result(stage: str, val_accuracy: float, val_loss: float, epochs: int) -> StageResult:
+    return StageResult(
+        stage=stage,
+        unfreeze_from=None if stage == "head" else f"{stage}_conv1",
+        learning_rate=1e-3 if stage == "head" else 1e-4,
+        checkpoint=Path(f"{stage}.keras"),
+        checkpoint_sha256="0" * 64,
+        history=[],
+        best_epoch=max(epochs - 1, 0),
+        best_val_accuracy=val_accuracy,
+        best_val_loss=val_loss,
+        first_trainable_layer="head_dense" if stage == "head" else f"{stage}_conv1",
+        trainable_layers=2 if stage == "head" else 6,
+        trainable_params=1_000 if stage == "head" else 9_439_232,
+        epochs_run=epochs,
+        seconds=1.234,
+        images_per_second=812.34,
+    )
+
+
+def stage_row(
+    stage: str, val_accuracy: float | None, val_loss: float | None, epochs: int, chosen: bool = False
+) -> dict[str, object]:
+    """A row as the stage-comparison table has it; None values stand for a stage that never ran."""
+    row: dict[str, object] = stage_result(stage, 0.0, 0.0, epochs).summary() | {"chosen": chosen}
+    return row | {"best_val_accuracy": val_accuracy, "best_val_loss": val_loss}
 
 
 def card_info(**overrides: object) -> ModelCardInfo:
@@ -286,10 +329,10 @@ def card_info(**overrides: object) -> ModelCardInfo:
             "trainable_params": 9_439_232,
             "learning_rate": 1e-4,
         },
-        "stage_results": [
-            {"stage": "head", "best_val_accuracy": 0.81, "best_val_loss": 0.52, "epochs": 12},
-            {"stage": "block5", "best_val_accuracy": 0.86, "best_val_loss": 0.41, "epochs": 5},
-            {"stage": "block4", "best_val_accuracy": None, "best_val_loss": None, "epochs": 0},
+        "stages": [
+            stage_row("head", 0.81, 0.52, 12),
+            stage_row("block5", 0.86, 0.41, 5, chosen=True),
+            stage_row("block4", None, None, 0),
         ],
         "test_metrics": {"accuracy": 0.8333, "macro_f1": 0.5493},
         "per_class": per_class,
@@ -328,7 +371,7 @@ def tables(markdown: str) -> list[list[str]]:
 
 
 def test_model_card_sections_and_content() -> None:
-    card = report.render_model_card(card_info())
+    card = render_model_card(card_info())
     headings = [line for line in card.splitlines() if line.startswith("## ")]
     assert headings == [
         "## Summary",
@@ -356,8 +399,8 @@ def test_model_card_random_init_warning_only_when_random_init() -> None:
     warning = (
         "the backbone was randomly initialised (no imagenet weights): this model is for pipeline demonstration only"
     )
-    assert warning not in report.render_model_card(card_info()).lower()
-    card = report.render_model_card(card_info(random_init=True, backbone_weights="none"))
+    assert warning not in render_model_card(card_info()).lower()
+    card = render_model_card(card_info(random_init=True, backbone_weights="none"))
     assert warning in card.lower()
     # Loud: before the first section and again in Limitations.
     assert card.lower().index(warning) < card.index("## Summary")
@@ -366,7 +409,7 @@ def test_model_card_random_init_warning_only_when_random_init() -> None:
 
 
 def test_model_card_tables_are_valid_and_escape_pipes() -> None:
-    card = report.render_model_card(card_info())
+    card = render_model_card(card_info())
     found = tables(card)
     assert len(found) >= 5  # counts, freeze, stages, metrics, per class, promotion
     for table in found:
@@ -378,7 +421,7 @@ def test_model_card_tables_are_valid_and_escape_pipes() -> None:
 
 
 def test_model_card_optional_parts() -> None:
-    card = report.render_model_card(
+    card = render_model_card(
         card_info(
             version=None,
             promotion=None,
@@ -396,3 +439,46 @@ def test_model_card_optional_parts() -> None:
     assert "````yaml" in card  # fence longer than the backticks inside the config
     for table in tables(card):
         assert len({unescaped_pipes(row) for row in table}) == 1, table
+
+
+def test_model_card_takes_the_stage_comparison_rows() -> None:
+    results = [stage_result("head", 0.81, 0.52, 12), stage_result("block5", 0.86, 0.41, 5)]
+    rows = stage_table(results, results[1])
+    assert list(rows[0]) == [
+        *results[0].freeze_configuration(),
+        "best_val_accuracy",
+        "best_val_loss",
+        "best_epoch",
+        "epochs_run",
+        "seconds",
+        "images_per_second",
+        "prefix_cache",
+        "chosen",
+    ]
+    assert rows[0]["seconds"] == 1.23 and rows[0]["images_per_second"] == 812.3
+    card = render_model_card(card_info(stages=rows))
+    assert "| head | 0.8100 | 0.5200 | 12 |" in card
+    assert "| **block5** (kept) | 0.8600 | 0.4100 | 5 |" in card
+
+
+def test_model_card_from_a_template_of_ones_own(tmp_path: Path) -> None:
+    own = tmp_path / "card.md.j2"
+    own.write_text(
+        "# {{ info.model_name | md }} v{{ info.version }}\n"
+        "{% for row in info.stages %}- {{ row.stage | md }}: {{ row.best_val_accuracy | fmt }}\n{% endfor %}"
+        "{{ n_classes }} classes, {{ test_images | fmt }} test images\n",
+        encoding="utf-8",
+    )
+    card = render_model_card(card_info(model_name="cats_|_dogs"), template=own)
+    assert (
+        card == "# cats\\_\\|\\_dogs v3\n- head: 0.8100\n- block5: 0.8600\n- block4: n/a\n3 classes, 36 test images\n"
+    )
+    own.write_text("{{ info.no_such_field }}", encoding="utf-8")
+    with pytest.raises(Exception, match="no_such_field"):
+        render_model_card(card_info(), template=own)
+    assert TEMPLATE.is_file() and TEMPLATE.suffix == ".j2"  # shipped beside the module, for users to copy
+
+
+def test_model_card_info_rejects_unknown_fields() -> None:
+    with pytest.raises(ValueError, match="stage_results"):
+        card_info(stage_results=[])

@@ -1,7 +1,7 @@
 """Training one stage: compile, fit with early stopping, keep the best weights, report.
 
 Shared by the feature-extraction (head) step and every fine-tuning stage so they train, stop
-and report the same way. Importing this module imports Keras.
+and report the same way. Keras is imported when a stage is fitted, not on import.
 """
 
 from __future__ import annotations
