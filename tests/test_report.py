@@ -17,8 +17,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from vggflow.reports import evaluation_figures, stage_figures
 from vggflow.reports.model_card import TEMPLATE, ModelCardInfo, render_model_card
-from vggflow.tasks.select import stage_table
-from vggflow.training import StageResult
+from vggflow.training import StageResult, TrainedStages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -443,7 +442,7 @@ def test_model_card_optional_parts() -> None:
 
 def test_model_card_takes_the_stage_comparison_rows() -> None:
     results = [stage_result("head", 0.81, 0.52, 12), stage_result("block5", 0.86, 0.41, 5)]
-    rows = stage_table(results, results[1])
+    rows = TrainedStages(results=results).table(results[1])
     assert list(rows[0]) == [
         *results[0].freeze_configuration(),
         "best_val_accuracy",
