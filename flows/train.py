@@ -49,5 +49,6 @@ def train_flow(
         model_uri = log_model_task(cfg, run, chosen, validated)
         version = register_task(cfg, run, model_uri, chosen, evaluation)
         decision = promote_if_better_task(cfg, run, version, evaluation, validated)
-        model_card_task(cfg, run, version, validated, ready.weights, stages, chosen, evaluation, decision)
-    return summarize(run, validated, ready.weights, stages, chosen, evaluation, version, decision)
+        summary = summarize(run, validated, ready.weights, stages, chosen, evaluation, version, decision)
+        model_card_task(cfg, summary, validated, evaluation)
+    return summary

@@ -44,7 +44,6 @@ def run_stage(
     seed: int,
     checkpoint: Path,
     on_epoch=None,
-    cache_key: str = "",
 ) -> StageResult:
     """Train one stage from ``previous``'s best weights; save the stage's best classifier.
 
@@ -59,7 +58,6 @@ def run_stage(
         seed: reproducible shuffling and dropout.
         checkpoint: where this stage's best classifier is saved.
         on_epoch: optional ``callable(epoch, logs)``.
-        cache_key: the key the checkpoint is reused under (recorded in the result).
     """
     import keras
 
@@ -108,7 +106,6 @@ def run_stage(
         fit,
         n_train,
         prefix,
-        cache_key,
     )
 
 
@@ -138,6 +135,7 @@ def finetune_stage_task(
         stage.label,
         stage.epochs,
         stage_run_id,
+        key,
         f"stage {stage.label}: training from {previous.stage}, lr {stage.learning_rate:g}, "
         f"{'on cached ' + prefix if prefix else 'on images'}",
         lambda on_epoch: run_stage(
@@ -151,7 +149,6 @@ def finetune_stage_task(
             cfg.seed,
             checkpoint_path(cfg.work_dir, key),
             on_epoch,
-            key,
         ),
     )
 

@@ -31,7 +31,6 @@ def train_head_on_features(
     seed: int,
     checkpoint: Path,
     on_epoch=None,
-    cache_key: str = "",
 ) -> StageResult:
     """Build the classifier, train its head on cached pooled features, save it.
 
@@ -43,7 +42,6 @@ def train_head_on_features(
         seed: makes initialisation and shuffling reproducible.
         checkpoint: where the whole classifier (``.keras``) is saved.
         on_epoch: optional ``callable(epoch, logs)``.
-        cache_key: the key the checkpoint is reused under (recorded in the result).
     """
     import keras
     import numpy as np
@@ -72,9 +70,7 @@ def train_head_on_features(
         on_epoch,
         batch_size=cfg.batch_size,
     )
-    return finish_stage(
-        model, checkpoint, HEAD_STAGE, None, cfg.learning_rate, freeze, fit, len(y_train), "avg_pool", cache_key
-    )
+    return finish_stage(model, checkpoint, HEAD_STAGE, None, cfg.learning_rate, freeze, fit, len(y_train), "avg_pool")
 
 
 def head_key(cfg: Config, features: FeatureSet) -> str:
@@ -99,6 +95,8 @@ def train_head_task(
         HEAD_STAGE,
         cfg.head.epochs,
         stage_run_id,
+        key,
+        key,
         f"stage {HEAD_STAGE}: training the new head on cached features, lr {cfg.head.learning_rate:g}",
         lambda on_epoch: train_head_on_features(
             features,
@@ -108,7 +106,6 @@ def train_head_task(
             cfg.seed,
             checkpoint_path(cfg.work_dir, key),
             on_epoch,
-            key,
         ),
     )
 

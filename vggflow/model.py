@@ -91,21 +91,18 @@ def resolve_weights(cfg: BackboneConfig, cache_dir: Path, seed: int) -> Resolved
                 file_hash=IMAGENET_NOTOP_MD5,
             )
         except Exception as err:  # Keras raises a bare Exception for fetch failures
-            problem = (
-                f"ImageNet weights for VGG19 are not in the Keras cache ({expected}) and could not be downloaded: {err}"
-            )
-            if cfg.allow_random_init:
-                return _random_weights(
-                    cache_dir, cfg.image_size, seed, f"{problem}. Using a random init (allowed by config)."
-                )
-            raise BackboneError(
-                f"{problem}\n"
+            return _random_or_fail(
+                cfg,
+                cache_dir,
+                seed,
+                f"ImageNet weights for VGG19 are not in the Keras cache ({expected}) and could not be "
+                f"downloaded: {err}",
                 "Fix one of:\n"
                 f"  - copy {IMAGENET_NOTOP_FILE} into {expected.parent} (or set KERAS_HOME),\n"
                 "  - set backbone.weights to the path of a local VGG19 weights file (--set "
                 "backbone.weights=/path/file.h5),\n"
-                "  - for a pipeline test only: --set backbone.allow_random_init=true (or backbone.weights=none)."
-            ) from None
+                "  - for a pipeline test only: --set backbone.allow_random_init=true (or backbone.weights=none).",
+            )
         return ResolvedWeights(
             path=Path(found),
             identity=f"imagenet:{IMAGENET_NOTOP_MD5[:16]}",
@@ -114,13 +111,12 @@ def resolve_weights(cfg: BackboneConfig, cache_dir: Path, seed: int) -> Resolved
         )
     path = Path(choice).expanduser()
     if not path.is_file():
-        if cfg.allow_random_init:
-            return _random_weights(
-                cache_dir, cfg.image_size, seed, f"weights file {path} not found; random init (allowed by config)"
-            )
-        raise BackboneError(
-            f"backbone.weights: weights file not found: {path}\n"
-            "Give the path of a VGG19 `include_top=False` weights file (.h5 or .weights.h5), `imagenet` or `none`."
+        return _random_or_fail(
+            cfg,
+            cache_dir,
+            seed,
+            f"backbone.weights: weights file not found: {path}",
+            "Give the path of a VGG19 `include_top=False` weights file (.h5 or .weights.h5), `imagenet` or `none`.",
         )
     try:
         vgg19.VGG19(include_top=False, weights=str(path), input_shape=(32, 32, 3))
@@ -131,6 +127,13 @@ def resolve_weights(cfg: BackboneConfig, cache_dir: Path, seed: int) -> Resolved
     return ResolvedWeights(
         path=path, identity=f"file:{file_sha256(path)[:16]}", random_init=False, note=f"weights from {path}"
     )
+
+
+def _random_or_fail(cfg: BackboneConfig, cache_dir: Path, seed: int, problem: str, fix: str) -> ResolvedWeights:
+    """A seeded random init when the config allows one, else a :class:`BackboneError` saying how to fix it."""
+    if cfg.allow_random_init:
+        return _random_weights(cache_dir, cfg.image_size, seed, f"{problem}. Using a random init (allowed by config).")
+    raise BackboneError(f"{problem}\n{fix}") from None
 
 
 def build_base(weights: ResolvedWeights, image_size: int) -> keras.Model:

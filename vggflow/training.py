@@ -200,6 +200,7 @@ def report_stage(
     stage: str,
     epochs: int,
     stage_run_id: str | None,
+    cache_key: str,
     intro: str,
     train: Callable[[Callable[[int, dict[str, float]], None]], StageResult],
 ) -> StageResult:
@@ -209,13 +210,14 @@ def report_stage(
         stage: the stage's label.
         epochs: its epoch budget.
         stage_run_id: its nested MLflow run (per-epoch metrics go there).
+        cache_key: the key its checkpoint is saved and reused under (recorded in the result).
         intro: the line printed before training.
         train: trains the stage given an ``on_epoch(epoch, logs)`` callback.
     """
     print(intro)
     result = train(epoch_reporter(stage, epochs, stage_run_id))
     print(stage_summary_line(result, epochs))
-    return result.model_copy(update={"mlflow_run_id": stage_run_id})
+    return result.model_copy(update={"mlflow_run_id": stage_run_id, "cache_key": cache_key})
 
 
 def checkpoint_path(work_dir: Path, key: str) -> Path:
@@ -243,7 +245,6 @@ def finish_stage(
     fit: tuple[list[dict[str, float]], int, float],
     n_train: int,
     prefix_cache: str | None,
-    cache_key: str = "",
 ) -> StageResult:
     """Save a trained stage's classifier (checksummed) and describe it.
 
@@ -255,7 +256,6 @@ def finish_stage(
         fit: what :func:`fit_stage` returned.
         n_train: training images per epoch (for images/s).
         prefix_cache: the cached layer it trained from, if any.
-        cache_key: the key its checkpoint is saved and reused under.
     """
     history, best_epoch, seconds = fit
     digest = save_checkpoint(model, checkpoint)
@@ -277,7 +277,6 @@ def finish_stage(
         seconds=seconds,
         images_per_second=n_train * len(history) / seconds if seconds else 0.0,
         prefix_cache=prefix_cache,
-        cache_key=cache_key,
     )
 
 
