@@ -26,17 +26,121 @@ from vggflow.cli.training import cmd_retrain, cmd_train
 from vggflow.cli.ui import cmd_ui
 from vggflow.errors import VggflowError
 
+#: The options every command takes: which config, and overrides of single values.
+CONFIG_OPTIONS = [
+    (("--config",), dict(metavar="FILE", help="YAML config (default: built-in defaults; see configs/)")),
+    (
+        ("--set",),
+        dict(
+            dest="overrides",
+            metavar="SECTION.KEY=VALUE",
+            action="append",
+            default=[],
+            help="override one config value (repeatable), e.g. --set head.epochs=5",
+        ),
+    ),
+]
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults; see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="SECTION.KEY=VALUE",
-        action="append",
-        default=[],
-        help="override one config value (repeatable), e.g. --set head.epochs=5",
-    )
+
+def option(*names: str, **settings) -> tuple[tuple[str, ...], dict]:
+    """One ``add_argument`` call's arguments, for :data:`COMMANDS`."""
+    return names, settings
+
+
+#: Every subcommand: name → (handler, one-line help, description, its own arguments).
+COMMANDS = {
+    "train": (
+        cmd_train,
+        "run the training flow (validate → head → fine-tune → evaluate → log → promote)",
+        "Run the whole training flow once and print the run, chosen freeze configuration, metrics and model version.",
+        [
+            option("--data", metavar="DIR", help="folder of labelled images DIR/<class>/<image> (default: data.dir)"),
+            option("--no-promote", action="store_true", help="register the new version without touching aliases"),
+        ],
+    ),
+    "validate": (
+        cmd_validate,
+        "validate a folder of labelled images (exit 0 usable, 2 not usable)",
+        "Decode every file, report unusable ones, assign splits; writes a JSON report, a manifest and an HTML page.",
+        [
+            option("data_dir", metavar="DATA_DIR", help="folder of labelled images DATA_DIR/<class>/<image>"),
+            option(
+                "--report", metavar="PATH.json", help="where to write the JSON report (manifest and HTML beside it)"
+            ),
+        ],
+    ),
+    "registry": (
+        cmd_registry,
+        "list registered versions with aliases, metrics, data versions, freeze configuration",
+        "List the versions of the registered model, newest first.",
+        [],
+    ),
+    "promote": (
+        cmd_promote,
+        "make VERSION the @champion by hand (the former champion becomes @previous)",
+        "Manual override of the promotion gate; the reason is recorded on the version.",
+        [
+            option("version", metavar="VERSION", help="registered version number"),
+            option("--reason", required=True, help="why (recorded as a tag on the version)"),
+        ],
+    ),
+    "rollback": (
+        cmd_rollback,
+        "move @champion back to @previous",
+        "Move @champion back to @previous; the rolled-back version becomes @previous (a second rollback undoes it).",
+        [],
+    ),
+    "predict": (
+        cmd_predict,
+        "label images with a registered model (one line per image)",
+        "Print the top-k labels and probabilities of each image; unreadable files are reported, not fatal.",
+        [
+            option(
+                "inputs", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)"
+            ),
+            option("--model", help="model URI (default: models:/<registry.model_name>@champion)"),
+            option("--top-k", type=int, default=3, help="labels per image (default: 3)"),
+        ],
+    ),
+    "retrain": (
+        cmd_retrain,
+        "retrain only if the DVC data version changed since the @champion (what the schedule runs)",
+        "Read the data version from the DVC file (dvc pull when data/ does not match it), compare it with the "
+        "@champion's; train (and gate) when it is new or --force is given, else finish with 'skipped: data "
+        "unchanged'.",
+        [option("--force", action="store_true", help="train even when the champion was trained on this data version")],
+    ),
+    "schedule": (
+        cmd_schedule,
+        "serve the retraining deployment on a cron schedule from this machine (Prefect)",
+        "Register the `vggflow-retrain` deployment with a Prefect server and run its scheduled and triggered runs "
+        "here until stopped (Ctrl-C/SIGTERM). Without PREFECT_API_URL a local server is started on 127.0.0.1 and "
+        "stopped with it. See docs/scheduling.md.",
+        [
+            option("--cron", metavar="EXPR", help='cron expression (default: schedule.cron, "0 3 * * *")'),
+            option(
+                "--timezone",
+                metavar="TZ",
+                help="IANA timezone of the cron expression (default: schedule.timezone, UTC)",
+            ),
+        ],
+    ),
+    "ui": (
+        cmd_ui,
+        "start the MLflow UI (tracking server) over the project's store until Ctrl-C",
+        "Serve the MLflow UI and REST API over the configured tracking store (runs, stage runs, metrics, artifacts, "
+        "registered versions) on 127.0.0.1; prints the URL, stops cleanly on Ctrl-C/SIGTERM.",
+        [
+            option("--port", type=int, default=5000, help="TCP port (default: 5000; 0 = any free port)"),
+            option(
+                "--host",
+                default="127.0.0.1",
+                help="interface to bind (default: 127.0.0.1; the UI has no authentication)",
+            ),
+        ],
+    ),
+    "config": (cmd_config, "print the effective configuration", "Print the effective configuration as YAML.", []),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,122 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="VGG19 transfer learning: validate data, train, fine-tune, evaluate, track and promote.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    train = commands.add_parser(
-        "train",
-        help="run the training flow (validate → head → fine-tune → evaluate → log → promote)",
-        description=(
-            "Run the whole training flow once and print the run, chosen freeze configuration, metrics and "
-            "model version."
-        ),
-    )
-    _config_args(train)
-    train.add_argument(
-        "--data", metavar="DIR", help="folder of labelled images DIR/<class>/<image> (default: data.dir)"
-    )
-    train.add_argument("--no-promote", action="store_true", help="register the new version without touching aliases")
-    train.set_defaults(handler=cmd_train)
-
-    validate = commands.add_parser(
-        "validate",
-        help="validate a folder of labelled images (exit 0 usable, 2 not usable)",
-        description=(
-            "Decode every file, report unusable ones, assign splits; writes a JSON report, a manifest and an HTML page."
-        ),
-    )
-    validate.add_argument("data_dir", metavar="DATA_DIR", help="folder of labelled images DATA_DIR/<class>/<image>")
-    validate.add_argument(
-        "--report", metavar="PATH.json", help="where to write the JSON report (manifest and HTML beside it)"
-    )
-    _config_args(validate)
-    validate.set_defaults(handler=cmd_validate)
-
-    registry = commands.add_parser(
-        "registry",
-        help="list registered versions with aliases, metrics, data versions, freeze configuration",
-        description="List the versions of the registered model, newest first.",
-    )
-    _config_args(registry)
-    registry.set_defaults(handler=cmd_registry)
-
-    promote = commands.add_parser(
-        "promote",
-        help="make VERSION the @champion by hand (the former champion becomes @previous)",
-        description="Manual override of the promotion gate; the reason is recorded on the version.",
-    )
-    promote.add_argument("version", metavar="VERSION", help="registered version number")
-    promote.add_argument("--reason", required=True, help="why (recorded as a tag on the version)")
-    _config_args(promote)
-    promote.set_defaults(handler=cmd_promote)
-
-    rollback = commands.add_parser(
-        "rollback",
-        help="move @champion back to @previous",
-        description=(
-            "Move @champion back to @previous; the rolled-back version becomes @previous (a second rollback undoes it)."
-        ),
-    )
-    _config_args(rollback)
-    rollback.set_defaults(handler=cmd_rollback)
-
-    predict = commands.add_parser(
-        "predict",
-        help="label images with a registered model (one line per image)",
-        description="Print the top-k labels and probabilities of each image; unreadable files are reported, not fatal.",
-    )
-    predict.add_argument(
-        "inputs", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)"
-    )
-    predict.add_argument("--model", help="model URI (default: models:/<registry.model_name>@champion)")
-    predict.add_argument("--top-k", type=int, default=3, help="labels per image (default: 3)")
-    _config_args(predict)
-    predict.set_defaults(handler=cmd_predict)
-
-    retrain = commands.add_parser(
-        "retrain",
-        help="retrain only if the DVC data version changed since the @champion (what the schedule runs)",
-        description="Read the data version from the DVC file (dvc pull when data/ does not match it), compare it with "
-        "the @champion's; train (and gate) when it is new or --force is given, else finish with 'skipped: data "
-        "unchanged'.",
-    )
-    _config_args(retrain)
-    retrain.add_argument(
-        "--force", action="store_true", help="train even when the champion was trained on this data version"
-    )
-    retrain.set_defaults(handler=cmd_retrain)
-
-    schedule = commands.add_parser(
-        "schedule",
-        help="serve the retraining deployment on a cron schedule from this machine (Prefect)",
-        description="Register the `vggflow-retrain` deployment with a Prefect server and run its scheduled and "
-        "triggered runs here until stopped (Ctrl-C/SIGTERM). Without PREFECT_API_URL a local server is started on "
-        "127.0.0.1 and stopped with it. See docs/scheduling.md.",
-    )
-    _config_args(schedule)
-    schedule.add_argument("--cron", metavar="EXPR", help='cron expression (default: schedule.cron, "0 3 * * *")')
-    schedule.add_argument(
-        "--timezone", metavar="TZ", help="IANA timezone of the cron expression (default: schedule.timezone, UTC)"
-    )
-    schedule.set_defaults(handler=cmd_schedule)
-
-    ui = commands.add_parser(
-        "ui",
-        help="start the MLflow UI (tracking server) over the project's store until Ctrl-C",
-        description="Serve the MLflow UI and REST API over the configured tracking store (runs, stage runs, metrics, "
-        "artifacts, registered versions) on 127.0.0.1; prints the URL, stops cleanly on Ctrl-C/SIGTERM.",
-    )
-    _config_args(ui)
-    ui.add_argument("--port", type=int, default=5000, help="TCP port (default: 5000; 0 = any free port)")
-    ui.add_argument(
-        "--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; the UI has no authentication)"
-    )
-    ui.set_defaults(handler=cmd_ui)
-
-    config = commands.add_parser(
-        "config", help="print the effective configuration", description="Print the effective configuration as YAML."
-    )
-    _config_args(config)
-    config.set_defaults(handler=cmd_config)
+    for name, (handler, summary, description, arguments) in COMMANDS.items():
+        command = commands.add_parser(name, help=summary, description=description)
+        for names, settings in arguments + CONFIG_OPTIONS:
+            command.add_argument(*names, **settings)
+        command.set_defaults(handler=handler)
     return parser
 
 

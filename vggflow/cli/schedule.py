@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vggflow.errors import ConfigError, VggflowError
-from vggflow.processes import SupervisedProcess, become_subreaper, port_in_use, stop_descendants
+from vggflow.processes import SupervisedProcess, become_subreaper, http_ok, port_in_use, stop_descendants
 
 if TYPE_CHECKING:
     from vggflow.config import ScheduleConfig
@@ -140,12 +140,7 @@ def configured_api_url() -> str | None:
 
 def server_healthy(api_url: str, timeout: float = 5.0) -> bool:
     """Whether a Prefect API answers ``/health`` at ``api_url``."""
-    import httpx
-
-    try:
-        return httpx.get(api_url.rstrip("/") + "/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return http_ok(api_url.rstrip("/") + "/health", timeout)
 
 
 def local_server(port: int, log_file: Path) -> LocalServer:
