@@ -30,7 +30,7 @@ class RetrainOutcome(BaseModel):
     reason: str
     data: DataState
     decision: RetrainDecision
-    training: dict | None = None  # flows.train.TrainingSummary as JSON (importing it here costs seconds)
+    training: dict | None = None  # vggflow.summary.TrainingSummary as JSON
 
 
 @flow(name="vggflow-retrain", log_prints=True)

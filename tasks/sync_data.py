@@ -20,12 +20,8 @@ from pydantic import BaseModel
 from vggflow import mlflow_tags
 from vggflow.config import DataConfig, TrackingConfig
 from vggflow.errors import DataError, VggflowError
+from vggflow.registry import CHALLENGER, CHAMPION
 from vggflow.tracking import read_dvc_md5
-
-# Registry aliases, as set by tasks/promote.py (CHAMPION, CHALLENGER). Not imported from there:
-# that module pulls in scikit-learn, ~2 s on every skipped run. tests/test_retrain.py checks
-# that they stay equal.
-CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"
 
 
 class DataState(BaseModel):
@@ -181,12 +177,12 @@ def read_registry_state(client, model_name: str) -> RegistryState:
     from mlflow.exceptions import MlflowException
 
     refs: dict[str, VersionRef | None] = {}
-    for alias in (CHAMPION_ALIAS, CHALLENGER_ALIAS):
+    for alias in (CHAMPION, CHALLENGER):
         try:
             refs[alias] = version_ref(client.get_model_version_by_alias(model_name, alias))
         except MlflowException:  # no such model or alias
             refs[alias] = None
-    return RegistryState(model_name=model_name, champion=refs[CHAMPION_ALIAS], challenger=refs[CHALLENGER_ALIAS])
+    return RegistryState(model_name=model_name, champion=refs[CHAMPION], challenger=refs[CHALLENGER])
 
 
 def decide_retrain(data_version: str, registry: RegistryState, force: bool) -> RetrainDecision:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +84,45 @@ def test_validate_command_writes_the_report_and_sets_the_exit_status(project):
     assert done.returncode == 2 and "Traceback" not in done.stderr
 
 
+#: Where users read suggested commands: messages, docstrings, configs and docs.
+SUGGESTING = ["vggflow", "tasks", "flows", "configs", "docs", "benchmarks", "scripts"]
+SUGGESTING_FILES = ["README.md", "BENCHMARKS.md", "DATA.md", "prefect.yaml", "Makefile"]
+
+
+def suggested_commands() -> list[tuple[str, str]]:
+    """Every `vggflow …` command line quoted in backticks, with where it was found."""
+    root = Path(__file__).resolve().parents[1]
+    paths = [root / name for name in SUGGESTING_FILES]
+    for folder in SUGGESTING:
+        paths += [p for p in sorted((root / folder).rglob("*")) if p.suffix in (".py", ".md", ".yaml", ".yml")]
+    found = []
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for command in re.findall(r"`(vggflow [^`]+)`", line):
+                found.append((command, f"{path.relative_to(root)}:{number}"))
+    return found
+
+
+def test_every_suggested_command_and_option_exists():
+    """A message, docstring or doc that suggests `vggflow SUB --option` names a real command and option."""
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    found = suggested_commands()
+    assert any(command.startswith("vggflow config") for command, _ in found)
+    wrong = []
+    for command, where in found:
+        words = shlex.split(command.split("|")[0].replace("[", " ").replace("]", " "))[1:]
+        if not words or "{" in words[0]:  # a template such as `vggflow {command}`
+            continue
+        sub = words[0]
+        options = parser if sub.startswith("-") else commands.get(sub)
+        known = {o for action in options._actions for o in action.option_strings} if options else set()
+        unknown = [w.split("=")[0] for w in words if w.startswith("-") and w.split("=")[0] not in known]
+        if options is None or unknown:
+            wrong.append(f"{where}: `{command}`")
+    assert wrong == []
+
+
 def test_config_command_prints_the_effective_config(capsys):
     assert main(["config", "--set", "head.epochs=3"]) == 0
     assert "epochs: 3" in capsys.readouterr().out
@@ -102,7 +143,8 @@ def test_console_script_exit_runs_cleanup_flushes_output_and_keeps_the_exit_code
     )
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.splitlines()
-    assert lines[0] == "seed: 42" and "  deployment_name: nightly" in lines  # the whole config, flushed
+    # The whole config, flushed (the worker thread may print before or after it).
+    assert "seed: 42" in lines and "  deployment_name: nightly" in lines
     assert lines[-1] == "atexit handler ran" and "worker thread finished" in lines  # threads first, then atexit
 
     bad = subprocess.run(

@@ -29,7 +29,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import tiny_overrides, write_dataset
-from vggflow import dashboard
+from vggflow import dashboard, processes
 from vggflow.cli import main
 
 VGGFLOW = [sys.executable, "-m", "vggflow.cli"]
@@ -116,16 +116,6 @@ def test_ui_refuses_a_busy_port(project: Path, capsys) -> None:
     assert f"port {port}" in err and "already in use" in err and "Traceback" not in err
 
 
-def test_sigint_and_sigterm_request_a_stop_and_handlers_are_restored() -> None:
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        stop = threading.Event()
-        with dashboard._stop_on_signals(stop):
-            os.kill(os.getpid(), sig)
-            assert stop.wait(5), f"{sig.name} did not request a stop"
-    assert {sig: signal.getsignal(sig) for sig in before} == before
-
-
 def test_saved_views_show_the_primary_metric_and_data_version() -> None:
     tags = dashboard.compare_view_tags("macro_f1", created_ms=1)
     prefix = "mlflow.sharedViewState."
@@ -206,7 +196,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> Iterator
 
     import psutil
 
-    port = dashboard.free_port()
+    port = processes.free_port()
     cli = subprocess.Popen(
         [*VGGFLOW, "ui", "--port", str(port)],
         cwd=folder,
@@ -253,7 +243,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> Iterator
                 cli.wait(60)
             except subprocess.TimeoutExpired:
                 cli.kill()
-        if pgid is not None and dashboard.group_members(pgid):
+        if pgid is not None and processes.group_members(pgid):
             os.killpg(pgid, signal.SIGKILL)
 
 
@@ -444,10 +434,10 @@ def test_ctrl_c_stops_the_server_group_and_frees_the_port(served: Dashboard) -> 
     assert served.cli.wait(timeout=dashboard.STOP_GRACE_S + 30) == 0
     time.sleep(0.5)  # the output thread
     assert served.output[-1] == "stopped" and "Traceback" not in "\n".join(served.output)
-    assert dashboard.group_members(served.server_pgid) == []
+    assert processes.group_members(served.server_pgid) == []
     leftovers = [pid for pid in served.server_pids if Path(f"/proc/{pid}").exists() and _state(pid) not in ("Z", "X")]
     assert leftovers == [], f"server processes left behind: {leftovers}"
-    assert not dashboard.port_in_use("127.0.0.1", served.port)
+    assert not processes.port_in_use("127.0.0.1", served.port)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{served.url}/health", timeout=5)
 

@@ -19,13 +19,14 @@ pytest.importorskip("keras")
 
 from tests.conftest import write_dataset
 from vggflow.config import Config, HeadConfig, RegistryConfig
-from vggflow.dashboard import free_port
 from vggflow.images import load_rgb
 from vggflow.model import build_base, build_classifier, resolve_weights
+from vggflow.processes import free_port
 from vggflow.promotion import RegisteredVersion
+from vggflow.registry import CHALLENGER, CHAMPION, PREVIOUS, rollback
 from vggflow.scoring import score
 from vggflow.tasks.features import compute_features
-from vggflow.tasks.promote import CHALLENGER, CHAMPION, PREVIOUS, promote_if_better, rollback
+from vggflow.tasks.promote import promote_if_better
 from vggflow.tasks.register import log_classifier, register_version
 from vggflow.tasks.train_head import train_head_on_features as train_head
 from vggflow.tracking import connect

@@ -22,10 +22,10 @@ import yaml
 
 from tests.conftest import PROJECT_ROOT, tiny_overrides
 from tests.test_retrain import make_dvc_project
+from vggflow.cli.schedule import LocalServer, deployment_parameters, resolve_schedule, serving_message
 from vggflow.config import ScheduleConfig
-from vggflow.dashboard import free_port
 from vggflow.errors import ConfigError
-from vggflow.scheduling import LocalServer, deployment_parameters, resolve_schedule, serving_message
+from vggflow.processes import SupervisedProcess, free_port
 
 DEPLOYMENT = "vggflow-retrain/nightly"
 VGGFLOW = str(Path(sys.executable).parent / "vggflow")
@@ -52,10 +52,12 @@ def test_deployment_parameters_and_message(tmp_path: Path, monkeypatch: pytest.M
         "overrides": ["head.epochs=3"],
         "force": False,
     }
-    server = LocalServer("http://127.0.0.1:4200/api", subprocess.Popen(["true"]), tmp_path / "server.log")
+    process = SupervisedProcess(["true"], name="the Prefect server", log_path=tmp_path / "server.log")
+    server = LocalServer("http://127.0.0.1:4200/api", process)
     text = serving_message(DEPLOYMENT, "0 3 * * *", "UTC", server.api_url, "abc-123", server, "/x/results")
     assert f"prefect deployment run '{DEPLOYMENT}'" in text
     assert "http://127.0.0.1:4200/deployments/deployment/abc-123" in text and "stops with it" in text
+    assert f"(log: {tmp_path / 'server.log'})" in text
 
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

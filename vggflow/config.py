@@ -285,7 +285,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; `vggflow config --show` prints every valid key)"
+            message = "unknown key (check the spelling; `vggflow config` prints every valid key)"
         given = problem.get("input")
         shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
         lines.append(f"  - {where}: {message}{shown}")

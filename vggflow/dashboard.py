@@ -1,12 +1,13 @@
 """`vggflow ui`: the MLflow tracking server (UI + REST API) over the project's store.
 
-The server runs as a child process in its own session (process group), so that a Ctrl-C in the
-terminal reaches only us; we then stop the *whole group* (the ``mlflow server`` launcher and its
-uvicorn worker): SIGTERM, a grace period, SIGKILL for what is left. Nothing survives us.
+The server is a supervised process (:class:`vggflow.processes.SupervisedProcess`) in its own
+process group, so that a Ctrl-C in the terminal reaches only us; we then stop the *whole group*
+(the ``mlflow server`` launcher and its uvicorn worker): SIGTERM, a grace period, SIGKILL for
+what is left. Nothing survives us.
 
-Settings a small offline machine needs (measured, see the stack notes): one worker, MLflow's
-background job runner off (otherwise it leaves orphan ``huey_consumer`` processes and start-up
-takes ~75 s instead of ~20 s), telemetry off.
+Settings a small offline machine needs (see the stack notes): one worker, MLflow's background
+job runner off (otherwise it leaves orphan ``huey_consumer`` processes and start-up takes several
+times longer), telemetry off.
 
 Nothing here imports MLflow: the server is a subprocess, and the REST calls use ``requests``.
 """
@@ -14,27 +15,21 @@ Nothing here imports MLflow: the server is a subprocess, and the REST calls use 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import Self
 from urllib.parse import quote, urlparse
 
 from vggflow import mlflow_tags
 from vggflow.errors import VggflowError
+from vggflow.processes import SupervisedProcess, port_in_use, stop_on_signals
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
-#: Healthy after ~12-25 s on 2 idle cores; much longer when the cores are busy (e.g. a test run).
+#: Generous: start-up takes several times longer when the cores are busy (e.g. a test run).
 STARTUP_TIMEOUT_S = 180.0
 #: Uvicorn finishes in-flight requests on SIGTERM; 10 s is plenty for a local UI.
 STOP_GRACE_S = 10.0
@@ -51,7 +46,7 @@ SERVER_ENV_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true
 
 
 class DashboardError(VggflowError):
-    """The tracking server could not be started (port taken, store unusable, crashed)."""
+    """The tracking store cannot be served here (already a server, port taken, the server died)."""
 
 
 @dataclass(frozen=True)
@@ -223,180 +218,16 @@ def exposure_warning(host: str) -> str | None:
     )
 
 
-def free_port(host: str = DEFAULT_HOST) -> int:
-    """A TCP port that is free on ``host`` right now (for tests and ``--port 0``)."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether ``host:port`` cannot be bound (something listens there, or is about to)."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        # Same option uvicorn uses: a port in TIME_WAIT after a clean stop counts as free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid``, from ``/proc`` (Linux)."""
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        # Fields after the parenthesised command: state, ppid, pgrp, ...
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
-
-
-class DashboardServer:
-    """An ``mlflow server`` child process group: start, wait until healthy, stop cleanly.
-
-    Usable as a context manager (stops on exit, also on errors).
-    """
-
-    def __init__(self, spec: ServerSpec, log_path: Path, env: Mapping[str, str] | None = None) -> None:
-        self.spec = spec
-        self.log_path = Path(log_path)
-        self.env = server_env(env)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return self.spec.url
-
-    @property
-    def pgid(self) -> int | None:
-        """The server's process group (= its pid, as a session leader), once started."""
-        return self.process.pid if self.process else None
-
-    def start(self) -> None:
-        """Start the server in its own session; returns at once (see :meth:`wait_until_healthy`).
-
-        Raises:
-            DashboardError: the port is taken.
-        """
-        if self.process is not None:
-            raise RuntimeError("the server was already started")
-        if port_in_use(self.spec.host, self.spec.port):
-            raise DashboardError(
-                f"port {self.spec.port} on {self.spec.host} is already in use (another `vggflow ui` or "
-                "MLflow server?); choose another with --port"
-            )
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(server_command(self.spec))}\n".encode())
-            log.flush()
-            # The server logs every request: to a file, not over the user's terminal.
-            self.process = subprocess.Popen(
-                server_command(self.spec),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,  # own group: terminal signals reach only us, we stop the group
-            )
-
-    def healthy(self) -> bool:
-        """Whether ``/health`` answers 200 now."""
-        import requests
-
-        try:
-            return requests.get(f"{self.url}/health", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def wait_until_healthy(self, timeout: float = STARTUP_TIMEOUT_S, stop: threading.Event | None = None) -> bool:
-        """Poll ``/health`` until it answers.
-
-        Args:
-            timeout: seconds to wait.
-            stop: when set meanwhile (a signal), give up and return False.
-
-        Returns:
-            True when healthy, False when ``stop`` was set.
-
-        Raises:
-            DashboardError: the server exited, or did not answer within ``timeout``.
-        """
-        if self.process is None:
-            raise RuntimeError("start() the server first")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if stop is not None and stop.is_set():
-                return False
-            code = self.process.poll()
-            if code is not None:
-                raise DashboardError(f"the MLflow server exited with status {code} while starting:\n{self.log_tail()}")
-            if self.healthy():
-                return True
-            (stop or threading.Event()).wait(0.5)
-        raise DashboardError(
-            f"the MLflow server did not answer {self.url}/health within {timeout:.0f} s; log: {self.log_path}\n"
-            f"{self.log_tail()}"
-        )
-
-    def stop(self, grace: float = STOP_GRACE_S) -> int | None:
-        """Stop the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds. Idempotent.
-
-        Returns:
-            The launcher's exit status (None if it was never started).
-        """
-        if self.process is None:
-            return None
-        pgid = self.process.pid
-        self._signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        # Workers may outlive the launcher by a moment (or hang): wait for the group, then kill it.
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if group_members(pgid):
-            self._signal_group(pgid, signal.SIGKILL)
-            kill_deadline = time.monotonic() + 5
-            while group_members(pgid) and time.monotonic() < kill_deadline:
-                time.sleep(0.05)
-        return self.process.wait()
-
-    @staticmethod
-    def _signal_group(pgid: int, sig: signal.Signals) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:  # the group is already gone
-            pass
-
-    def log_tail(self, lines: int = 15) -> str:
-        """The last lines of the server's log (for error messages)."""
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as log:
-                tail = deque(log, maxlen=lines)
-        except OSError:
-            return f"(no server log at {self.log_path})"
-        return "".join("  | " + line for line in tail).rstrip("\n")
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def server_process(spec: ServerSpec, log_path: Path, env: Mapping[str, str] | None = None) -> SupervisedProcess:
+    """The ``mlflow server`` as a supervised process group (not started), healthy when ``/health`` answers."""
+    return SupervisedProcess(
+        server_command(spec),
+        name="the MLflow server",
+        health=f"{spec.url}/health",
+        log_path=log_path,
+        env=server_env(env),
+        grace=STOP_GRACE_S,
+    )
 
 
 def experiment_links(base_url: str, experiment_name: str) -> list[tuple[str, str]]:
@@ -449,22 +280,6 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Turn SIGINT/SIGTERM/SIGHUP into ``stop`` (restoring the previous handlers afterwards)."""
-    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def serve(
     spec: ServerSpec,
     log_path: Path,
@@ -478,28 +293,34 @@ def serve(
         0 after a requested stop.
 
     Raises:
-        DashboardError: the server could not start or died.
+        DashboardError: the port is taken, or the server died.
+        ProcessError: the server exited while starting, or did not answer in time.
     """
     out = out or _say
     warning = exposure_warning(spec.host)
     if warning:
         out(warning)
     stop = threading.Event()
-    server = DashboardServer(spec, log_path)
-    with _stop_on_signals(stop):
+    server = server_process(spec, log_path)
+    with stop_on_signals(stop):
         try:
             out(f"starting the MLflow UI over {spec.backend_uri} (artifacts: {spec.artifact_root}) …")
+            if port_in_use(spec.host, spec.port):
+                raise DashboardError(
+                    f"port {spec.port} on {spec.host} is already in use (another `vggflow ui` or MLflow server?); "
+                    "choose another with --port"
+                )
             server.start()
-            if not server.wait_until_healthy(startup_timeout, stop):
+            if not server.wait_until_healthy(startup_timeout, stop, every=0.5):
                 out("stopping (interrupted while starting)")
                 return 0
-            out(f"MLflow UI: {server.url}   (Ctrl-C to stop)")
-            links = experiment_links(server.url, experiment_name) + [("server log", str(server.log_path))]
+            out(f"MLflow UI: {spec.url}   (Ctrl-C to stop)")
+            links = experiment_links(spec.url, experiment_name) + [("server log", str(log_path))]
             width = max(len(label) for label, _ in links)
             for label, link in links:
                 out(f"  {label:<{width}}  {link}")
             while not stop.wait(0.5):
-                code = server.process.poll() if server.process else None
+                code = server.poll()
                 if code is not None:
                     raise DashboardError(f"the MLflow server exited unexpectedly (status {code}):\n{server.log_tail()}")
             out("stopping the MLflow UI …")

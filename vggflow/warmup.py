@@ -1,17 +1,19 @@
 """Overlap the fixed start-up costs of `vggflow train`.
 
-A cold run on a 2-core machine would otherwise pay, one after the other: ~10 s importing
-TensorFlow, ~6-9 s creating a new sqlite tracking store (MLflow's migrations) and ~6 s starting
-Prefect's temporary server (~3 s of which is importing the server's modules into *this*
-process). They do not depend on each other, and Python threads cannot import in parallel (the
+A cold run would otherwise pay, one after the other, for importing TensorFlow, creating a new
+sqlite tracking store (MLflow's migrations) and starting Prefect's temporary server (partly
+spent importing the server's modules into *this* process); BENCHMARKS.md, benchmark 4, has the
+numbers. They do not depend on each other, and Python threads cannot import in parallel (the
 GIL), so the two that can leave this process do:
 
 - the store is created by a short-lived subprocess (``python -m vggflow.warmup``) holding the
   lock that :func:`vggflow.tracking.connect` waits on;
-- Prefect's temporary server is launched here as a subprocess exactly as Prefect launches it
-  (uvicorn + ``prefect.server.api.server:create_app``), bound to 127.0.0.1, and this process
-  points ``PREFECT_API_URL`` at it. It dies with this process, even on ``kill -9``
-  (``PR_SET_PDEATHSIG``), so no server is ever left behind.
+- Prefect's temporary server is launched here as a supervised process
+  (:class:`vggflow.processes.SupervisedProcess`) exactly as Prefect launches it (uvicorn +
+  ``prefect.server.api.server:create_app``), bound to 127.0.0.1, and this process points
+  ``PREFECT_API_URL`` at it. In its own process group, a Ctrl-C reaches the flow alone, which
+  can still report its final state to the server; the server stops when this process exits
+  and dies with it even on ``kill -9``, so no server is ever left behind.
 
 Meanwhile the main thread imports TensorFlow.
 """
@@ -19,17 +21,15 @@ Meanwhile the main thread imports TensorFlow.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from vggflow.config import TrackingConfig
-from vggflow.dashboard import free_port
+from vggflow.errors import ConfigError
+from vggflow.processes import SupervisedProcess, free_port
 
 
 def start_store_creation(tracking: TrackingConfig) -> subprocess.Popen | None:
@@ -46,83 +46,63 @@ def start_store_creation(tracking: TrackingConfig) -> subprocess.Popen | None:
     )
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: receive SIGTERM when the parent dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass
+def prefect_server_command(port: int) -> list[str]:
+    """Prefect's temporary server as Prefect itself launches it, bound to 127.0.0.1:``port``."""
+    prefect_root = Path(importlib.util.find_spec("prefect").origin).parent  # without importing it
+    return [
+        sys.executable, "-m", "uvicorn",
+        "--app-dir", str(prefect_root.parent),
+        "--factory", "prefect.server.api.server:create_app",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--log-level", "error",
+        "--lifespan", "on",
+    ]  # fmt: skip
 
 
-class LocalPrefectServer:
-    """Prefect's temporary API server, owned by this process."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        prefect_root = Path(importlib.util.find_spec("prefect").origin).parent  # without importing it
-        env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        env.pop("PREFECT_API_URL", None)
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--app-dir",
-                str(prefect_root.parent),
-                "--factory",
-                "prefect.server.api.server:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "error",
-                "--lifespan",
-                "on",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )
-        atexit.register(self.stop)
-
-    def wait_ready(self, timeout: float) -> None:
-        """Block until the server answers ``/health``; raises RuntimeError after ``timeout`` s."""
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Prefect's temporary server exited with status {self.process.returncode}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.25)
-        raise RuntimeError(f"Prefect's temporary server did not answer within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_local_prefect_server() -> LocalPrefectServer | None:
+def start_local_prefect_server() -> SupervisedProcess | None:
     """Start a temporary Prefect server unless ``PREFECT_API_URL`` is set; point this process at it.
 
-    Must run before Prefect is imported (Prefect reads its settings at import).
+    Must run before Prefect is imported (Prefect reads its settings at import). The server stops
+    when this process exits (``atexit``), or dies with it; wait for it with :func:`wait_until_ready`.
     """
     if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         return None
-    server = LocalPrefectServer()
-    os.environ["PREFECT_API_URL"] = server.url
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env.pop("PREFECT_API_URL", None)
+    server = SupervisedProcess(
+        prefect_server_command(port), name="Prefect's temporary server", health=f"{url}/health", env=env
+    ).start()
+    atexit.register(server.stop)
+    os.environ["PREFECT_API_URL"] = url
     return server
+
+
+def wait_until_ready(server: SupervisedProcess | None) -> None:
+    """Wait for a server from :func:`start_local_prefect_server` (None: nothing to wait for).
+
+    The limit is Prefect's own start-up setting, ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``.
+
+    Raises:
+        ProcessError: it exited or did not answer in time.
+    """
+    if server is not None:
+        server.wait_until_healthy(startup_timeout())
+
+
+def startup_timeout() -> float:
+    """Seconds to wait for a Prefect server to start: ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``.
+
+    Raises:
+        ConfigError: the variable is not a number.
+    """
+    value = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: not a number: {value!r}") from None
 
 
 def _create_store(tracking_json: str) -> None:

@@ -16,22 +16,26 @@ the runs' leftovers first, then the local server. See docs/scheduling.md.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vggflow.config import ScheduleConfig, load_config
 from vggflow.errors import ConfigError, VggflowError
+from vggflow.processes import SupervisedProcess, become_subreaper, http_ok, port_in_use, stop_descendants
+
+if TYPE_CHECKING:
+    from vggflow.config import ScheduleConfig
 
 FLOW_NAME = "vggflow-retrain"  # the @flow name in flows/retrain.py (importing it to read it costs seconds)
 LOCAL_HOST = "127.0.0.1"  # the Prefect UI and API have no authentication: never bind wider by default
 DEFAULT_PORT = 4200
+#: Seconds a stopped process gets between SIGTERM and SIGKILL.
 STOP_TIMEOUT = 15.0
 
 
@@ -41,15 +45,18 @@ class _Terminated(BaseException):
 
 @dataclass
 class LocalServer:
-    """A Prefect server this command started (or found running, ``owned=False``)."""
+    """A Prefect server this command starts (or found running: no ``process``, ``owned=False``)."""
 
     api_url: str
-    process: subprocess.Popen | None
-    log_file: Path | None
+    process: SupervisedProcess | None = None
 
     @property
     def owned(self) -> bool:
         return self.process is not None
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    return serve_retraining(args.config, list(args.overrides), cron=args.cron, timezone=args.timezone)
 
 
 def resolve_schedule(cfg: ScheduleConfig, cron: str | None, timezone: str | None) -> tuple[str, str]:
@@ -106,7 +113,9 @@ def serving_message(
         f"prefect server    {api_url}",
     ]
     if server is not None and server.owned:
-        lines.append(f"                  started by vggflow on {LOCAL_HOST}, stops with it (log: {server.log_file})")
+        lines.append(
+            f"                  started by vggflow on {LOCAL_HOST}, stops with it (log: {server.process.log_path})"
+        )
     elif server is not None:
         lines.append("                  already running on this machine (left running on exit)")
     lines += [
@@ -131,113 +140,50 @@ def configured_api_url() -> str | None:
 
 def server_healthy(api_url: str, timeout: float = 5.0) -> bool:
     """Whether a Prefect API answers ``/health`` at ``api_url``."""
-    import httpx
-
-    try:
-        return httpx.get(api_url.rstrip("/") + "/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return http_ok(api_url.rstrip("/") + "/health", timeout)
 
 
-def _die_with_parent() -> None:
-    """In the child (Linux): get SIGTERM if the scheduler dies without cleaning up (e.g. SIGKILL)."""
-    with suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _become_subreaper() -> None:
-    """(Linux) Adopt orphaned descendants, so processes left by a killed run can still be stopped."""
-    with suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
-
-
-def start_local_server(port: int, log_file: Path, timeout: float) -> LocalServer:
-    """Start ``prefect server start`` on 127.0.0.1:``port`` and wait until it answers.
+def local_server(port: int, log_file: Path) -> LocalServer:
+    """The Prefect server on 127.0.0.1:``port``: one already answering there, or one to start.
 
     Raises:
-        VggflowError: the port is taken by something else, or the server did not come up in time.
+        VggflowError: something else holds the port.
     """
     api_url = f"http://{LOCAL_HOST}:{port}/api"
     if server_healthy(api_url, timeout=2):
-        return LocalServer(api_url, None, None)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", LOCAL_HOST, "--port", str(port)]
-    with open(log_file, "ab") as log:
-        # Own session: a Ctrl-C in the terminal must not stop the server before the runner has
-        # paused its schedule through it; we stop it ourselves, last.
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        return LocalServer(api_url)
+    if port_in_use(LOCAL_HOST, port):
+        raise VggflowError(
+            f"port {port} on {LOCAL_HOST} is in use by something that is not a Prefect server; set "
+            "PREFECT_SERVER_API_PORT to use another"
         )
-    server = LocalServer(api_url, process, log_file)
-    print(f"vggflow schedule: starting a local Prefect server on {LOCAL_HOST}:{port} (log: {log_file}) …", flush=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = log_file.read_text(errors="replace")[-600:]
-                raise VggflowError(
-                    f"the Prefect server exited with status {process.returncode} while starting (port {port} in use? "
-                    f"set PREFECT_SERVER_API_PORT to use another):\n{tail}"
-                )
-            if server_healthy(api_url, timeout=2):
-                return server
-            time.sleep(1)
-    except BaseException:  # includes a SIGTERM/Ctrl-C while waiting: never leave it behind
-        stop_process_group(process)
-        raise
-    stop_process_group(process)
-    raise VggflowError(
-        f"the Prefect server did not answer within {timeout:.0f} s (see {log_file}); raise "
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one yourself (docs/scheduling.md)"
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", LOCAL_HOST, "--port", str(port)]
+    # In its own process group, a Ctrl-C in the terminal does not stop the server before the
+    # runner has paused its schedule through it; we stop it ourselves, last.
+    process = SupervisedProcess(
+        command,
+        name="the Prefect server",
+        health=f"{api_url}/health",
+        log_path=log_file,
+        grace=STOP_TIMEOUT,
+        exit_hint=f" (port {port} in use? set PREFECT_SERVER_API_PORT to use another)",
+        timeout_hint="; raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one yourself "
+        "(docs/scheduling.md)",
     )
+    return LocalServer(api_url, process)
 
 
-def stop_process_group(process: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM a child's process group, then SIGKILL what is left after ``timeout`` seconds."""
-    if process.poll() is not None:
-        return
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def _server_port() -> int:
+    """The local server's port: ``PREFECT_SERVER_API_PORT``, as Prefect's own server reads it.
 
-
-def stop_descendants(exclude: set[int], timeout: float = STOP_TIMEOUT) -> list[int]:
-    """Stop every remaining descendant of this process except ``exclude`` (and theirs).
-
-    The runner already cancelled runs in progress; this catches what they left behind (worker
-    pools, resource trackers). Returns the pids that had to be stopped.
+    Raises:
+        ConfigError: the variable is not a number.
     """
-    import psutil
-
-    me = psutil.Process()
-    skipped: set[int] = set()
-    for pid in exclude:
-        with suppress(psutil.Error):
-            skipped |= {pid} | {p.pid for p in psutil.Process(pid).children(recursive=True)}
-    left = [p for p in me.children(recursive=True) if p.pid not in skipped]
-    for proc in left:
-        with suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(left, timeout=timeout)
-    for proc in alive:
-        with suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-    return [p.pid for p in left]
+    value = os.environ.get("PREFECT_SERVER_API_PORT", str(DEFAULT_PORT))
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"PREFECT_SERVER_API_PORT: not a port number: {value!r}") from None
 
 
 def _watch_server(server: LocalServer, stopping: threading.Event, died: threading.Event) -> None:
@@ -314,10 +260,13 @@ def serve_retraining(
     Raises:
         VggflowError: bad config/schedule, unreachable server, server start-up failure.
     """
+    from vggflow.config import load_config
+    from vggflow.warmup import startup_timeout
+
     cfg = load_config(config_file, overrides)
     cron, timezone = resolve_schedule(cfg.schedule, cron, timezone)
     parameters = deployment_parameters(config_file, overrides)
-    _become_subreaper()
+    become_subreaper()
 
     def terminated(signum, frame):
         raise _Terminated()
@@ -328,16 +277,15 @@ def serve_retraining(
     try:
         api_url = configured_api_url()
         if api_url is None:
-            try:
-                port = int(os.environ.get("PREFECT_SERVER_API_PORT", DEFAULT_PORT))
-                timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
-            except ValueError as err:
-                raise ConfigError(
-                    f"PREFECT_SERVER_API_PORT / PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: {err}"
-                ) from None
-            server = start_local_server(port, cfg.work_dir / "prefect" / "server.log", timeout)
+            port, timeout, log_file = _server_port(), startup_timeout(), cfg.work_dir / "prefect" / "server.log"
+            server = local_server(port, log_file)
             api_url = server.api_url
             if server.owned:
+                print(
+                    f"vggflow schedule: starting a local Prefect server on {LOCAL_HOST}:{port} (log: {log_file}) …",
+                    flush=True,
+                )
+                server.process.start().wait_until_healthy(timeout)
                 threading.Thread(target=_watch_server, args=(server, stopping, server_died), daemon=True).start()
         elif not server_healthy(api_url):
             raise VggflowError(
@@ -361,15 +309,17 @@ def serve_retraining(
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         stopping.set()
         try:
-            owned = {server.process.pid} if server and server.owned else set()
-            stop_descendants(exclude=owned)
-            if server and server.owned:
-                print("vggflow schedule: stopping the local Prefect server", flush=True)
-                stop_process_group(server.process)
+            process = server.process if server is not None else None
+            started = process is not None and process.pid is not None
+            stop_descendants(exclude={process.pid} if started else set(), timeout=STOP_TIMEOUT)
+            if started:
+                if process.poll() is None:
+                    print("vggflow schedule: stopping the local Prefect server", flush=True)
+                process.stop()
         finally:
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, old_int)
     if server_died.is_set():
-        raise VggflowError(f"the local Prefect server stopped unexpectedly (log: {server.log_file})")
+        raise VggflowError(f"the local Prefect server stopped unexpectedly (log: {server.process.log_path})")
     print("vggflow schedule: stopped", flush=True)
     return 0

@@ -1,0 +1,207 @@
+"""The `vggflow` command line: the parser, :func:`main` and the console script.
+
+The command handlers live beside this module, one per concern: ``training`` (train, retrain),
+``schedule`` (schedule), ``models`` (registry, promote, rollback, predict), ``inputs``
+(validate, config) and ``ui``; ``summary`` formats the end-of-training summary. This package is
+the only part of vggflow that imports the flows (imports go command line → flows → tasks →
+core; ``tests/test_layers.py`` checks it). The handlers import heavy libraries (TensorFlow,
+Prefect, MLflow, even the config's pydantic models) inside their bodies, so `vggflow --help`
+and config errors answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import signal
+import sys
+import threading
+from typing import NoReturn
+
+from vggflow.cli.inputs import cmd_config, cmd_validate
+from vggflow.cli.models import cmd_predict, cmd_promote, cmd_registry, cmd_rollback
+from vggflow.cli.schedule import cmd_schedule
+from vggflow.cli.training import cmd_retrain, cmd_train
+from vggflow.cli.ui import cmd_ui
+from vggflow.errors import VggflowError
+
+#: The options every command takes: which config, and overrides of single values.
+CONFIG_OPTIONS = [
+    (("--config",), dict(metavar="FILE", help="YAML config (default: built-in defaults; see configs/)")),
+    (
+        ("--set",),
+        dict(
+            dest="overrides",
+            metavar="SECTION.KEY=VALUE",
+            action="append",
+            default=[],
+            help="override one config value (repeatable), e.g. --set head.epochs=5",
+        ),
+    ),
+]
+
+
+def option(*names: str, **settings) -> tuple[tuple[str, ...], dict]:
+    """One ``add_argument`` call's arguments, for :data:`COMMANDS`."""
+    return names, settings
+
+
+#: Every subcommand: name → (handler, one-line help, description, its own arguments).
+COMMANDS = {
+    "train": (
+        cmd_train,
+        "run the training flow (validate → head → fine-tune → evaluate → log → promote)",
+        "Run the whole training flow once and print the run, chosen freeze configuration, metrics and model version.",
+        [
+            option("--data", metavar="DIR", help="folder of labelled images DIR/<class>/<image> (default: data.dir)"),
+            option("--no-promote", action="store_true", help="register the new version without touching aliases"),
+        ],
+    ),
+    "validate": (
+        cmd_validate,
+        "validate a folder of labelled images (exit 0 usable, 2 not usable)",
+        "Decode every file, report unusable ones, assign splits; writes a JSON report, a manifest and an HTML page.",
+        [
+            option("data_dir", metavar="DATA_DIR", help="folder of labelled images DATA_DIR/<class>/<image>"),
+            option(
+                "--report", metavar="PATH.json", help="where to write the JSON report (manifest and HTML beside it)"
+            ),
+        ],
+    ),
+    "registry": (
+        cmd_registry,
+        "list registered versions with aliases, metrics, data versions, freeze configuration",
+        "List the versions of the registered model, newest first.",
+        [],
+    ),
+    "promote": (
+        cmd_promote,
+        "make VERSION the @champion by hand (the former champion becomes @previous)",
+        "Manual override of the promotion gate; the reason is recorded on the version.",
+        [
+            option("version", metavar="VERSION", help="registered version number"),
+            option("--reason", required=True, help="why (recorded as a tag on the version)"),
+        ],
+    ),
+    "rollback": (
+        cmd_rollback,
+        "move @champion back to @previous",
+        "Move @champion back to @previous; the rolled-back version becomes @previous (a second rollback undoes it).",
+        [],
+    ),
+    "predict": (
+        cmd_predict,
+        "label images with a registered model (one line per image)",
+        "Print the top-k labels and probabilities of each image; unreadable files are reported, not fatal.",
+        [
+            option(
+                "inputs", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)"
+            ),
+            option("--model", help="model URI (default: models:/<registry.model_name>@champion)"),
+            option("--top-k", type=int, default=3, help="labels per image (default: 3)"),
+        ],
+    ),
+    "retrain": (
+        cmd_retrain,
+        "retrain only if the DVC data version changed since the @champion (what the schedule runs)",
+        "Read the data version from the DVC file (dvc pull when data/ does not match it), compare it with the "
+        "@champion's; train (and gate) when it is new or --force is given, else finish with 'skipped: data "
+        "unchanged'.",
+        [option("--force", action="store_true", help="train even when the champion was trained on this data version")],
+    ),
+    "schedule": (
+        cmd_schedule,
+        "serve the retraining deployment on a cron schedule from this machine (Prefect)",
+        "Register the `vggflow-retrain` deployment with a Prefect server and run its scheduled and triggered runs "
+        "here until stopped (Ctrl-C/SIGTERM). Without PREFECT_API_URL a local server is started on 127.0.0.1 and "
+        "stopped with it. See docs/scheduling.md.",
+        [
+            option("--cron", metavar="EXPR", help='cron expression (default: schedule.cron, "0 3 * * *")'),
+            option(
+                "--timezone",
+                metavar="TZ",
+                help="IANA timezone of the cron expression (default: schedule.timezone, UTC)",
+            ),
+        ],
+    ),
+    "ui": (
+        cmd_ui,
+        "start the MLflow UI (tracking server) over the project's store until Ctrl-C",
+        "Serve the MLflow UI and REST API over the configured tracking store (runs, stage runs, metrics, artifacts, "
+        "registered versions) on 127.0.0.1; prints the URL, stops cleanly on Ctrl-C/SIGTERM.",
+        [
+            option("--port", type=int, default=5000, help="TCP port (default: 5000; 0 = any free port)"),
+            option(
+                "--host",
+                default="127.0.0.1",
+                help="interface to bind (default: 127.0.0.1; the UI has no authentication)",
+            ),
+        ],
+    ),
+    "config": (cmd_config, "print the effective configuration", "Print the effective configuration as YAML.", []),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (each subcommand has its own --help)."""
+    parser = argparse.ArgumentParser(
+        prog="vggflow",
+        description="VGG19 transfer learning: validate data, train, fine-tune, evaluate, track and promote.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (handler, summary, description, arguments) in COMMANDS.items():
+        command = commands.add_parser(name, help=summary, description=description)
+        for names, settings in arguments + CONFIG_OPTIONS:
+            command.add_argument(*names, **settings)
+        command.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vggflow` console script."""
+    from vggflow.runtime import configure_environment
+
+    args = build_parser().parse_args(argv)
+    configure_environment()
+    try:
+        return args.handler(args)
+    except VggflowError as err:
+        print(f"vggflow {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"vggflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Whoever read our output stopped (`vggflow predict DIR | head`): stop quietly, as Unix
+        # tools do, with a shell's code for SIGPIPE. Stdout now goes nowhere, so the exit's flush
+        # of what is still buffered cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def console() -> NoReturn:
+    """The console script: :func:`main`, then a fast exit once the normal exit work is done.
+
+    After TensorFlow is loaded, Python's own teardown (freeing every module, then TensorFlow's
+    C++ destructors) costs seconds of every cold `vggflow train` (BENCHMARKS.md, benchmark 4)
+    and does nothing a finished command needs. What a normal exit does that matters runs first, in
+    CPython's order: ``threading._shutdown`` (its exit callbacks stop Prefect's worker threads;
+    without them Prefect's ``atexit`` drain waits 5 s), the ``atexit`` handlers (Prefect's log
+    and event workers, MLflow, ``logging``, our temporary Prefect server), flushing stdout and
+    stderr. An exception that escapes :func:`main` exits the normal way, traceback included.
+    """
+    code = main()
+    shutdown_threads = getattr(threading, "_shutdown", None)  # CPython's; absent elsewhere
+    if shutdown_threads is None:
+        sys.exit(code)
+    shutdown_threads()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)

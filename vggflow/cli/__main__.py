@@ -1,0 +1,5 @@
+"""``python -m vggflow.cli``: the `vggflow` console script."""
+
+from vggflow.cli import console
+
+console()
