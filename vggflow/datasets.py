@@ -45,9 +45,8 @@ def without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
     With autotuning on, every iterator runs an optimisation loop that sleeps for 10 ms, 20 ms,
     40 ms, … (doubling up to a minute) between rounds, and destroying the iterator waited,
     intermittently, for the loop's next wake-up: up to the iterator's own age again, with the
-    CPU idle. Keras drops each epoch's iterators, so an epoch of a stage streaming images at 64²
-    began with a 2-3 s stall (3 epochs: 61 s against 55 s with autotuning off; BENCHMARKS.md,
-    "tf.data autotuning made every dropped iterator wait"). Our pipelines need no tuning: their
+    CPU idle. Keras drops each epoch's iterators, so every epoch of a stage streaming images
+    would begin with a stall (BENCHMARKS.md, the tf.data autotuning section). These pipelines need no tuning: their
     parallelism and prefetch depths are fixed (:data:`PARALLEL_DECODES`, :data:`PREFETCH_BATCHES`).
     """
     options = tf.data.Options()
@@ -86,20 +85,17 @@ def image_dataset(
     resize = make_resizing(image_size)
     path_strings = [str(p) for p in paths]
     # Chosen here, once, not per group in the graph: a `tf.cond` between a whole-group resize
-    # and a per-image `map_fn` made every group pay for the loop (at 64², ~20 % of the input
-    # pipeline's CPU and 0.07 s more to build and start it; BENCHMARKS.md, benchmark 2).
-    # Whole groups only while small: eight 12-megapixel photos resized at once need a 1.15 GB
-    # float32 copy of themselves (two groups in flight: extracting 64 such photos peaked at
-    # 5.0 GB RSS, 2.7-2.9 GB image by image).
+    # and a per-image `map_fn` would make every group pay for the loop (BENCHMARKS.md, benchmark 2).
+    # Whole groups only while small: eight 12-megapixel photos resized at once need a float32
+    # copy of themselves of over a gigabyte, and two groups are in flight.
     grouped = same_shape is not None and batch_has_room(
         DECODE_GROUP - 1, same_shape, DECODE_GROUP
     )  # a whole group fits
     decode_files = partial(_decode_files, same_shape=same_shape)
 
     def decode(group_paths: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        # One Python call per group of files, not per file: a per-file `numpy_function` cost
-        # ~0.3 ms of interpreter hand-over per image, more than Pillow's decode of a small PNG
-        # (at 64², ~5 % of the CPU time per image went to the input pipeline; BENCHMARKS.md).
+        # One Python call per group of files, not per file: a per-file `numpy_function` costs
+        # more interpreter hand-over per image than Pillow's decode of a small PNG.
         # Small groups, not whole batches: a call holds its files' full-size pixels until resized.
         flat, shapes = tf.numpy_function(decode_files, [group_paths], (tf.uint8, tf.int32), stateful=False)
         flat.set_shape([None])
@@ -192,12 +188,11 @@ def array_dataset(x, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -
     The row order comes from ``tf.data``'s seeded shuffle of row indices (each new iterator is
     the next epoch), so it depends only on ``seed``, TensorFlow's global seed and the epoch.
     Keras's own ``PyDataset`` handling shuffled the batch order with Python's global ``random``
-    (which Prefect and MLflow threads draw from too) and reshuffled rows in ``on_epoch_end``
-    while the next epoch was already being prefetched: the same stage trained differently from
+    (which Prefect and MLflow threads draw from too) and reshuffles rows in ``on_epoch_end``
+    while the next epoch is already being prefetched: the same stage would train differently from
     run to run. Rows are read by a plain ``map`` over batches of indices, not a Python
-    generator: with a generator, a cached ``block5`` stage kept 1.2-1.5 of the 2 cores busy,
-    the start of some epochs stalling for up to seconds with the CPU idle (BENCHMARKS.md,
-    benchmark 6; most likely the autotuning wait that :func:`without_autotune` removes).
+    generator, which keeps both cores busy without stalls at the start of epochs (BENCHMARKS.md,
+    benchmark 6).
 
     Args:
         x: rows to batch (an array, or a row view that reads from a cache file when sliced).

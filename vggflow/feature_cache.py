@@ -229,8 +229,8 @@ class RowView:
 
     Reads with ``pread`` rather than through a memory map: pages of a mapped file count in the
     process's resident memory for as long as the mapping lives, so an epoch over a memory-mapped
-    prefix cache made the process's RSS grow by the cache's size (measured: +0.8 GB at 4,000
-    images, 64², benchmarks/results/memory.md). Page-cache reuse between epochs is unchanged.
+    prefix cache would grow the process's RSS by the cache's size (BENCHMARKS.md, memory).
+    Page-cache reuse between epochs is the same.
     """
 
     def __init__(self, path: Path, index: np.ndarray) -> None:

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 #: Most pixels (all images together) batched into one resize. Resizing works in float32, so eight
 #: 12-megapixel photos need a 1.15 GB copy of themselves: decode groups (``vggflow.datasets``)
 #: and the batches handed to a classifier (which resizes inside) stay under this, down to one
-#: image per batch. 224x224 images: up to 79 per batch before this limit applies.
+#: image per batch (224x224 images: 79 per batch before this limit applies).
 BATCH_MAX_PIXELS = 4_000_000
 
 

@@ -169,7 +169,7 @@ def build_classifier(base: keras.Model, n_classes: int, head: HeadConfig, image_
 
     The graph carries its own resize and VGG19's own ``preprocess_input`` (RGB→BGR, ImageNet mean
     subtraction), so a client needs nothing else: VGG19 conv base → GlobalAveragePooling2D →
-    Dense(units, relu) → [Dropout] → Dense(n_classes, softmax), as in the seed's examples.
+    Dense(units, relu) → [Dropout] → Dense(n_classes, softmax), as in the article's examples.
     """
     images = keras.Input(shape=(None, None, 3), name="image")
     x = make_resizing(image_size)(images)

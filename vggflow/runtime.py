@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 OFFLINE_DEFAULTS = {
-    # TensorFlow: quiet start-up; oneDNN measured +12-20% on these CPUs (stack notes).
+    # TensorFlow: quiet start-up; oneDNN is faster on these CPUs (BENCHMARKS.md, benchmark settings).
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "TF_ENABLE_ONEDNN_OPTS": "1",
     # Prefect: no telemetry, and a temporary server that may take ~30 s to start on 2 cores.
@@ -107,13 +107,11 @@ def import_tensorflow_quietly() -> None:
 def imports_without_gc() -> Iterator[None]:
     """Import the big libraries with Python's cyclic garbage collector paused, then freeze them.
 
-    TensorFlow, Keras and MLflow leave ~700,000 long-lived objects, and every full collection
-    during their import walks all that is loaded so far (0.1-0.35 s each; ~2 s of a cold
-    `vggflow train`'s main process). Imports create almost no cyclic garbage; :func:`gc.freeze`
-    then moves everything created here out of the collector's view, so later full collections
-    only walk what the command itself allocates. `vggflow predict` on one image: 4.95 s -> 3.77 s;
-    `vggflow registry`: 2.30 s -> 1.85 s (BENCHMARKS.md, benchmarks/results/cli.md). A caller's
-    disabled collector stays disabled.
+    TensorFlow, Keras and MLflow leave hundreds of thousands of long-lived objects, and every full
+    collection during their import walks all that is loaded so far. Imports create almost no
+    cyclic garbage; :func:`gc.freeze` then moves everything created here out of the collector's
+    view, so later full collections only walk what the command itself allocates (BENCHMARKS.md,
+    the CLI start-up section). A caller's disabled collector stays disabled.
     """
     import gc
 

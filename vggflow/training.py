@@ -103,7 +103,7 @@ def fit_stage(
     """Compile ``trainable`` (a Keras model) and fit it with early stopping on validation loss.
 
     ``train_data``/``val_data`` are datasets yielding batches, or ``(x, y)`` arrays fitted with
-    ``batch_size`` and Keras's own per-epoch shuffle (as the seed's ``model.fit`` does). The best
+    ``batch_size`` and Keras's own per-epoch shuffle (as a plain ``model.fit`` does). The best
     epoch's weights are restored at the end (also when training ran to the last epoch), so the
     model leaves this function in its best state.
 
@@ -136,13 +136,12 @@ def fit_stage(
     started = time.perf_counter()
     if isinstance(train_data, tuple):
         if isinstance(val_data, tuple):
-            # The same batches and numbers as Keras's own array handling, ~30 ms less per epoch:
-            # each epoch's evaluation starts a new iterator, and over arrays Keras's pipeline
-            # (index permutation and slicing maps) is slow to start. That was a quarter of
-            # fitting a head on 1,000 images for 10 epochs (BENCHMARKS.md, benchmark 1).
+            # The same batches and numbers as Keras's own array handling, faster: each epoch's
+            # evaluation starts a new iterator, and over arrays Keras's pipeline (index
+            # permutation and slicing maps) is slow to start (BENCHMARKS.md, benchmark 1).
             val_data = without_autotune(tf.data.Dataset.from_tensor_slices(val_data).batch(batch_size or 32))
-        # The training arrays keep Keras's own (autotuned) pipeline on purpose: its shuffles are
-        # the seed's, so benchmark 1 can show identical heads. Ours saved ~0.5 s over 40 epochs.
+        # The training arrays keep Keras's own pipeline on purpose: its shuffles are those of a
+        # plain `model.fit`, so benchmark 1 compares identical heads with the article's Example 1.
         fitted = trainable.fit(
             *train_data,
             batch_size=batch_size,

@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # SIGTERM (a scheduler stopping us, `kill`) unwinds like Ctrl-C: the MLflow run is closed as KILLED.
     signal.signal(signal.SIGTERM, _interrupt)
     # Not under `imports_without_gc` (as `predict` is): these imports overlap the server's and
-    # the store's start-up, which stay the critical path; it changed nothing here (BENCHMARKS.md).
+    # the store's start-up, which stay the critical path.
     import_tensorflow_quietly()  # the longest import, done while the others start
 
     from vggflow.flows.train import train_flow
