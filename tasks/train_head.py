@@ -96,7 +96,6 @@ def train_head_task(
         cfg.head.epochs,
         stage_run_id,
         key,
-        key,
         f"stage {HEAD_STAGE}: training the new head on cached features, lr {cfg.head.learning_rate:g}",
         lambda on_epoch: train_head_on_features(
             features,
