@@ -30,6 +30,7 @@ from vggflow.feature_cache import (
     verified_layers,
 )
 from vggflow.files import ROWS_COLUMNS, atomic_write_text, read_rows
+from vggflow.precision import resolve_precision
 from vggflow.progress import progress_logger
 from vggflow.stages import plan_prefix_caches, prefix_layers
 
@@ -49,6 +50,7 @@ def compute_features(
     layers: list[str],
     class_names: list[str],
     progress=None,
+    precision: str = "float32",
 ) -> FeatureSet:
     """Load the base and make sure the wanted layers are cached for the train and val rows.
 
@@ -56,17 +58,20 @@ def compute_features(
         A reference to the cached arrays (``rows_file`` lists their rows, in order).
     """
     from vggflow.model import build_base, set_aside_base
+    from vggflow.precision import FLOAT32, dtype_policy
 
     rows = cached_rows(rows)
-    directory = layer_cache_dir(cache_dir, fingerprint, weights.identity, image_size)
+    directory = layer_cache_dir(cache_dir, fingerprint, weights.identity, image_size, precision)
     started = time.perf_counter()
     wanted = set(layers) | {"avg_pool"}
     missing = sorted(wanted - verified_layers(directory, rows))
     if missing:
         check_disk_space(Path(cache_dir), required_bytes(len(rows), bytes_per_image(layers, image_size), 0))
-        base = build_base(weights, image_size)
+        with dtype_policy(precision):
+            base = build_base(weights, image_size)
         extract_features(rows, data_dir, base, missing, image_size, batch_size, directory, progress)
-        set_aside_base(base, weights, image_size)  # the head's classifier needs the same, untouched base
+        if precision == FLOAT32:
+            set_aside_base(base, weights, image_size)  # the head's classifier needs the same, untouched base
     rows_file = directory / "rows.csv"
     listing = rows[[c for c in ROWS_COLUMNS if c in rows.columns]].to_csv(index=False)
     # Rewritten when it differs: the folder may hold the rows of another validation of the same data.
@@ -74,7 +79,7 @@ def compute_features(
         atomic_write_text(rows_file, listing)
     return FeatureSet(
         directory=directory,
-        key=feature_cache_key(fingerprint, weights.identity, image_size, layers),
+        key=feature_cache_key(fingerprint, weights.identity, image_size, layers, precision),
         layers=sorted(wanted),
         rows_file=rows_file,
         class_names=class_names,
@@ -84,20 +89,31 @@ def compute_features(
 
 
 def prefix_plan(cfg: Config, validated: ValidatedData) -> dict[str, str | None]:
-    """Which frozen-prefix output each fine-tuning stage trains from (None: the whole model)."""
+    """Which frozen-prefix output each fine-tuning stage trains from (None: the whole model).
+
+    Stages that augment see images, so they have none.
+    """
+    if cfg.augment.enabled:
+        return {stage.label: None for stage in cfg.finetune.stages}
     return plan_prefix_caches(cfg.finetune, cfg.backbone.image_size, validated.n_valid)
 
 
 def _key(parameters: dict[str, Any]) -> str:
     cfg, validated = parameters["cfg"], parameters["validated"]
     layers = prefix_layers(prefix_plan(cfg, validated))
-    return feature_cache_key(validated.fingerprint, parameters["weights"].identity, cfg.backbone.image_size, layers)
+    precision = resolve_precision(cfg.backbone.precision)
+    return feature_cache_key(
+        validated.fingerprint, parameters["weights"].identity, cfg.backbone.image_size, layers, precision
+    )
 
 
 def _outputs_valid(parameters: dict[str, Any]) -> bool:
     cfg, validated = parameters["cfg"], parameters["validated"]
     size = cfg.backbone.image_size
-    directory = layer_cache_dir(cfg.features.cache_dir, validated.fingerprint, parameters["weights"].identity, size)
+    precision = resolve_precision(cfg.backbone.precision)
+    directory = layer_cache_dir(
+        cfg.features.cache_dir, validated.fingerprint, parameters["weights"].identity, size, precision
+    )
     wanted = set(prefix_layers(prefix_plan(cfg, validated))) | {"avg_pool"}
     return (directory / "rows.csv").is_file() and wanted <= verified_layers(directory, read_rows(validated.rows_file))
 
@@ -117,5 +133,6 @@ def extract_features_task(cfg: Config, weights: ResolvedWeights, validated: Vali
         prefix_layers(plan),
         validated.class_names,
         progress_logger("feature extraction"),
+        resolve_precision(cfg.backbone.precision),
     )
     return features.model_copy(update={"prefix_plan": plan})

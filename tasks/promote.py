@@ -49,6 +49,7 @@ def evaluate_registered(
 
     def predict_test_set():
         import mlflow
+
         from vggflow.datasets import predict_in_batches
         from vggflow.tracking import without_type_hint_advice
 

@@ -60,7 +60,6 @@ class _PyfuncWithKerasFlavor:
     @staticmethod
     def save_model(path, mlflow_model, **kwargs) -> None:
         import keras
-
         import mlflow
 
         mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
@@ -75,9 +74,9 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
     """Log the chosen classifier as the run's model; returns its ``models:/m-…`` URI."""
     import shutil
 
+    import mlflow
     from mlflow.models import Model
 
-    import mlflow
     from vggflow.tracking import without_type_hint_advice
 
     package = work_dir / "model-package"

@@ -29,6 +29,7 @@ SCRIPTS = [
     "bench_rerun",
     "bench_photos",
     "bench_cli",
+    "bench_recipe",
 ]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -49,14 +49,18 @@ class FeatureSet(BaseModel):
         return self.directory.name
 
 
-def feature_cache_key(fingerprint: str, weights_identity: str, image_size: int, layers: list[str]) -> str:
-    """Identifies a cache entry's content: the dataset, the backbone weights, the input size and the layers."""
-    return stable_hash(fingerprint, weights_identity, image_size, sorted(layers))
+def feature_cache_key(
+    fingerprint: str, weights_identity: str, image_size: int, layers: list[str], precision: str = "float32"
+) -> str:
+    """Identifies a cache entry's content: dataset, backbone weights, input size, precision and layers."""
+    return stable_hash(fingerprint, weights_identity, image_size, precision, sorted(layers))
 
 
-def layer_cache_dir(cache_dir: Path, fingerprint: str, weights_identity: str, image_size: int) -> Path:
-    """One folder per dataset/backbone/size; each layer is a file in it, computed when first needed."""
-    return Path(cache_dir) / "features" / stable_hash(fingerprint, weights_identity, image_size)
+def layer_cache_dir(
+    cache_dir: Path, fingerprint: str, weights_identity: str, image_size: int, precision: str = "float32"
+) -> Path:
+    """One folder per dataset/backbone/size/precision; each layer is a file in it, computed when first needed."""
+    return Path(cache_dir) / "features" / stable_hash(fingerprint, weights_identity, image_size, precision)
 
 
 def read_meta(directory: Path) -> dict:

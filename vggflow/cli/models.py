@@ -83,9 +83,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from vggflow.runtime import import_tensorflow_quietly, imports_without_gc
 
     with imports_without_gc():
+        import mlflow
         from mlflow.exceptions import MlflowException
 
-        import mlflow
         from vggflow.predict import expand_inputs, format_prediction, predict_files
         from vggflow.tracking import without_type_hint_advice
 
