@@ -23,50 +23,11 @@ from vggflow.files import read_rows
 from vggflow.promotion import Decision, RegisteredVersion, decide
 from vggflow.registry import CHALLENGER, CHAMPION, PREVIOUS, current_champion, promotion_lock
 from vggflow.runs import TrainingRun
-from vggflow.scoring import Evaluation, reuse_or_compute, score, scores_dir, scores_file
+from vggflow.scoring import Evaluation, evaluate_registered, registered_scores_file, scores_dir
 from vggflow.tracking import lock_dir
 
 if TYPE_CHECKING:
     from vggflow.validation import ValidatedData
-
-
-def evaluate_registered(
-    model_uri: str,
-    test_rows: pd.DataFrame,
-    data_dir: Path,
-    class_names: list[str],
-    batch_size: int,
-    scores_cache: Path | None = None,
-) -> dict[str, float]:
-    """Score a registered model on test rows through its public pyfunc interface.
-
-    Labels are matched by name, so a champion trained on another class list is scored fairly
-    (a class it does not know is simply a wrong answer). With ``scores_cache`` (see
-    :func:`tasks.evaluate.scores_file`), the predictions are kept there and reused.
-    """
-    index = {name: i for i, name in enumerate(class_names)}
-    paths = [Path(data_dir) / p for p in test_rows["path"]]
-
-    def predict_test_set():
-        import mlflow
-        from vggflow.datasets import predict_in_batches
-        from vggflow.tracking import without_type_hint_advice
-
-        with without_type_hint_advice():
-            model = mlflow.pyfunc.load_model(model_uri)
-
-        def predict(batch):
-            labels = model.predict(batch)["label"]
-            return labels.map(index).fillna(-1).astype(int).to_numpy()[:, None]
-
-        return predict_in_batches(predict, paths, batch_size)
-
-    predicted, reused = reuse_or_compute(scores_cache, len(paths), predict_test_set)
-    if reused:
-        print(f"{model_uri}: same version, same test images: reused its {len(paths)} test-set predictions")
-    y_true = test_rows["label"].map(index).to_numpy()
-    metrics, _ = score(y_true, predicted[:, 0] if len(predicted) else predicted, len(class_names))
-    return metrics
 
 
 def apply_decision(client, decision: Decision) -> None:
@@ -117,7 +78,7 @@ def promote_if_better(
 
     The champion is loaded by version number (not by alias), so what was evaluated is what the
     decision names even if the alias moves meanwhile; callers hold :func:`promotion_lock`.
-    With ``scores_dir`` (this data version's, see :func:`tasks.evaluate.scores_file`), the
+    With ``scores_dir`` (this data version's, see :func:`vggflow.scoring.scores_file`), the
     champion's predictions are kept and reused by the next candidate on the same data (a
     registered version never changes).
     """
@@ -136,7 +97,7 @@ def promote_if_better(
             data_dir,
             class_names,
             batch_size,
-            scores_file(scores_dir, identity, test_rows, class_names, batch_size),
+            registered_scores_file(scores_dir, identity, test_rows, class_names, batch_size),
         )
     decision = decide(
         candidate_metrics, champion_metrics, cfg, str(candidate_version), champion_version if champion_metrics else None

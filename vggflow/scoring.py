@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from vggflow.caching import code_version
 from vggflow.files import atomic_write_bytes
 from vggflow.hashing import stable_hash
 
@@ -66,7 +67,12 @@ def reuse_or_compute(
 
 
 def scores_file(
-    scores_dir: Path | None, model_identity: str, test_rows: pd.DataFrame, class_names: list[str], batch_size: int
+    scores_dir: Path | None,
+    model_identity: str,
+    test_rows: pd.DataFrame,
+    class_names: list[str],
+    batch_size: int,
+    code: str,
 ) -> Path | None:
     """Where the test-set scores of one model on one data version are kept (None: not kept).
 
@@ -78,11 +84,58 @@ def scores_file(
         test_rows: the rows scored (paths and labels, in order).
         class_names: the class list the scores are indexed by.
         batch_size: batch size of the scoring (batches change float round-off).
+        code: the version of the code that scores (``vggflow.caching.code_version`` of the caller's module).
     """
     if scores_dir is None:
         return None
-    key = stable_hash(model_identity, list(test_rows["path"]), list(test_rows["label"]), class_names, batch_size)
+    key = stable_hash(model_identity, list(test_rows["path"]), list(test_rows["label"]), class_names, batch_size, code)
     return Path(scores_dir) / f"{key}.npy"
+
+
+def evaluate_registered(
+    model_uri: str,
+    test_rows: pd.DataFrame,
+    data_dir: Path,
+    class_names: list[str],
+    batch_size: int,
+    scores_cache: Path | None = None,
+) -> dict[str, float]:
+    """Score a registered model on test rows through its public pyfunc interface.
+
+    Labels are matched by name, so a champion trained on another class list is scored fairly
+    (a class it does not know is simply a wrong answer). With ``scores_cache`` (see
+    :func:`registered_scores_file`), the predictions are kept there and reused.
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    paths = [Path(data_dir) / p for p in test_rows["path"]]
+
+    def predict_test_set():
+        import mlflow
+        from vggflow.datasets import predict_in_batches
+        from vggflow.tracking import without_type_hint_advice
+
+        with without_type_hint_advice():
+            model = mlflow.pyfunc.load_model(model_uri)
+
+        def predict(batch):
+            labels = model.predict(batch)["label"]
+            return labels.map(index).fillna(-1).astype(int).to_numpy()[:, None]
+
+        return predict_in_batches(predict, paths, batch_size)
+
+    predicted, reused = reuse_or_compute(scores_cache, len(paths), predict_test_set)
+    if reused:
+        print(f"{model_uri}: same version, same test images: reused its {len(paths)} test-set predictions")
+    y_true = test_rows["label"].map(index).to_numpy()
+    metrics, _ = score(y_true, predicted[:, 0] if len(predicted) else predicted, len(class_names))
+    return metrics
+
+
+def registered_scores_file(
+    scores_dir: Path | None, identity: str, test_rows: pd.DataFrame, class_names: list[str], batch_size: int
+) -> Path | None:
+    """Where :func:`evaluate_registered` keeps a registered version's predictions (see :func:`scores_file`)."""
+    return scores_file(scores_dir, identity, test_rows, class_names, batch_size, code_version(__name__))
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[dict[str, float], np.ndarray]:
