@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -48,18 +49,20 @@ def test_bad_input_gives_a_clear_error_and_exit_code(project, args, code, messag
     assert "Traceback" not in done.stderr + done.stdout
 
 
-def test_registry_commands_before_any_training_explain_and_create_nothing(project, capsys):
-    """A read-only registry command must not leave an empty store behind (a stray mlflow/ folder)."""
-    assert main(["registry"]) == 0
-    assert "no registered versions yet (run `vggflow train`)" in capsys.readouterr().out
+def test_registry_commands_on_a_missing_store_say_where_they_looked_and_create_nothing(project, capsys, monkeypatch):
+    """A mistyped store path must not look like an empty registry, nor leave an empty store behind."""
+    typo = project / "mlfow" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlfow/mlflow.db")
     for args, hint in (
-        (["predict", "photo.jpg"], "or pass --model with a saved model folder"),
+        (["registry"], "run `vggflow train` first"),
+        (["predict", "photo.jpg"], "Or pass --model with a saved model folder"),
         (["promote", "1", "--reason", "looks good"], "run `vggflow train` first"),
-        (["rollback"], "run `vggflow train` first"),
+        (["rollback", "--reason", "bad"], "run `vggflow train` first"),
     ):
-        assert main(args) == 1
+        assert main(args) == 3, args
         err = capsys.readouterr().err
-        assert "no model registry here yet" in err and "mlflow.db does not exist" in err and hint in err, err
+        assert f"the MLflow tracking store {typo} does not exist" in err and hint in err, err
+        assert "MLFLOW_TRACKING_URI = sqlite:///mlfow/mlflow.db" in err
     assert list(project.iterdir()) == []
 
 
@@ -86,41 +89,109 @@ def test_validate_command_writes_the_report_and_sets_the_exit_status(project):
 
 #: Where users read suggested commands: messages, docstrings, configs and docs.
 SUGGESTING = ["vggflow", "tasks", "flows", "configs", "docs", "benchmarks", "scripts"]
-SUGGESTING_FILES = ["README.md", "BENCHMARKS.md", "DATA.md", "prefect.yaml", "Makefile"]
+SUGGESTING_FILES = ["README.md", "BENCHMARKS.md", "DATA.md", "prefect.yaml", "Makefile", "dvc.yaml"]
+#: The tools whose suggested command lines are checked against the tool's own parser.
+CHECKED_TOOLS = ("vggflow", "dvc", "mlflow", "make")
 
 
 def suggested_commands() -> list[tuple[str, str]]:
-    """Every `vggflow …` command line quoted in backticks, with where it was found."""
+    """Every `vggflow …`, `dvc …`, `mlflow …` and `make …` command line quoted in backticks, with where it was found.
+
+    A quoted shell line is split at ``&&``, ``;`` and ``|`` into its commands.
+    """
     root = Path(__file__).resolve().parents[1]
-    paths = [root / name for name in SUGGESTING_FILES]
+    paths = [root / name for name in SUGGESTING_FILES if (root / name).exists()]
     for folder in SUGGESTING:
         paths += [p for p in sorted((root / folder).rglob("*")) if p.suffix in (".py", ".md", ".yaml", ".yml")]
     found = []
     for path in paths:
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            for command in re.findall(r"`(vggflow [^`]+)`", line):
-                found.append((command, f"{path.relative_to(root)}:{number}"))
+            for quoted in re.findall(r"`([^`]+)`", line):
+                for command in re.split(r"&&|;|\|", quoted):
+                    command = command.strip()
+                    if command.split(" ")[0] in CHECKED_TOOLS and " " in command:
+                        found.append((command, f"{path.relative_to(root)}:{number}"))
     return found
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
+def argparse_problem(parser: argparse.ArgumentParser, words: list[str]) -> str | None:
+    """Why ``words`` (after the program name) is not a command of ``parser``, or None.
+
+    Subcommands are followed while the parser has them; every option must belong to one of the
+    parsers on the way (or be a global one).
+    """
+    known = {o for action in parser._actions for o in action.option_strings}
+    node = parser
+    for word in words:
+        if word.startswith("-") or "{" in word or "…" in word:
+            continue
+        choices = _subcommands(node)
+        if not choices:
+            break
+        if word not in choices:
+            return f"no subcommand {word!r}"
+        node = choices[word]
+        known |= {o for action in node._actions for o in action.option_strings}
+    if _subcommands(node) and not any(w.startswith("-") for w in words):  # `vggflow --help` is fine
+        return "a command group, not a command"
+    unknown = [w.split("=")[0] for w in words if w.startswith("-") and w.split("=")[0] not in known]
+    return f"unknown options {unknown}" if unknown else None
+
+
+def make_targets() -> set[str]:
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    return set(re.findall(r"^([A-Za-z][\w-]*):", text, flags=re.MULTILINE))
+
+
+def command_problem(command: str) -> str | None:
+    """Why a suggested command line does not exist, or None."""
+    words = shlex.split(command.replace("[", " ").replace("]", " "))
+    tool, rest = words[0], words[1:]
+    if "{" in rest[0] or "…" in rest[0]:  # a template such as `vggflow {command}`
+        return None
+    if tool == "vggflow":
+        return argparse_problem(build_parser(), rest)
+    if tool == "dvc":
+        from dvc.cli.parser import get_main_parser
+
+        return argparse_problem(get_main_parser(), rest)
+    if tool == "make":
+        missing = sorted(set(w for w in rest if not w.startswith("-") and "=" not in w) - make_targets())
+        return f"no make target {missing}" if missing else None
+    import mlflow.cli
+
+    group = mlflow.cli.cli
+    for word in rest:
+        if word.startswith("-") or not hasattr(group, "commands"):
+            break
+        if word not in group.commands:
+            return f"no subcommand {word!r}"
+        group = group.commands[word]
+    return None
+
+
 def test_every_suggested_command_and_option_exists():
-    """A message, docstring or doc that suggests `vggflow SUB --option` names a real command and option."""
-    parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices
+    """A message, docstring or doc that suggests `vggflow SUB --option` (or a dvc, mlflow or make
+    command) names a real command and real options."""
     found = suggested_commands()
     assert any(command.startswith("vggflow config") for command, _ in found)
-    wrong = []
-    for command, where in found:
-        words = shlex.split(command.split("|")[0].replace("[", " ").replace("]", " "))[1:]
-        if not words or "{" in words[0]:  # a template such as `vggflow {command}`
-            continue
-        sub = words[0]
-        options = parser if sub.startswith("-") else commands.get(sub)
-        known = {o for action in options._actions for o in action.option_strings} if options else set()
-        unknown = [w.split("=")[0] for w in words if w.startswith("-") and w.split("=")[0] not in known]
-        if options is None or unknown:
-            wrong.append(f"{where}: `{command}`")
+    assert {command.split()[0] for command, _ in found} == set(CHECKED_TOOLS)
+    wrong = [f"{where}: `{command}`: {problem}" for command, where in found if (problem := command_problem(command))]
     assert wrong == []
+
+
+def test_the_command_checker_catches_what_does_not_exist():
+    assert command_problem("vggflow config --show") == "unknown options ['--show']"
+    assert command_problem("vggflow lineages 3") == "no subcommand 'lineages'"
+    assert command_problem("dvc exp run -S head.learning_rate=0.01") is None
+    assert command_problem("dvc exp runs") == "no subcommand 'runs'"
+    assert command_problem("dvc metrics") == "a command group, not a command"
+    assert command_problem("make demo") is None and command_problem("make deploy") == "no make target ['deploy']"
+    assert command_problem("mlflow models serve -m x") is None and command_problem("mlflow serve") is not None
 
 
 def test_config_command_prints_the_effective_config(capsys):

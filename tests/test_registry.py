@@ -3,6 +3,7 @@ MLflow sqlite store (no Prefect needed: the gate's functions are called directly
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -151,8 +152,8 @@ def test_gate_promotes_rejects_promotes_and_rolls_back(lab: Lab) -> None:
     assert not decision.promoted and "--no-promote" in decision.reason
     assert lab.alias(CHAMPION) == better.version and lab.alias(CHALLENGER) == worse.version
 
-    rolled_back_from, restored = rollback(lab.client, NAME, lab.root)
-    assert (rolled_back_from, restored) == (better.version, first.version)
+    record = rollback(lab.client, NAME, lab.root, "wrong labels in the new photos")
+    assert (record.rolled_back_version, record.restored_version) == (better.version, first.version)
     assert lab.alias(CHAMPION) == first.version and lab.alias(PREVIOUS) == better.version
 
 
@@ -286,9 +287,17 @@ def test_registry_promote_and_rollback_commands(lab: Lab, capsys) -> None:
     tags = lab.client.get_model_version(NAME, second.version).tags
     assert tags["vggflow.manual_promotion_reason"] == "hand-checked on new photos"
 
-    assert main(["rollback"]) == 0
+    assert main(["rollback", "--reason", "complaints about shoes"]) == 0
     assert lab.alias(CHAMPION) == first.version and lab.alias(PREVIOUS) == second.version
     assert "rolled back from" in capsys.readouterr().out
+    record = json.loads(lab.client.get_model_version(NAME, second.version).tags["vggflow.rollback"])
+    assert record["reason"] == "complaints about shoes" and record["restored_version"] == first.version
+    assert record["by"].startswith(f"{getpass.getuser()}@")
+    assert main(["registry"]) == 0
+    assert "last rollback: v" + second.version in capsys.readouterr().out
+    assert main(["rollback", "--reason", "undo: the complaints were about another app"]) == 0  # an undo
+    assert "vggflow.rollback" not in lab.client.get_model_version(NAME, second.version).tags
+    capsys.readouterr()
 
     assert main(["promote", "99", "--reason", "typo"]) == 1
     assert "has no version 99" in capsys.readouterr().err

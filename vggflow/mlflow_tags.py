@@ -33,6 +33,12 @@ PID_STARTED = "vggflow.pid_started"
 PROMOTION = "vggflow.promotion"  # promoted | rejected | manual | rolled back
 REJECTION_REASON = "vggflow.rejection_reason"
 MANUAL_PROMOTION_REASON = "vggflow.manual_promotion_reason"
+# A rolled-back version: JSON of vggflow.registry.Rollback (why, by whom, when, its data version);
+# removed when the version becomes @champion again (a second rollback, a manual promote).
+ROLLBACK = "vggflow.rollback"
+
+# The registered model
+LAST_ROLLBACK = "vggflow.last_rollback"  # JSON of the latest vggflow.registry.Rollback
 TEST_METRIC_PREFIX = "vggflow.test_"  # + accuracy, macro_f1
 
 

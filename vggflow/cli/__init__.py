@@ -86,9 +86,12 @@ COMMANDS = {
     ),
     "rollback": (
         cmd_rollback,
-        "move @champion back to @previous",
-        "Move @champion back to @previous; the rolled-back version becomes @previous (a second rollback undoes it).",
-        [],
+        "move @champion back to @previous, recording why (retrain then skips that data version)",
+        "Move @champion back to @previous; the rolled-back version becomes @previous (a second rollback undoes "
+        "it). The rollback is recorded on the version and the registered model (reason, who, when); "
+        "`vggflow retrain` does not train on the rolled-back model's data version again until the data changes "
+        "or --force is given.",
+        [option("--reason", required=True, help="why (recorded with who and when)")],
     ),
     "predict": (
         cmd_predict,
