@@ -35,11 +35,14 @@ def test_every_subcommand_has_help(capsys):
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["train", "--set", "head.epoks=3"], 2, "head.epoks: unknown key"),
-        (["train", "--set", "backbone.image_size=8"], 2, "backbone.image_size"),
-        (["train", "--config", "missing.yaml"], 2, "config file not found: missing.yaml"),
+        (["train", "--set", "head.epoks=3"], 78, "head.epoks: unknown key"),
+        (["train", "--set", "backbone.image_size=8"], 78, "backbone.image_size"),
+        (["train", "--config", "missing.yaml"], 78, "config file not found: missing.yaml"),
         (["train", "--data", "no/such/folder"], 2, "data folder not found: no/such/folder"),
         (["validate", "no/such/folder"], 2, "no/such/folder"),
+        (["train", "--epochs", "3"], 64, "unrecognized arguments: --epochs"),
+        (["validate"], 64, "the following arguments are required: DATA_DIR"),
+        (["rollback"], 64, "the following arguments are required: --reason"),
     ],
 )
 def test_bad_input_gives_a_clear_error_and_exit_code(project, args, code, message):
@@ -194,6 +197,33 @@ def test_the_command_checker_catches_what_does_not_exist():
     assert command_problem("mlflow models serve -m x") is None and command_problem("mlflow serve") is not None
 
 
+def test_version_verbosity_and_completion(capsys):
+    from vggflow.runtime import installed_version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"vggflow {installed_version()}\n"
+    parser = build_parser()
+    assert parser.parse_args(["-q", "config"]).verbosity == -1
+    assert parser.parse_args(["config", "-v"]).verbosity == 1  # after the command too
+    assert parser.parse_args(["config"]).verbosity == 0
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    assert "rollback" in script and "--no-promote" in script and "--json" in script
+    assert main(["completion", "zsh"]) == 0 and "#compdef vggflow" in capsys.readouterr().out
+
+
+def test_validate_json_is_one_document_on_stdout(project):
+    data = write_dataset(project / "data", classes=2, per_class=6)
+    done = run("validate", str(data), "--json", cwd=project)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["ok"] and document["summary"]["n_valid"] == 12 and Path(document["files"]["report"]).is_file()
+    single = write_dataset(project / "single", classes=1, per_class=6)
+    done = run("validate", str(single), "--json", cwd=project)
+    assert done.returncode == 2 and json.loads(done.stdout)["errors"]
+
+
 def test_config_command_prints_the_effective_config(capsys):
     assert main(["config", "--set", "head.epochs=3"]) == 0
     assert "epochs: 3" in capsys.readouterr().out
@@ -225,7 +255,7 @@ def test_console_script_exit_runs_cleanup_flushes_output_and_keeps_the_exit_code
         text=True,
         timeout=120,
     )
-    assert bad.returncode == 2 and "head.epoks: unknown key" in bad.stderr
+    assert bad.returncode == 78 and "head.epoks: unknown key" in bad.stderr
     assert bad.stdout.splitlines()[-1] == "atexit handler ran"
 
 

@@ -197,13 +197,12 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return None
 
 
-def registry_table(client, name: str) -> pd.DataFrame:
-    """One row per version: aliases, metrics, data version, freeze configuration, decision.
+def registry_versions(client, name: str) -> list[dict]:
+    """Every version of ``name``, newest first: aliases, test metrics, data version, freeze configuration, decision.
 
     Raises:
         VggflowError: the registry cannot be read.
     """
-    import pandas as pd
     from mlflow.exceptions import MlflowException
 
     try:
@@ -218,21 +217,64 @@ def registry_table(client, name: str) -> pd.DataFrame:
     rows = []
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
         tags = v.tags or {}
-        try:
-            freeze = json.loads(tags.get(mlflow_tags.FREEZE_CONFIGURATION, "{}")).get("stage", "?")
-        except ValueError:
-            freeze = "?"
+        freeze = _json(tags.get(mlflow_tags.FREEZE_CONFIGURATION)) or {}
         rows.append(
             {
                 "version": str(v.version),
-                "aliases": ",".join(sorted(by_version.get(str(v.version), []))) or "-",
-                "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
-                "test_accuracy": tags.get(mlflow_tags.test_metric("accuracy"), "?"),
-                "test_macro_f1": tags.get(mlflow_tags.test_metric("macro_f1"), "?"),
-                "data_version": tags.get(mlflow_tags.DATA_VERSION, "?"),
-                "freeze": freeze,
-                "promotion": tags.get(mlflow_tags.PROMOTION, "-"),
-                "run_id": v.run_id or "-",
+                "aliases": sorted(by_version.get(str(v.version), [])),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(v.creation_timestamp / 1000)),
+                "test_metrics": {
+                    key: _number(tags.get(mlflow_tags.test_metric(key))) for key in ("accuracy", "macro_f1")
+                },
+                "data_version": tags.get(mlflow_tags.DATA_VERSION),
+                "freeze_configuration": freeze,
+                "promotion": tags.get(mlflow_tags.PROMOTION),
+                "rollback": _json(tags.get(mlflow_tags.ROLLBACK)),
+                "run_id": v.run_id,
+                "model_uri": f"models:/{name}/{v.version}",
             }
         )
-    return pd.DataFrame(rows)
+    return rows
+
+
+def _json(text: str | None):
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def registry_table(client, name: str) -> pd.DataFrame:
+    """:func:`registry_versions` as the table `vggflow registry` prints.
+
+    Raises:
+        VggflowError: the registry cannot be read.
+    """
+    import pandas as pd
+
+    def shown(value) -> str:
+        return "?" if value is None else f"{value:.6f}"
+
+    return pd.DataFrame(
+        [
+            {
+                "version": row["version"],
+                "aliases": ",".join(row["aliases"]) or "-",
+                "created": row["created"][:16].replace("T", " "),
+                "test_accuracy": shown(row["test_metrics"]["accuracy"]),
+                "test_macro_f1": shown(row["test_metrics"]["macro_f1"]),
+                "data_version": row["data_version"] or "?",
+                "freeze": row["freeze_configuration"].get("stage", "?"),
+                "promotion": row["promotion"] or "-",
+                "run_id": row["run_id"] or "-",
+            }
+            for row in registry_versions(client, name)
+        ]
+    )

@@ -7,12 +7,13 @@ the path, or nothing trained with it yet) stops them with its absolute path and 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from vggflow.errors import TrackingError, VggflowError
-from vggflow.registry import promote_manually, registry_table, rollback
+from vggflow.registry import promote_manually, registry_table, registry_versions, rollback
 
 
 class _NoStore(TrackingError):
@@ -58,13 +59,22 @@ def cmd_registry(args: argparse.Namespace) -> int:
     from vggflow.registry import last_rollback
 
     cfg, client, _ = _registry_client(args)
+    record = last_rollback(client, cfg.registry.model_name)
+    if args.json:
+        document = {
+            "model": cfg.registry.model_name,
+            "tracking_uri": cfg.tracking.effective_uri,
+            "versions": registry_versions(client, cfg.registry.model_name),
+            "last_rollback": record.model_dump() if record else None,
+        }
+        print(json.dumps(document, indent=1))
+        return 0
     table = registry_table(client, cfg.registry.model_name)
     if table.empty:
         print(f"{cfg.registry.model_name}: no registered versions yet (run `vggflow train`)")
         return 0
     print(f"{cfg.registry.model_name} ({cfg.tracking.effective_uri})")
     print(table.to_string(index=False))
-    record = last_rollback(client, cfg.registry.model_name)
     if record is not None:
         print(f"last rollback: {record.describe()}")
     return 0
@@ -104,7 +114,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from mlflow.exceptions import MlflowException
 
         import mlflow
-        from vggflow.predict import expand_inputs, format_prediction, predict_files
+        from vggflow.predict import expand_inputs, format_prediction, predict_files, prediction_json
+        from vggflow.progress import ItemProgress
         from vggflow.tracking import without_type_hint_advice
 
         try:
@@ -121,13 +132,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except (MlflowException, OSError) as err:
         raise VggflowError(f"cannot load model {uri}: {err}") from None
     predicted = failed = 0
-    for prediction in predict_files(model, list(expand_inputs(args.inputs)), max(1, args.top_k)):
-        if prediction.error:
-            failed += 1
-            print(format_prediction(prediction), file=sys.stderr)
-        else:
-            predicted += 1
-            print(format_prediction(prediction))
+    paths = list(expand_inputs(args.inputs))
+    with ItemProgress(len(paths), "predict", "images") as progress:
+        if args.json:
+            progress.print("[")  # one JSON list, streamed: an item per image as it is labelled
+        for prediction in predict_files(model, paths, max(1, args.top_k)):
+            progress.advance()
+            failed += bool(prediction.error)
+            predicted += not prediction.error
+            if args.json:
+                separator = "," if predicted + failed < len(paths) else ""
+                progress.print(json.dumps(prediction_json(prediction)) + separator)
+            elif prediction.error:
+                progress.print(format_prediction(prediction), file=sys.stderr)
+            else:
+                progress.print(format_prediction(prediction))
+        if args.json:
+            progress.print("]")
     if failed:
         print(f"{failed} file(s) could not be read (listed above); {predicted} predicted", file=sys.stderr)
     return 0 if predicted else 2

@@ -8,8 +8,12 @@ if TYPE_CHECKING:
     from vggflow.summary import TrainingSummary
 
 
-def format_training_summary(summary: TrainingSummary) -> str:
-    """The end-of-run summary: a compact table of stages, then the outcome, one line per fact."""
+def format_training_summary(summary: TrainingSummary, temporary_prefect_server: bool = False) -> str:
+    """The end-of-run summary: a compact table of stages, then the outcome, one line per fact.
+
+    With ``temporary_prefect_server``, a last line says the flow run's Prefect server (its runs,
+    logs and artifacts) was this command's own and is gone, and how to keep them.
+    """
     freeze = summary.freeze_configuration
     rule = "=" * 78
     lines = ["", rule, f"vggflow train: done   run {summary.run_id}", rule]
@@ -47,6 +51,11 @@ def format_training_summary(summary: TrainingSummary) -> str:
         f"tracking    {summary.tracking_uri}   experiment {summary.experiment_id}",
         f"dashboard   {_run_link(summary)}",
     ]
+    if temporary_prefect_server:
+        lines.append(
+            "prefect     this command's temporary server: its runs and artifacts end with it "
+            "(set PREFECT_API_URL to a persistent server to keep them, docs/scheduling.md)"
+        )
     return "\n".join(lines)
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from vggflow.cli.summary import format_training_summary
@@ -40,13 +43,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     wait_until_ready(server)
     if store is not None:
         store.wait()  # reap it (the flow's own connect() waits on the store lock anyway)
-    summary = train_flow(
-        config_file=args.config,
-        overrides=list(args.overrides),
-        data_dir=args.data,
-        promote=False if args.no_promote else None,
-    )
-    print(format_training_summary(summary))
+    with _result_only_on_stdout(args.json):
+        summary = train_flow(
+            config_file=args.config,
+            overrides=list(args.overrides),
+            data_dir=args.data,
+            promote=False if args.no_promote else None,
+        )
+    if args.json:
+        print(json.dumps(summary.model_dump(mode="json"), indent=1))
+    else:
+        print(format_training_summary(summary, temporary_prefect_server=server is not None))
     return 0
 
 
@@ -61,13 +68,23 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from vggflow.flows.retrain import retrain_flow
 
     wait_until_ready(server)
-    outcome = retrain_flow(config_file=args.config, overrides=list(args.overrides), force=args.force)
+    with _result_only_on_stdout(args.json):
+        outcome = retrain_flow(config_file=args.config, overrides=list(args.overrides), force=args.force)
+    if args.json:
+        print(json.dumps(outcome.model_dump(mode="json"), indent=1))
+        return 0
     print(f"vggflow retrain: {outcome.reason}")
     if not outcome.skipped:
         from vggflow.summary import TrainingSummary
 
-        print(format_training_summary(TrainingSummary.model_validate(outcome.training)))
+        summary = TrainingSummary.model_validate(outcome.training)
+        print(format_training_summary(summary, temporary_prefect_server=server is not None))
     return 0
+
+
+def _result_only_on_stdout(json_output: bool):
+    """With ``--json``, whatever the run prints goes to stderr, so stdout holds the JSON document alone."""
+    return contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
 
 
 def _interrupt(signum, frame) -> None:
