@@ -209,7 +209,7 @@ def test_version_verbosity_and_completion(capsys):
     assert parser.parse_args(["config"]).verbosity == 0
     assert main(["completion", "bash"]) == 0
     script = capsys.readouterr().out
-    assert "rollback" in script and "--no-promote" in script and "--json" in script
+    assert "lineage" in script and "--no-promote" in script and "--json" in script
     assert main(["completion", "zsh"]) == 0 and "#compdef vggflow" in capsys.readouterr().out
 
 

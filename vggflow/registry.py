@@ -217,7 +217,7 @@ def registry_versions(client, name: str) -> list[dict]:
     rows = []
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
         tags = v.tags or {}
-        freeze = _json(tags.get(mlflow_tags.FREEZE_CONFIGURATION)) or {}
+        freeze = json_tag(tags.get(mlflow_tags.FREEZE_CONFIGURATION)) or {}
         rows.append(
             {
                 "version": str(v.version),
@@ -229,7 +229,7 @@ def registry_versions(client, name: str) -> list[dict]:
                 "data_version": tags.get(mlflow_tags.DATA_VERSION),
                 "freeze_configuration": freeze,
                 "promotion": tags.get(mlflow_tags.PROMOTION),
-                "rollback": _json(tags.get(mlflow_tags.ROLLBACK)),
+                "rollback": json_tag(tags.get(mlflow_tags.ROLLBACK)),
                 "run_id": v.run_id,
                 "model_uri": f"models:/{name}/{v.version}",
             }
@@ -237,7 +237,8 @@ def registry_versions(client, name: str) -> list[dict]:
     return rows
 
 
-def _json(text: str | None):
+def json_tag(text: str | None):
+    """A tag holding JSON, parsed; None when absent or not JSON (a tag edited by hand)."""
     try:
         return json.loads(text) if text else None
     except ValueError:

@@ -1,8 +1,8 @@
 """The `vggflow` command line: the parser, :func:`main` and the console script.
 
 The command handlers live beside this module, one per concern: ``training`` (train, retrain),
-``schedule`` (schedule), ``models`` (registry, promote, rollback, predict), ``inputs``
-(validate, config) and ``ui``; ``summary`` formats the end-of-training summary. This package is
+``schedule`` (schedule), ``models`` (registry, promote, rollback, predict), ``lineage``,
+``inputs`` (validate, config, completion) and ``ui``; ``summary`` formats the end-of-training summary. This package is
 the only part of vggflow that imports the flows (imports go command line → flows → tasks →
 core; ``tests/test_layers.py`` checks it). The handlers import heavy libraries (TensorFlow,
 Prefect, MLflow, even the config's pydantic models) inside their bodies, so `vggflow --help`
@@ -20,6 +20,7 @@ import threading
 from typing import NoReturn
 
 from vggflow.cli.inputs import cmd_completion, cmd_config, cmd_validate
+from vggflow.cli.lineage import cmd_lineage
 from vggflow.cli.models import cmd_predict, cmd_promote, cmd_registry, cmd_rollback
 from vggflow.cli.schedule import cmd_schedule
 from vggflow.cli.training import cmd_retrain, cmd_train
@@ -111,6 +112,20 @@ COMMANDS = {
             option("--model", help="model URI (default: models:/<registry.model_name>@champion)"),
             option("--top-k", type=int, default=3, help="labels per image (default: 3)"),
             json_option("a list with one object per image (path, label, top_k, error)"),
+        ],
+    ),
+    "lineage": (
+        cmd_lineage,
+        "where a registered version came from, and the commands that reproduce it",
+        "Print a registered version's training run, git commit (and whether the tree was dirty), data version "
+        "with its DVC file and remote, backbone weights, chosen freeze configuration, test metrics, promotion "
+        "decision and full config, then the commands that reproduce it (git checkout, dvc pull, vggflow train).",
+        [
+            option("version", metavar="VERSION", help="registered version number, or an alias such as @champion"),
+            json_option("the lineage"),
+            option(
+                "--save-config", metavar="FILE", help="write the run's effective config to FILE (for `train --config`)"
+            ),
         ],
     ),
     "retrain": (

@@ -33,7 +33,7 @@ def missing_store_message(uri: str, db: Path) -> str:
     )
 
 
-def _registry_client(args: argparse.Namespace):
+def registry_client(args: argparse.Namespace):
     """The config, an MLflow client on its store, and the registry lock folder.
 
     Raises:
@@ -58,7 +58,7 @@ def _registry_client(args: argparse.Namespace):
 def cmd_registry(args: argparse.Namespace) -> int:
     from vggflow.registry import last_rollback
 
-    cfg, client, _ = _registry_client(args)
+    cfg, client, _ = registry_client(args)
     record = last_rollback(client, cfg.registry.model_name)
     if args.json:
         document = {
@@ -81,7 +81,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    cfg, client, locks = _registry_client(args)
+    cfg, client, locks = registry_client(args)
     name = cfg.registry.model_name
     former = promote_manually(client, name, args.version, args.reason, locks)
     if former == str(args.version):
@@ -92,7 +92,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    cfg, client, locks = _registry_client(args)
+    cfg, client, locks = registry_client(args)
     record = rollback(client, cfg.registry.model_name, locks, args.reason)
     current = record.rolled_back_version or "none"
     print(
@@ -119,7 +119,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from vggflow.tracking import without_type_hint_advice
 
         try:
-            cfg, _, _ = _registry_client(args)  # a bad config or store fails before TensorFlow's import
+            cfg, _, _ = registry_client(args)  # a bad config or store fails before TensorFlow's import
         except _NoStore as err:
             if not (args.model and Path(args.model).exists()):  # a model folder needs no registry
                 raise TrackingError(f"{err} Or pass --model with a saved model folder.") from None
