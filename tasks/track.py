@@ -25,6 +25,7 @@ from vggflow.caching import code_version
 from vggflow.checks import Preflight
 from vggflow.config import Config
 from vggflow.feature_cache import FeatureSet
+from vggflow.files import atomic_write_text
 from vggflow.lineage import TRAINING_FLOW
 from vggflow.runs import (
     TrainingRun,
@@ -208,6 +209,10 @@ def log_results(
     if history.empty:
         history = pd.DataFrame(columns=["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The same curves as data (one row per epoch, `step` counting epochs across stages): DVC plots them.
+    history_csv = out_dir / "learning_curves.csv"
+    atomic_write_text(history_csv, history.assign(step=range(len(history))).to_csv(index=False))
+    client.log_artifact(run_id, str(history_csv), "stages")
     curves = stage_figures.plot_learning_curves(history, chosen.stage, out_dir / "learning_curves.png")
     comparison = stage_figures.plot_stage_comparison(
         pd.DataFrame(table).rename(columns={f"best_{selection_metric}": selection_metric}),
