@@ -63,11 +63,11 @@ COMMANDS = {
             option("--data", metavar="DIR", help="folder of labelled images DIR/<class>/<image> (default: data.dir)"),
             option("--no-promote", action="store_true", help="register the new version without touching aliases"),
             json_option("the end-of-run summary"),
-            option("--metrics", metavar="FILE.json", help="also write the test metrics there (for `dvc metrics`)"),
+            option("--metrics", metavar="FILE.json", help="also write the test metrics there (for `dvc metrics show`)"),
             option(
                 "--plots",
                 metavar="DIR",
-                help="also write the learning curves and test predictions there as CSV (for `dvc plots`)",
+                help="also write the learning curves and test predictions there as CSV (for `dvc plots show`)",
             ),
         ],
     ),
