@@ -352,8 +352,16 @@ def test_a_rollback_sticks_until_the_data_changes(
     assert json.loads(model_tags["vggflow.last_rollback"])["data_version"] == md5
 
     before = registry_counts()
-    outcome, _, _ = run_retrain()
+    outcome, flow_run_id, _ = run_retrain()
     assert outcome.skipped and outcome.reason.startswith(f"skipped: data version {md5} was rolled back (v2 (")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:  # the reason, as the flow run's artifact in the Prefect UI
+        (artifact,) = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    assert artifact.key == "vgg19-classifier-retrain" and "was rolled back" in artifact.data
     assert "class_1 photos were mislabelled" in outcome.reason and registry_counts() == before
     assert main(["retrain"]) == 0
     assert "was rolled back" in capsys.readouterr().out and registry_counts() == before

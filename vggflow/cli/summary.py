@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vggflow.summary import run_link
+
 if TYPE_CHECKING:
     from vggflow.summary import TrainingSummary
 
@@ -49,7 +51,7 @@ def format_training_summary(summary: TrainingSummary, temporary_prefect_server: 
         f"{summary.decision.reason}",
         f"reports     {summary.report_dir}",
         f"tracking    {summary.tracking_uri}   experiment {summary.experiment_id}",
-        f"dashboard   {_run_link(summary)}",
+        f"dashboard   {run_link(summary)}",
     ]
     if temporary_prefect_server:
         lines.append(
@@ -57,14 +59,6 @@ def format_training_summary(summary: TrainingSummary, temporary_prefect_server: 
             "(set PREFECT_API_URL to a persistent server to keep them, docs/scheduling.md)"
         )
     return "\n".join(lines)
-
-
-def _run_link(summary: TrainingSummary) -> str:
-    """Where to see the run: the tracking server itself, or `vggflow ui` over a local store."""
-    route = f"#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
-    if summary.tracking_uri.startswith(("http://", "https://")):
-        return f"{summary.tracking_uri.rstrip('/')}/{route}"
-    return f"vggflow ui, then http://127.0.0.1:5000/{route}"
 
 
 def _yes_no(value: bool | None) -> str:
