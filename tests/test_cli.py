@@ -330,3 +330,37 @@ def test_imports_without_gc_pauses_the_collector_then_freezes_what_it_created():
         gc.callbacks.remove(count)
         gc.enable()
         gc.unfreeze()
+
+
+def test_flow_runs_on_the_temporary_prefect_server_print_no_view_at_link(tmp_path):
+    """That server serves no UI and ends with the command: Prefect's "View at <url>" would point nowhere."""
+    script = (
+        "import os, uuid\n"
+        "os.environ.pop('PREFECT_API_URL', None)\n"
+        "from vggflow.warmup import start_local_prefect_server\n"
+        "server = start_local_prefect_server()\n"
+        "from prefect.client.schemas.objects import FlowRun\n"
+        "from prefect.utilities.urls import url_for\n"
+        "print(url_for(FlowRun(id=uuid.uuid4(), flow_id=uuid.uuid4(), name='run')))\n"
+        "server.stop()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
+    from vggflow.cli.summary import format_training_summary
+    from vggflow.promotion import Decision
+    from vggflow.summary import TrainingSummary
+
+    decision = Decision(
+        promoted=True, reason="no champion yet", model_name="m", candidate_version="1", primary_metric="accuracy",
+        candidate_value=0.9, min_delta=0.0, thresholds={},
+    )  # fmt: skip
+    summary = TrainingSummary(
+        run_id="r", experiment_id="1", tracking_uri="sqlite:///m.db", data_version="d", data_matches_dvc=True,
+        freeze_configuration={"stage": "head", "first_trainable_layer": "head_dense", "trainable_layers": 2,
+                              "trainable_params": 10, "learning_rate": 0.001},
+        stages=[], skipped_stages=[], test_metrics={"accuracy": 0.9}, model_name="m", model_version="1",
+        model_uri="models:/m-1", decision=decision, random_init=False, weights_note="", validation_summary="",
+        report_dir="r",
+    )  # fmt: skip
+    assert "temporary server" in format_training_summary(summary, temporary_prefect_server=True)
+    assert "temporary server" not in format_training_summary(summary)
