@@ -28,7 +28,7 @@ from vggflow.registry import CHALLENGER, CHAMPION, PREVIOUS, rollback
 from vggflow.scoring import score
 from vggflow.tasks.features import compute_features
 from vggflow.tasks.promote import promote_if_better
-from vggflow.tasks.register import log_classifier, register_version
+from vggflow.tasks.register import input_example, log_classifier, register_version
 from vggflow.tasks.train_head import train_head_on_features as train_head
 from vggflow.tracking import connect
 from vggflow.validation import validate_dataset
@@ -97,7 +97,8 @@ class Lab:
 
     def register(self, checkpoint: Path) -> tuple[RegisteredVersion, dict[str, float]]:
         run_id = self.client.create_run(self.experiment_id).info.run_id
-        uri = log_classifier(run_id, checkpoint, self.classes, 32, self.root / run_id)
+        example = input_example(self.data_dir / self.rows["path"].iloc[0])
+        uri = log_classifier(run_id, checkpoint, self.classes, 32, self.root / run_id, example)
         metrics = self.keras_metrics(checkpoint, self.test_rows)
         return register_version(
             uri, RegistryConfig(), run_id, {"vggflow.test_accuracy": str(metrics["accuracy"])}
@@ -182,18 +183,30 @@ def test_registered_model_round_trips_raw_images_in_a_plain_process(lab: Lab) ->
     paths = [str(lab.data_dir / p) for p in lab.test_rows["path"][:4]]
     images = np.stack([load_rgb(p) for p in paths])
     np.save(lab.root / "images.npy", images)
-    # A fresh interpreter that never imports vggflow: the model must carry everything it needs.
+    # A fresh interpreter that never imports vggflow: the model must carry everything it needs, and
+    # describe itself (a full signature, an input example) without MLflow's "add type hints" advice.
     script = f"""
 import json, sys, numpy as np, mlflow
 model = mlflow.pyfunc.load_model("models:/{NAME}@champion")
 out = model.predict(np.load("images.npy"))
 imported = [m for m in sys.modules if m == "vggflow" or m.startswith(("vggflow.", "tasks.", "flows."))]
 assert not imported, imported
-print(json.dumps({{"labels": list(out["label"]), "probabilities": list(out["probabilities"])}}))
+info = mlflow.models.get_model_info("models:/{NAME}@champion")
+example = mlflow.models.Model.load("models:/{NAME}@champion").load_input_example()
+print(json.dumps({{"labels": list(out["label"]), "probabilities": list(out["probabilities"]),
+                  "signature": info.signature.to_dict(), "example": [str(example.dtype), list(example.shape)],
+                  "example_labels": list(model.predict(example)["label"])}}))
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=lab.root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "type hint" not in done.stderr, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    outputs = json.loads(result["signature"]["outputs"])
+    assert [o["name"] for o in outputs] == ["label", "confidence", "probabilities"]
+    assert set(outputs[2]["properties"]) == set(lab.classes)
+    assert json.loads(result["signature"]["inputs"])[0]["tensor-spec"] == {"dtype": "uint8", "shape": [-1, -1, -1, 3]}
+    assert result["example"][0] == "uint8" and result["example"][1][0] == 1 and result["example"][1][3] == 3
+    assert result["example_labels"][0] in lab.classes
     import keras
 
     expected = np.asarray(keras.saving.load_model(checkpoint).predict_on_batch(images.astype(np.float32)))

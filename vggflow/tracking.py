@@ -85,11 +85,12 @@ def check_store(cfg: TrackingConfig) -> str:
 
 @contextlib.contextmanager
 def without_type_hint_advice():
-    """Drop MLflow's advice to add type hints to our PythonModel's ``predict`` while in the block.
+    """Drop MLflow's advice to add type hints to a PythonModel's ``predict`` while in the block.
 
-    MLflow gives it whenever the model's code is loaded (logging, loading); our wrapper accepts
-    arrays, DataFrames and dicts on purpose. MLflow forces the warning through its own "once"
-    filter, which overrides ignore filters, so it is dropped at display instead.
+    Models registered by earlier vggflow versions have no type hints on ``predict``, and MLflow
+    gives the advice whenever such a model's code is loaded (the gate re-scores the champion,
+    `vggflow predict`). MLflow forces the warning through its own "once" filter, which overrides
+    ignore filters, so it is dropped at display instead.
     """
     with warnings.catch_warnings():
         show = warnings.showwarning
