@@ -50,6 +50,7 @@ class Lab:
         self.weights = resolve_weights(
             self.cfg.backbone.model_copy(update={"weights": "none", "image_size": 32}), root / "cache", 7
         )
+        self.predicted: dict[str, list[str]] = {}
         self.refresh_rows()
 
     def refresh_rows(self) -> None:
@@ -86,28 +87,42 @@ class Lab:
         model.save(path)
         return path
 
-    def keras_metrics(self, checkpoint: Path, rows: pd.DataFrame) -> dict[str, float]:
+    def keras_predictions(self, checkpoint: Path, rows: pd.DataFrame) -> list[str]:
         import keras
 
         model = keras.saving.load_model(checkpoint)
         images = np.stack([load_rgb(self.data_dir / p) for p in rows["path"]]).astype(np.float32)
-        predicted = np.asarray(model.predict_on_batch(images)).argmax(axis=1)
-        truth = rows["label"].map({c: i for i, c in enumerate(self.classes)}).to_numpy()
-        return score(truth, predicted, len(self.classes))[0]
+        return [self.classes[i] for i in np.asarray(model.predict_on_batch(images)).argmax(axis=1)]
+
+    def keras_metrics(self, checkpoint: Path, rows: pd.DataFrame) -> dict[str, float]:
+        index = {c: i for i, c in enumerate(self.classes)}
+        predicted = np.array([index[label] for label in self.keras_predictions(checkpoint, rows)])
+        return score(rows["label"].map(index).to_numpy(), predicted, len(self.classes))[0]
 
     def register(self, checkpoint: Path) -> tuple[RegisteredVersion, dict[str, float]]:
         run_id = self.client.create_run(self.experiment_id).info.run_id
         example = input_example(self.data_dir / self.rows["path"].iloc[0])
         uri = log_classifier(run_id, checkpoint, self.classes, 32, self.root / run_id, example)
+        self.predicted[run_id] = self.keras_predictions(checkpoint, self.test_rows)
         metrics = self.keras_metrics(checkpoint, self.test_rows)
         return register_version(
             uri, RegistryConfig(), run_id, {"vggflow.test_accuracy": str(metrics["accuracy"])}
         ), metrics
 
-    def gate(self, version: RegisteredVersion, metrics: dict[str, float], **registry):
+    def right(self) -> list[str]:
+        """Predictions that are all right (the test labels)."""
+        return list(self.test_rows["label"])
+
+    def wrong(self) -> list[str]:
+        """Predictions that are all wrong (the next class of each test label)."""
+        return [self.classes[(self.classes.index(label) + 1) % len(self.classes)] for label in self.right()]
+
+    def gate(self, version: RegisteredVersion, predicted: list[str] | None = None, **registry):
+        """The gate on the version's own test predictions (or ``predicted``)."""
         cfg = RegistryConfig(thresholds={"accuracy": 0.0}, **registry)
+        predicted = predicted if predicted is not None else self.predicted[version.run_id]
         return promote_if_better(
-            self.client, cfg, version.version, metrics, version.run_id, self.test_rows, self.data_dir, self.classes, 8
+            self.client, cfg, version.version, predicted, version.run_id, self.test_rows, self.data_dir, self.classes, 8
         )
 
     def alias(self, alias: str) -> str | None:
@@ -127,12 +142,12 @@ def test_gate_promotes_rejects_promotes_and_rolls_back(lab: Lab) -> None:
     common, rare = shares.idxmax(), shares.idxmin()
 
     first, first_metrics = lab.register(lab.constant_checkpoint(common))
-    decision = lab.gate(first, first_metrics)
+    decision = lab.gate(first)
     assert decision.promoted and "no champion yet" in decision.reason
     assert lab.alias(CHAMPION) == first.version
 
     worse, worse_metrics = lab.register(lab.constant_checkpoint(rare))
-    decision = lab.gate(worse, worse_metrics)
+    decision = lab.gate(worse)
     assert not decision.promoted and decision.delta <= 0
     assert "does not beat champion" in decision.reason
     assert lab.alias(CHAMPION) == first.version and lab.alias(CHALLENGER) == worse.version
@@ -143,13 +158,13 @@ def test_gate_promotes_rejects_promotes_and_rolls_back(lab: Lab) -> None:
 
     better, better_metrics = lab.register(lab.trained_checkpoint(epochs=40))
     assert better_metrics["accuracy"] > first_metrics["accuracy"]
-    decision = lab.gate(better, better_metrics)
+    decision = lab.gate(better)
     assert decision.promoted and decision.delta > 0
     assert lab.alias(CHAMPION) == better.version and lab.alias(PREVIOUS) == first.version
 
     # --no-promote: registered and evaluated, aliases untouched.
     untouched, untouched_metrics = lab.register(lab.trained_checkpoint(epochs=40))
-    decision = lab.gate(untouched, untouched_metrics, promote=False)
+    decision = lab.gate(untouched, promote=False)
     assert not decision.promoted and "--no-promote" in decision.reason
     assert lab.alias(CHAMPION) == better.version and lab.alias(CHALLENGER) == worse.version
 
@@ -161,7 +176,7 @@ def test_gate_promotes_rejects_promotes_and_rolls_back(lab: Lab) -> None:
 def test_champion_is_re_evaluated_on_the_candidates_test_split(lab: Lab) -> None:
     champion_checkpoint = lab.trained_checkpoint(epochs=3)
     champion, champion_metrics = lab.register(champion_checkpoint)
-    lab.gate(champion, champion_metrics)
+    lab.gate(champion)
 
     # New images arrive: the candidate's test split differs from the champion's.
     write_dataset(lab.data_dir, classes=3, per_class=10, start=100)
@@ -169,7 +184,7 @@ def test_champion_is_re_evaluated_on_the_candidates_test_split(lab: Lab) -> None
     lab.refresh_rows()
     assert set(lab.test_rows["path"]) != old_test and old_test <= set(lab.test_rows["path"])
     candidate, candidate_metrics = lab.register(lab.trained_checkpoint(epochs=40))
-    decision = lab.gate(candidate, candidate_metrics)
+    decision = lab.gate(candidate)
 
     on_new_split = lab.keras_metrics(champion_checkpoint, lab.test_rows)["accuracy"]
     assert decision.champion_value == pytest.approx(on_new_split)
@@ -179,7 +194,7 @@ def test_champion_is_re_evaluated_on_the_candidates_test_split(lab: Lab) -> None
 def test_registered_model_round_trips_raw_images_in_a_plain_process(lab: Lab) -> None:
     checkpoint = lab.trained_checkpoint(epochs=5)
     version, _ = lab.register(checkpoint)
-    lab.gate(version, {"accuracy": 1.0, "macro_f1": 1.0})
+    lab.gate(version, lab.right())
     paths = [str(lab.data_dir / p) for p in lab.test_rows["path"][:4]]
     images = np.stack([load_rgb(p) for p in paths])
     np.save(lab.root / "images.npy", images)
@@ -224,7 +239,7 @@ def test_served_model_answers_http_invocations(lab: Lab) -> None:
     import requests
 
     version, metrics = lab.register(lab.trained_checkpoint(epochs=5))
-    lab.gate(version, metrics)
+    lab.gate(version)
     port = free_port()
     venv_bin = Path(sys.executable).parent
     # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin must be on it.
@@ -284,10 +299,10 @@ def test_served_model_answers_http_invocations(lab: Lab) -> None:
 def test_registry_promote_and_rollback_commands(lab: Lab, capsys) -> None:
     from vggflow.cli import main
 
-    first, metrics = lab.register(lab.constant_checkpoint(lab.classes[0]))
-    lab.gate(first, metrics)
+    first, _ = lab.register(lab.constant_checkpoint(lab.classes[0]))
+    lab.gate(first)
     second, _ = lab.register(lab.constant_checkpoint(lab.classes[1]))
-    lab.gate(second, {"accuracy": 0.0, "macro_f1": 0.0})
+    lab.gate(second, lab.wrong())
     assert lab.alias(CHALLENGER) == second.version
 
     assert main(["registry"]) == 0
@@ -320,7 +335,7 @@ def test_predict_command_labels_files_and_stops_quietly_when_its_reader_goes(lab
     """`vggflow predict` as a user runs it (the console script, the champion), also piped into
     `head`: a closed stdout ends it with the shell's SIGPIPE code (141), not a traceback."""
     first, metrics = lab.register(lab.trained_checkpoint(epochs=5))
-    lab.gate(first, metrics)
+    lab.gate(first)
     vggflow = str(Path(sys.executable).with_name("vggflow"))
     folder = lab.data_dir / lab.classes[0]
     (folder / "notes.txt").write_text("not an image")
@@ -378,7 +393,7 @@ def test_test_set_scores_are_reused_only_for_the_same_model_and_test_images(lab:
     assert not repaired.scores_reused and repaired.metrics == first.metrics
 
     champion, metrics = lab.register(trained)
-    lab.gate(champion, metrics)
+    lab.gate(champion)
     candidate, candidate_metrics = lab.register(lab.constant_checkpoint(lab.classes[1]))
 
     def gate(fingerprint: str):
@@ -386,7 +401,7 @@ def test_test_set_scores_are_reused_only_for_the_same_model_and_test_images(lab:
             MlflowClient(),
             RegistryConfig(thresholds={"accuracy": 0.0}, promote=False),
             candidate.version,
-            candidate_metrics,
+            lab.predicted[candidate.run_id],
             candidate.run_id,
             lab.test_rows,
             lab.data_dir,

@@ -92,6 +92,13 @@ def scores_file(
     return Path(scores_dir) / f"{key}.npy"
 
 
+#: The predicted label of a class the data does not have (a champion trained on other classes).
+NOT_A_CLASS = "(not a class of this data)"
+
+#: The gate's metrics as MLflow's classifier evaluator names them (its averages set to macro).
+MLFLOW_METRICS = {"accuracy": "accuracy_score", "macro_f1": "f1_score"}
+
+
 def evaluate_registered(
     model_uri: str,
     test_rows: pd.DataFrame,
@@ -99,12 +106,12 @@ def evaluate_registered(
     class_names: list[str],
     batch_size: int,
     scores_cache: Path | None = None,
-) -> dict[str, float]:
-    """Score a registered model on test rows through its public pyfunc interface.
+) -> list[str]:
+    """A registered model's predicted labels for the test rows, through its public pyfunc interface.
 
     Labels are matched by name, so a champion trained on another class list is scored fairly
-    (a class it does not know is simply a wrong answer). With ``scores_cache`` (see
-    :func:`registered_scores_file`), the predictions are kept there and reused.
+    (a class it does not know, :data:`NOT_A_CLASS`, is simply a wrong answer). With
+    ``scores_cache`` (see :func:`registered_scores_file`), the predictions are kept there and reused.
     """
     index = {name: i for i, name in enumerate(class_names)}
     paths = [Path(data_dir) / p for p in test_rows["path"]]
@@ -126,9 +133,37 @@ def evaluate_registered(
     predicted, reused = reuse_or_compute(scores_cache, len(paths), predict_test_set)
     if reused:
         print(f"{model_uri}: same version, same test images: reused its {len(paths)} test-set predictions")
-    y_true = test_rows["label"].map(index).to_numpy()
-    metrics, _ = score(y_true, predicted[:, 0] if len(predicted) else predicted, len(class_names))
-    return metrics
+    return [class_names[i] if i >= 0 else NOT_A_CLASS for i in (predicted[:, 0] if len(predicted) else [])]
+
+
+def mlflow_evaluation(run_id: str, labels: list[str], predicted: list[str], class_names: list[str]) -> dict[str, float]:
+    """The gate's metrics of predicted labels, by MLflow's own evaluation API, logged to run ``run_id``.
+
+    ``mlflow.models.evaluate`` on a static dataset (true and predicted labels): the models
+    themselves take image tensors, which an evaluation dataset (rows of features) cannot hold, so
+    vggflow runs them (and keeps their scores) and MLflow's classifier evaluator computes the
+    metrics, per-class metrics and confusion matrix, macro-averaged like vggflow's own.
+
+    Returns:
+        ``accuracy`` and ``macro_f1`` (see :data:`MLFLOW_METRICS`).
+    """
+    import logging
+
+    import mlflow
+
+    data = pd.DataFrame({"label": labels, "predicted": predicted})
+    config = {"average": "macro", "label_list": list(class_names), "log_model_explainability": False}
+    evaluator_logger = logging.getLogger("mlflow.models.evaluation")
+    level = evaluator_logger.level
+    evaluator_logger.setLevel(logging.WARNING)  # its INFO lines narrate each evaluation
+    try:
+        with mlflow.start_run(run_id=run_id):
+            result = mlflow.models.evaluate(
+                data=data, targets="label", predictions="predicted", model_type="classifier", evaluator_config=config
+            )
+    finally:
+        evaluator_logger.setLevel(level)
+    return {name: float(result.metrics[key]) for name, key in MLFLOW_METRICS.items()}
 
 
 def registered_scores_file(
