@@ -64,11 +64,7 @@ COMMANDS = {
             option("--no-promote", action="store_true", help="register the new version without touching aliases"),
             json_option("the end-of-run summary"),
             option("--metrics", metavar="FILE.json", help="also write the test metrics there (for `dvc metrics show`)"),
-            option(
-                "--plots",
-                metavar="DIR",
-                help="also write the learning curves and test predictions there as CSV (for `dvc plots show`)",
-            ),
+            option("--plots", metavar="DIR", help="also write curves and predictions there (for `dvc plots show`)"),
         ],
     ),
     "validate": (
