@@ -102,7 +102,7 @@ def promote_if_better(
     registered version never changes).
     """
     labels = list(test_rows["label"])
-    candidate_metrics = mlflow_evaluation(run_id, labels, candidate_predictions, class_names)
+    candidate_metrics = mlflow_evaluation(run_id, labels, candidate_predictions, class_names, leave_running=True)
     champion = current_champion(client, cfg.model_name)
     champion_version = str(champion.version) if champion is not None else None
     champion_metrics = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -211,6 +212,39 @@ def test_version_verbosity_and_completion(capsys):
     script = capsys.readouterr().out
     assert "lineage" in script and "--no-promote" in script and "--json" in script
     assert main(["completion", "zsh"]) == 0 and "#compdef vggflow" in capsys.readouterr().out
+
+
+VERBOSITY_PROBE = """
+import json, logging, os, sys
+from vggflow.cli import main
+from vggflow import progress
+assert main([*sys.argv[1:], "config"]) == 0
+names = ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "PREFECT_LOGGING_LEVEL", "MLFLOW_LOGGING_LEVEL")
+print(json.dumps({"env": {n: os.environ.get(n) for n in names}, "progress": progress._SETTINGS}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "settings"),
+    [
+        ([], {}, {"bars": None, "every_epoch": False}),
+        (
+            ["-q"],
+            {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING", "MLFLOW_LOGGING_LEVEL": "WARNING"},
+            {"bars": False, "every_epoch": False},
+        ),
+        (["-v"], {"PREFECT_LOGGING_LEVEL": "DEBUG"}, {"bars": None, "every_epoch": True}),
+    ],
+)
+def test_quiet_and_verbose_set_the_logs_and_progress_of_what_the_command_runs(tmp_path, flags, env, settings):
+    """-q: Prefect's and MLflow's console logs from WARNING, no bars; -v: Prefect's DEBUG logs, a line per epoch."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_LOGGING", "MLFLOW_LOGGING"))}
+    done = subprocess.run(
+        [sys.executable, "-c", VERBOSITY_PROBE, *flags], cwd=tmp_path, env=clean, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in state["env"].items() if v is not None} == env and state["progress"] == settings
 
 
 def test_validate_json_is_one_document_on_stdout(project):

@@ -323,6 +323,13 @@ def test_registry_promote_and_rollback_commands(lab: Lab, capsys) -> None:
     assert record["by"].startswith(f"{getpass.getuser()}@")
     assert main(["registry"]) == 0
     assert "last rollback: v" + second.version in capsys.readouterr().out
+    assert main(["registry", "--json"]) == 0  # the same, for scripts: one JSON document
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["model"] == NAME and [v["version"] for v in listed["versions"]] == [second.version, first.version]
+    assert listed["versions"][1]["aliases"] == [CHAMPION] and listed["versions"][0]["aliases"] == [PREVIOUS]
+    assert listed["versions"][0]["rollback"]["reason"] == "complaints about shoes"
+    assert listed["last_rollback"]["rolled_back_version"] == second.version
+    assert isinstance(listed["versions"][1]["test_metrics"]["accuracy"], float)
     assert main(["rollback", "--reason", "undo: the complaints were about another app"]) == 0  # an undo
     assert "vggflow.rollback" not in lab.client.get_model_version(NAME, second.version).tags
     capsys.readouterr()
@@ -349,6 +356,17 @@ def test_predict_command_labels_files_and_stops_quietly_when_its_reader_goes(lab
     path, ranked = lines[0].split("\t")
     assert Path(path).parent == folder and ranked.split()[0] in lab.classes and len(ranked.split()) == 4
     assert "notes.txt\tERROR not_an_image" in done.stderr and "1 file(s) could not be read" in done.stderr
+    as_json = subprocess.run(
+        [vggflow, "predict", str(folder), "--top-k", "2", "--json"], cwd=lab.root, capture_output=True, text=True
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    items = {item["path"]: item for item in json.loads(as_json.stdout)}  # one document, unreadable files included
+    unreadable = items.pop(str(folder / "notes.txt"))
+    assert unreadable["label"] is None and unreadable["error"].startswith("not_an_image")
+    assert {path: item["label"] for path, item in items.items()} == {
+        line.split("\t")[0]: line.split("\t")[1].split()[0] for line in lines
+    }
+    assert all(len(item["top_k"]) == 2 and item["error"] is None for item in items.values())
 
     many = lab.root / "many"
     many.mkdir()

@@ -162,4 +162,9 @@ def test_mlflow_evaluation_gives_the_evaluation_steps_numbers(project):
     index = {name: i for i, name in enumerate(classes)}
     ours, _ = score(np.array([index[x] for x in labels]), np.array([index.get(x, -1) for x in predicted]), 4)
     assert gate["accuracy"] == pytest.approx(ours["accuracy"]) and gate["macro_f1"] == pytest.approx(ours["macro_f1"])
-    assert client.get_run(run_id).data.metrics["accuracy_score"] == pytest.approx(ours["accuracy"])  # logged
+    logged = client.get_run(run_id)
+    assert logged.data.metrics["accuracy_score"] == pytest.approx(ours["accuracy"])
+    assert logged.info.status == "FINISHED"  # a run of its own (the champion's gate run) is closed
+    training_run = client.create_run(experiment_id).info.run_id
+    mlflow_evaluation(training_run, labels, predicted, classes, leave_running=True)
+    assert client.get_run(training_run).info.status == "RUNNING"  # the training flow closes its own run

@@ -136,7 +136,9 @@ def evaluate_registered(
     return [class_names[i] if i >= 0 else NOT_A_CLASS for i in (predicted[:, 0] if len(predicted) else [])]
 
 
-def mlflow_evaluation(run_id: str, labels: list[str], predicted: list[str], class_names: list[str]) -> dict[str, float]:
+def mlflow_evaluation(
+    run_id: str, labels: list[str], predicted: list[str], class_names: list[str], leave_running: bool = False
+) -> dict[str, float]:
     """The gate's metrics of predicted labels, by MLflow's own evaluation API, logged to run ``run_id``.
 
     ``mlflow.models.evaluate`` on a static dataset (true and predicted labels): the models
@@ -144,10 +146,16 @@ def mlflow_evaluation(run_id: str, labels: list[str], predicted: list[str], clas
     vggflow runs them (and keeps their scores) and MLflow's classifier evaluator computes the
     metrics, per-class metrics and confusion matrix, macro-averaged like vggflow's own.
 
+    The evaluation resumes the run and closes it ``FINISHED``; with ``leave_running`` a run
+    that was ``RUNNING`` stays so (the training run: the flow closes it when it ends, and a
+    killed process's run must still look abandoned, not finished).
+
     Returns:
         ``accuracy`` and ``macro_f1`` (see :data:`MLFLOW_METRICS`).
     """
     import logging
+
+    from mlflow.tracking import MlflowClient
 
     import mlflow
 
@@ -156,6 +164,8 @@ def mlflow_evaluation(run_id: str, labels: list[str], predicted: list[str], clas
     evaluator_logger = logging.getLogger("mlflow.models.evaluation")
     level = evaluator_logger.level
     evaluator_logger.setLevel(logging.WARNING)  # its INFO lines narrate each evaluation
+    client = MlflowClient()
+    was_running = client.get_run(run_id).info.status == "RUNNING"
     try:
         with mlflow.start_run(run_id=run_id):
             result = mlflow.models.evaluate(
@@ -163,6 +173,8 @@ def mlflow_evaluation(run_id: str, labels: list[str], predicted: list[str], clas
             )
     finally:
         evaluator_logger.setLevel(level)
+    if leave_running and was_running:
+        client.update_run(run_id, status="RUNNING")  # start_run's exit closed it
     return {name: float(result.metrics[key]) for name, key in MLFLOW_METRICS.items()}
 
 
