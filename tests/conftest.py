@@ -98,6 +98,7 @@ def tiny_overrides(**extra: str) -> list[str]:
         "finetune.stages": "[{unfreeze_from: block5, learning_rate: 1.0e-4, epochs: 1},"
         " {unfreeze_from: block4, learning_rate: 1.0e-5, epochs: 1},"
         " {unfreeze_from: all, learning_rate: 1.0e-5, epochs: 1}]",
+        "finetune.warmup_epochs": "0",  # one-epoch stages: no room for a warm-up
         "finetune.stop_when_no_improvement": "false",
         "registry.thresholds": "{accuracy: 0.0}",
         "validation.min_images_per_class": "3",

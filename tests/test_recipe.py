@@ -140,7 +140,9 @@ def test_an_augmenting_stage_streams_images_and_saves_no_augmentation(tmp_path, 
     fs, weights = features
     head = train_head(fs, weights, 32, HeadConfig(dense_units=8, epochs=1, patience=1), 7, tmp_path / "h.keras")
     cfg = _config(
-        tiny_dataset, augment={"translate": 0.1, "flip": "horizontal"}, finetune={"batch_size": 8, "schedule": "constant"}
+        tiny_dataset,
+        augment={"translate": 0.1, "flip": "horizontal"},
+        finetune={"batch_size": 8, "schedule": "constant"},
     )
     stage = StageConfig(unfreeze_from="block5", learning_rate=1e-3, epochs=1)
     tuned = run_stage(head, stage, cfg, fs, None, tmp_path / "b5.keras")
