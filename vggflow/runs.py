@@ -63,13 +63,15 @@ def open_stage_run(
 ) -> str:
     """Create the nested run of a stage, named after its freeze configuration.
 
-    It repeats the parent's data version (tag, param, dataset input) and carries its own freeze
-    configuration under the parent's tag key, so stage rows fill the same columns in the UI.
+    It repeats the parent's data version (tag, param, dataset input) and MLflow system tags (user,
+    source, git) and carries its own freeze configuration under the parent's tag key, so stage
+    rows fill the same columns in the UI.
     """
     client = mlflow_client()
     parent = client.get_run(parent_run_id)
     data_version = parent.data.tags.get(mlflow_tags.DATA_VERSION, "unknown")
     tags = {
+        **{key: value for key, value in parent.data.tags.items() if key in mlflow_tags.SYSTEM_TAGS},
         mlflow_tags.MLFLOW_PARENT_RUN_ID: parent_run_id,
         mlflow_tags.STAGE: stage,
         mlflow_tags.FREEZE_CONFIGURATION: stage,
