@@ -201,7 +201,7 @@ def test_a_bfloat16_stage_saves_a_float32_classifier(tmp_path, tiny_dataset, fea
         (["finetune.lower_block_lr_decay=0"], "finetune.lower_block_lr_decay"),
         (["finetune.warmup_epochs=-1"], "finetune.warmup_epochs"),
         (
-            ["finetune.warmup_epochs=3", "finetune.stages=[{unfreeze_from: block5, learning_rate: 0.001, epochs: 3}]"],
+            ["finetune.warmup_epochs=4", "finetune.stages=[{unfreeze_from: block5, learning_rate: 0.001, epochs: 3}]"],
             "finetune.stages.0.epochs",
         ),
         (["finetune.final_lr_fraction=1.5"], "finetune.final_lr_fraction"),

@@ -150,8 +150,10 @@ def test_gate_is_mlflow_metric_thresholds(registry):
 
 def test_mlflow_evaluation_gives_the_evaluation_steps_numbers(project):
     """The gate's metrics (MLflow's evaluator) equal vggflow's own scoring of the same predictions."""
+    import matplotlib.pyplot as plt
+
     from vggflow.config import TrackingConfig
-    from vggflow.scoring import mlflow_evaluation
+    from vggflow.scoring import EVALUATION_DATASET, mlflow_evaluation
     from vggflow.tracking import connect
 
     client, experiment_id = connect(TrackingConfig())
@@ -165,6 +167,8 @@ def test_mlflow_evaluation_gives_the_evaluation_steps_numbers(project):
     assert gate["accuracy"] == pytest.approx(ours["accuracy"]) and gate["macro_f1"] == pytest.approx(ours["macro_f1"])
     logged = client.get_run(run_id)
     assert logged.data.metrics["accuracy_score"] == pytest.approx(ours["accuracy"])
+    assert [d.dataset.name for d in logged.inputs.dataset_inputs] == [EVALUATION_DATASET]  # named, not "dataset"
+    assert plt.get_fignums() == []  # MLflow's evaluator leaves a pyplot figure open: closed
     assert logged.info.status == "FINISHED"  # a run of its own (the champion's gate run) is closed
     training_run = client.create_run(experiment_id).info.run_id
     mlflow_evaluation(training_run, labels, predicted, classes, leave_running=True)

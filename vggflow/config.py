@@ -154,7 +154,7 @@ class FinetuneConfig(Section):
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="Learning rate within a stage: linear warm-up, then cosine decay; or constant."
     )
-    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up from 0 (cosine schedule); shorter than a stage.")
+    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up from 0 (cosine); at most a stage's epochs.")
     final_lr_fraction: float = Field(0.0, ge=0, le=1, description="Where the cosine ends, as a fraction of the peak.")
     block_lr_multiplier: float = Field(
         0.03, gt=0, le=1, description="Discriminative rates: the top unfrozen block learns at this × the head's rate..."
@@ -164,13 +164,13 @@ class FinetuneConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _warmup_shorter_than_stages(self) -> FinetuneConfig:
+    def _warmup_within_stages(self) -> FinetuneConfig:
         if self.schedule == "cosine":
             for index, stage in enumerate(self.stages):
-                if self.warmup_epochs >= stage.epochs:
+                if self.warmup_epochs > stage.epochs:
                     raise ValueError(
-                        f"warmup_epochs ({self.warmup_epochs}) must be shorter than stage {stage.label}'s "
-                        f"{stage.epochs} epochs (finetune.stages.{index}.epochs)"
+                        f"warmup_epochs ({self.warmup_epochs}) is longer than stage {stage.label}'s "
+                        f"{stage.epochs} epochs (finetune.stages.{index}.epochs): shorten the warm-up"
                     )
         return self
 

@@ -95,6 +95,9 @@ def scores_file(
 #: The predicted label of a class the data does not have (a champion trained on other classes).
 NOT_A_CLASS = "(not a class of this data)"
 
+#: The name of the dataset (true and predicted test labels) the gate's evaluations log as their input.
+EVALUATION_DATASET = "test-split-predictions"
+
 #: The gate's metrics as MLflow's classifier evaluator names them (its averages set to macro).
 MLFLOW_METRICS = {"accuracy": "accuracy_score", "macro_f1": "f1_score"}
 
@@ -149,30 +152,39 @@ def mlflow_evaluation(
 
     The evaluation resumes the run and closes it ``FINISHED``; with ``leave_running`` a run
     that was ``RUNNING`` stays so (the training run: the flow closes it when it ends, and a
-    killed process's run must still look abandoned, not finished).
+    killed process's run must still look abandoned, not finished). The labels and predictions
+    are the run's input dataset :data:`EVALUATION_DATASET` (beside the training data's), and
+    the figure MLflow's evaluator leaves open in pyplot is closed.
 
     Returns:
         ``accuracy`` and ``macro_f1`` (see :data:`MLFLOW_METRICS`).
     """
     import logging
 
+    import matplotlib.pyplot as plt
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    data = pd.DataFrame({"label": labels, "predicted": predicted})
+    data = mlflow.data.from_pandas(
+        pd.DataFrame({"label": labels, "predicted": predicted}),
+        targets="label",
+        predictions="predicted",
+        name=EVALUATION_DATASET,
+    )
     config = {"average": "macro", "label_list": list(class_names), "log_model_explainability": False}
     evaluator_logger = logging.getLogger("mlflow.models.evaluation")
     level = evaluator_logger.level
     evaluator_logger.setLevel(logging.WARNING)  # its INFO lines narrate each evaluation
     client = MlflowClient()
     was_running = client.get_run(run_id).info.status == "RUNNING"
+    figures = set(plt.get_fignums())
     try:
         with mlflow.start_run(run_id=run_id):
-            result = mlflow.models.evaluate(
-                data=data, targets="label", predictions="predicted", model_type="classifier", evaluator_config=config
-            )
+            result = mlflow.models.evaluate(data=data, model_type="classifier", evaluator_config=config)
     finally:
         evaluator_logger.setLevel(level)
+        for number in set(plt.get_fignums()) - figures:  # its pyplot.clf() opens one that is never closed
+            plt.close(number)
     if leave_running and was_running:
         client.update_run(run_id, status="RUNNING")  # start_run's exit closed it
     return {name: float(result.metrics[key]) for name, key in MLFLOW_METRICS.items()}
