@@ -30,6 +30,7 @@ SCRIPTS = [
     "bench_photos",
     "bench_cli",
     "bench_recipe",
+    "bench_precision",
 ]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
