@@ -164,7 +164,7 @@ def promote_if_better_task(
     from mlflow.tracking import MlflowClient
 
     rows = read_rows(validated.rows_file)
-    with promotion_lock(lock_dir(cfg.tracking, cfg.work_dir)):
+    with promotion_lock(lock_dir(cfg.tracking, cfg.work_dir), cfg.registry.lock_url, cfg.registry.model_name):
         decision = promote_if_better(
             MlflowClient(),
             cfg.registry,

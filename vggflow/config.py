@@ -185,6 +185,47 @@ class RegistryConfig(Section):
     thresholds: dict[Metric, float] = Field(
         default_factory=lambda: {"accuracy": 0.5}, description="Absolute minimum test metrics."
     )
+    lock_url: str | None = Field(
+        None,
+        description="postgresql://USER@HOST:PORT/DB: promotions take a PostgreSQL advisory lock there, shared by "
+        "every client of a shared registry (password from PGPASSFILE). None: a file lock beside the sqlite store.",
+    )
+
+    @field_validator("lock_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql://user@host:port/database URL (or null)")
+        if value and "@" in value and ":" in value.split("://", 1)[1].split("@", 1)[0]:
+            raise ValueError("must not contain a password: put it in a PGPASSFILE (see docs/production.md)")
+        return value or None
+
+
+StackService = Literal["postgres", "s3", "mlflow", "prefect", "dask"]
+
+
+def _default_stack_ports() -> dict[str, int]:
+    return {"postgres": 15432, "s3": 15900, "mlflow": 15500, "prefect": 15420, "dask": 15786}
+
+
+class StackConfig(Section):
+    """The shared production stack that `vggflow stack up` starts on this machine (docs/production.md)."""
+
+    dir: Path = Field(Path(".vggflow/stack"), description="Its databases, objects, logs, state and credentials.")
+    ports: dict[StackService, int] = Field(
+        default_factory=_default_stack_ports, description="First choice per service; the next free port when taken."
+    )
+    bucket: str = Field("vggflow", min_length=3, description="Object-store bucket: MLflow artifacts, DVC, shards.")
+    work_pool: str = Field("vggflow-process", description="Prefect process work pool (as in prefect.yaml).")
+    dask_workers: int = Field(0, ge=0, description="Dask workers started with the stack (0: no Dask cluster).")
+    startup_timeout: float = Field(300.0, gt=0, description="Seconds each service may take to become healthy.")
+
+    @field_validator("ports")
+    @classmethod
+    def _every_service_has_a_port(cls, ports: dict[str, int]) -> dict[str, int]:
+        if any(not 1024 <= port <= 65535 for port in ports.values()):
+            raise ValueError("ports must be between 1024 and 65535")
+        return _default_stack_ports() | ports  # a service left out keeps its default
 
 
 class ScheduleConfig(Section):
@@ -212,6 +253,7 @@ class Config(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    stack: StackConfig = Field(default_factory=StackConfig)
 
     def as_yaml(self) -> str:
         """The effective config, as YAML (what gets logged)."""

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from vggflow.errors import VggflowError
-from vggflow.registry import promote_manually, registry_table, rollback
+from vggflow.registry import promote_manually, promotion_lock, registry_table, rollback
 
 
 class _NoStoreYet(VggflowError):
@@ -23,7 +23,7 @@ class _NoStoreYet(VggflowError):
 
 
 def _registry_client(args: argparse.Namespace):
-    """The config, an MLflow client on its store, and the registry lock folder.
+    """The config, an MLflow client on its store, and the promotion lock.
 
     Raises:
         _NoStoreYet: the configured sqlite store does not exist. A command that only reads the
@@ -41,7 +41,8 @@ def _registry_client(args: argparse.Namespace):
         from vggflow.tracking import connect, lock_dir
 
         client, _ = connect(cfg.tracking)
-    return cfg, client, lock_dir(cfg.tracking, cfg.work_dir)
+    lock = promotion_lock(lock_dir(cfg.tracking, cfg.work_dir), cfg.registry.lock_url, cfg.registry.model_name)
+    return cfg, client, lock
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -59,9 +60,9 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    cfg, client, locks = _registry_client(args)
+    cfg, client, lock = _registry_client(args)
     name = cfg.registry.model_name
-    former = promote_manually(client, name, args.version, args.reason, locks)
+    former = promote_manually(client, name, args.version, args.reason, lock)
     if former == str(args.version):
         print(f"{name} version {args.version} is already @champion")
     else:
@@ -70,8 +71,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    cfg, client, locks = _registry_client(args)
-    current, restored = rollback(client, cfg.registry.model_name, locks)
+    cfg, client, lock = _registry_client(args)
+    current, restored = rollback(client, cfg.registry.model_name, lock)
     print(
         f"{cfg.registry.model_name}: @champion -> version {restored} (rolled back from {current}; @previous -> "
         f"{current})"

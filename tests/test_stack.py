@@ -1,0 +1,295 @@
+"""The shared production stack for real: PostgreSQL, the S3 server, MLflow's and Prefect's servers, a
+worker and a Dask cluster started by `vggflow stack up` in a temporary folder, used by the same
+commands as the embedded store, then stopped by `vggflow stack down`.
+
+One stack serves the whole module (it takes a minute to start on 2 cores); the tests run in file
+order and the last one takes it down. Skipped where PostgreSQL is not installed (.ci/run installs
+Debian's `postgresql`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_ROOT, tiny_overrides, write_dataset
+from vggflow.config import load_config
+from vggflow.stack import objectstore, postgres
+from vggflow.stack.folder import MARKER, StackError, StackFolder, tcp_open
+
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
+
+BIN = Path(sys.executable).parent
+MODEL = "vgg19-classifier"
+#: The client's own environment must not point anywhere else.
+FOREIGN = ("MLFLOW_", "PREFECT_API", "AWS_", "VGGFLOW__", "PGPASSFILE")
+
+
+class Stack:
+    """The test project (git + DVC, tiny data, prefect.yaml) and the running stack's client settings."""
+
+    def __init__(self, base: Path, busy_port: int) -> None:
+        self.base, self.busy_port = base, busy_port
+        self.project = base / "project"
+        self.config = self.project / "stack.yaml"
+        self.env: dict[str, str] = {}
+        self.up_output = ""
+
+    @property
+    def folder(self) -> StackFolder:
+        return StackFolder(load_config(self.config, environ={}).stack)
+
+    def run(self, *args: str, check: bool = True, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
+        """``vggflow ARGS --config stack.yaml`` in the project, as a client of the stack."""
+        command = [str(BIN / "vggflow"), *args, "--config", str(self.config)]
+        return self.command(command, check=check, timeout=timeout, **env)
+
+    def command(self, command: list[str], check: bool = True, timeout: float = 900, **env: str):
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)}
+        environment.update(self.env | env)
+        environment["PATH"] = f"{BIN}{os.pathsep}{environment['PATH']}"
+        environment["PREFECT_LOCAL_STORAGE_PATH"] = str(self.project / ".vggflow" / "prefect" / "results")
+        done = subprocess.run(
+            command, cwd=self.project, env=environment, capture_output=True, text=True, timeout=timeout
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"{command} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return done
+
+
+def make_project(stack: Stack) -> None:
+    """A git + DVC project with tiny data, this repository's prefect.yaml and retraining flow, a config."""
+    project = stack.project
+    (project / "flows").mkdir(parents=True)
+    shutil.copy(PROJECT_ROOT / "prefect.yaml", project)
+    shutil.copy(PROJECT_ROOT / "flows" / "retrain.py", project / "flows")
+    write_dataset(project / "data", classes=3, per_class=12)
+    tree: dict = {}
+    for override in tiny_overrides():
+        key, value = override.split("=", 1)
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = yaml.safe_load(value)
+    tree["data"] = {"dir": str(project / "data"), "dvc_file": str(project / "data.dvc")}
+    tree["work_dir"] = str(project / ".vggflow")
+    tree["features"]["cache_dir"] = str(project / ".vggflow" / "cache")
+    tree["stack"] = {"dir": str(stack.base / "stack"), "ports": {"postgres": stack.busy_port}, "dask_workers": 2}
+    stack.config.write_text(yaml.safe_dump(tree))
+    for command in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], [str(BIN / "dvc"), "add", "-q", "data"]):
+        subprocess.run(command, cwd=project, check=True, capture_output=True, timeout=300)
+    subprocess.run([str(BIN / "dvc"), "remote", "add", "stack", "s3://vggflow/dvc"], cwd=project, check=True)
+
+
+def first_free_port(start: int) -> int:
+    from vggflow.processes import port_in_use
+
+    return next(p for p in range(start, start + 200) if not port_in_use("127.0.0.1", p))
+
+
+@pytest.fixture(scope="module")
+def stack():
+    try:
+        postgres.bin_dir()
+    except StackError:
+        pytest.skip("PostgreSQL is not installed: the stack tests need Debian's `postgresql` (.ci/run installs it)")
+    # PostgreSQL runs as the `postgres` user when we are root: it must be able to enter the folder.
+    base = Path(tempfile.mkdtemp(prefix="vggflow-stack-test-", dir="/tmp"))
+    base.chmod(0o711)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", first_free_port(25432)))
+    busy.listen()
+    stack = Stack(base, busy.getsockname()[1])
+    make_project(stack)
+    try:
+        up = stack.run("stack", "up", "--project", str(stack.project), timeout=1200)
+        stack.up_output = up.stdout
+        env_lines = stack.run("stack", "env").stdout
+        stack.env = dict(line.removeprefix("export ").split("=", 1) for line in env_lines.splitlines())
+        yield stack
+    finally:
+        busy.close()
+        stack.run("stack", "down", check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_up_starts_every_service_on_loopback_with_private_credentials(stack: Stack) -> None:
+    folder = stack.folder
+    assert f"postgres: port {stack.busy_port} is taken" in stack.up_output  # moved, not hung
+    assert folder.ports["postgres"] != stack.busy_port
+    status = stack.run("stack", "status")
+    for service in ("postgres", "s3", "mlflow", "prefect", "worker", "dask"):
+        assert any(line.startswith(service) and " OK " in line for line in status.stdout.splitlines()), status.stdout
+    assert "2 of 2 worker(s)" in status.stdout
+    for private in (folder.secrets_file, folder.root / "client" / "pgpass", folder.root / "client" / "s3-credentials"):
+        assert private.stat().st_mode & 0o777 == 0o600
+    secrets = [v for v in folder.secrets.values()]
+    shown = stack.up_output + "".join(f"{k}={v}" for k, v in stack.env.items())
+    for path in [*folder.logs.iterdir(), folder.state_file, folder.root / "client.env"]:
+        shown += path.read_text(errors="replace")
+    for pid in _marked(folder):
+        shown += Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    assert not [s for s in secrets if s in shown], "a generated secret was printed, logged or on a command line"
+
+
+def test_train_registry_commands_and_the_stores_behind_the_servers(stack: Stack) -> None:
+    import psycopg
+
+    trained = stack.run("train")
+    assert "PROMOTED" in trained.stdout and stack.env["MLFLOW_TRACKING_URI"] in trained.stdout
+    run_id = trained.stdout.split("vggflow train: done   run ")[1].split()[0]
+    folder = stack.folder
+    # The run, its params and metrics are rows in PostgreSQL; the aliases too.
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=folder.ports["postgres"],
+        user=postgres.APP_USER,
+        password=folder.secrets["postgres_app"],
+        dbname="mlflow",
+    ) as conn:
+        status = conn.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,)).fetchone()
+        params = dict(conn.execute("SELECT key, value FROM params WHERE run_uuid = %s", (run_id,)).fetchall())
+        metrics = {k for (k,) in conn.execute("SELECT key FROM latest_metrics WHERE run_uuid = %s", (run_id,))}
+        aliases = dict(conn.execute("SELECT alias, version FROM registered_model_aliases WHERE name = %s", (MODEL,)))
+    assert status == ("FINISHED",) and params["backbone.image_size"] == "32"
+    assert {"test_accuracy", "test_macro_f1"} <= metrics and aliases["champion"] == 1
+    # The artifacts and the model are objects in the bucket.
+    keys = [
+        item["Key"]
+        for page in objectstore.client(folder)
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket="vggflow", Prefix="mlflow/")
+        for item in page.get("Contents", [])
+    ]
+    assert any(k.endswith(f"{run_id}/artifacts/model_card.md") for k in keys)
+    assert any("/models/m-" in k and k.endswith("/MLmodel") for k in keys)
+    # The same commands, against the stack.
+    assert "champion" in stack.run("registry").stdout
+    stack.run("train", "--no-promote", "--set", "head.learning_rate=0.01")  # version 2, aliases untouched
+    assert "@champion -> version 2" in stack.run("promote", "2", "--reason", "stack test").stdout
+    assert "@champion -> version 1" in stack.run("rollback").stdout
+    image = next((stack.project / "data" / "class_0").iterdir())
+    assert stack.run("predict", str(image)).stdout.startswith(str(image))
+    ui = stack.run("ui", timeout=60)
+    assert "served by the tracking server itself" in ui.stdout and "latest run" in ui.stdout
+
+
+def test_a_deployment_run_executed_by_the_worker_completes(stack: Stack) -> None:
+    """The nightly retraining deployed from prefect.yaml by `up`, run by the stack's worker (data unchanged: skip)."""
+    params = json.dumps({"config_file": str(stack.config)})
+    done = stack.command(
+        [str(BIN / "prefect"), "deployment", "run", "vggflow-retrain/nightly", "--params", params, "--watch",
+         "--watch-interval", "1", "--watch-timeout", "600"],
+        timeout=700,
+    )  # fmt: skip
+    assert "Flow run finished successfully in 'Completed'" in done.stdout + done.stderr
+    worker_log = (stack.folder.logs / "worker.log").read_text()
+    assert "skipped: data unchanged" in worker_log
+
+
+def test_dvc_push_and_pull_through_the_object_store(stack: Stack) -> None:
+    dvc = str(BIN / "dvc")
+    stack.command([dvc, "push", "-r", "stack"])
+    keys = objectstore.client(stack.folder).list_objects_v2(Bucket="vggflow", Prefix="dvc/").get("KeyCount", 0)
+    assert keys >= 36  # every image and the folder's listing
+    original = {p.name: p.read_bytes() for p in (stack.project / "data" / "class_1").iterdir()}
+    shutil.rmtree(stack.project / "data")
+    shutil.rmtree(stack.project / ".dvc" / "cache")
+    stack.command([dvc, "pull", "-r", "stack"])
+    assert {p.name: p.read_bytes() for p in (stack.project / "data" / "class_1").iterdir()} == original
+
+
+GATE = """
+import json, sys, time
+import mlflow
+from vggflow.config import load_config
+from vggflow.files import read_rows
+from vggflow.registry import promotion_lock
+from vggflow.tasks.promote import promote_if_better
+from vggflow.tracking import connect, lock_dir
+
+cfg = load_config(sys.argv[1], [f"work_dir={sys.argv[2]}", "registry.thresholds={accuracy: 0.0}"])
+client, experiment_id = connect(cfg.tracking)
+champion = client.get_model_version_by_alias(cfg.registry.model_name, "champion")
+run_id = client.create_run(experiment_id, run_name="concurrent-gate").info.run_id
+version = mlflow.register_model(champion.source, cfg.registry.model_name).version
+rows = read_rows(sys.argv[3])
+test = rows[rows["split"] == "test"]
+classes = sorted(rows["label"].unique())
+with promotion_lock(lock_dir(cfg.tracking, cfg.work_dir), cfg.registry.lock_url, cfg.registry.model_name):
+    acquired = time.time()
+    decision = promote_if_better(client, cfg.registry, version, {"accuracy": 1.0, "macro_f1": 1.0}, run_id, test,
+                                 cfg.data.dir, classes, 8)
+    released = time.time()
+client.set_terminated(run_id)
+print(json.dumps({"decision": decision.model_dump(mode="json"), "held": [acquired, released], "run_id": run_id}))
+"""
+
+
+def test_two_promotions_at_once_from_separate_work_folders_take_turns(stack: Stack) -> None:
+    rows = next(p for p in (stack.project / ".vggflow").rglob("rows.csv") if ",test," in p.read_text())
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", GATE, str(stack.config), str(stack.base / f"machine-{name}"), str(rows)],
+            cwd=stack.project,
+            env={k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)} | stack.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-2000:] for _, err in outputs]
+    first, second = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["held"])
+    assert first["held"][1] <= second["held"][0]  # one gate at a time
+    # The second gate compared against the first's result: nothing lost, one champion, both decisions logged.
+    assert first["decision"]["promoted"] and second["decision"]["promoted"]
+    assert second["decision"]["champion_version"] == first["decision"]["candidate_version"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    assert client.get_model_version_by_alias(MODEL, "champion").version == second["decision"]["candidate_version"]
+    assert client.get_model_version_by_alias(MODEL, "previous").version == first["decision"]["candidate_version"]
+    for result in (first, second):
+        logged = client.download_artifacts(result["run_id"], "promotion/decision.json", str(stack.base))
+        assert json.loads(Path(logged).read_text())["candidate_version"] == result["decision"]["candidate_version"]
+
+
+def test_wrong_lock_credentials_are_one_clear_message_without_the_secret(stack: Stack) -> None:
+    wrong = stack.base / "wrong-pgpass"
+    wrong.write_text("127.0.0.1:*:*:*:not-the-password\n")
+    wrong.chmod(0o600)
+    done = stack.run("rollback", check=False, PGPASSFILE=str(wrong))
+    assert done.returncode == 3 and "Traceback" not in done.stderr
+    assert "password authentication failed" in done.stderr and "not-the-password" not in done.stderr
+    assert f"127.0.0.1:{stack.folder.ports['postgres']}" in done.stderr
+
+
+def test_down_stops_everything_and_a_stopped_service_is_named(stack: Stack) -> None:
+    folder = stack.folder
+    ports = dict(folder.ports)
+    assert _marked(folder)
+    stack.run("stack", "down")
+    time.sleep(0.5)
+    assert _marked(folder) == [] and [p for p in ports.values() if tcp_open(f"127.0.0.1:{p}")] == []
+    status = stack.run("stack", "status", check=False)
+    assert status.returncode == 3 and "DOWN" in status.stdout
+    for command in (["registry"], ["train"]):
+        done = stack.run(*command, check=False)
+        assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+        assert f"127.0.0.1:{ports['mlflow']}" in done.stderr or f"127.0.0.1:{ports['prefect']}" in done.stderr
+
+
+def _marked(folder: StackFolder) -> list[int]:
+    from vggflow.processes import processes_marked
+
+    return processes_marked(MARKER, folder.state["id"])

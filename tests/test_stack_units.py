@@ -1,0 +1,135 @@
+"""The stack's pieces that need no server: config, ports, credentials files, the lock's errors,
+processes stopped from another process and found by their marker, the model card's length."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vggflow.cli import main
+from vggflow.config import StackConfig, load_config
+from vggflow.errors import ConfigError, TrackingError
+from vggflow.processes import (
+    SupervisedProcess,
+    free_port,
+    group_members,
+    processes_marked,
+    signal_processes,
+    stop_process_group,
+)
+from vggflow.stack import client, objectstore, postgres
+from vggflow.stack.folder import StackFolder
+
+
+def test_stack_ports_keep_defaults_for_services_left_out_and_a_lock_url_holds_no_password() -> None:
+    cfg = load_config(None, ["stack.ports={mlflow: 25500}"], environ={})
+    assert cfg.stack.ports["mlflow"] == 25500 and cfg.stack.ports["postgres"] == 15432
+    with pytest.raises(ConfigError, match="stack.ports"):
+        load_config(None, ["stack.ports={s3: 80}"], environ={})
+    with pytest.raises(ConfigError, match="must not contain a password"):
+        load_config(None, ["registry.lock_url=postgresql://u:secret@127.0.0.1:5432/db"], environ={})
+    assert load_config(None, ["registry.lock_url=postgresql://u@h:1/db"], environ={}).registry.lock_url
+
+
+def test_a_taken_port_moves_to_the_next_free_one(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        folder = StackFolder(StackConfig(dir=tmp_path / "stack", ports={"mlflow": taken}))
+        said: list[str] = []
+        folder.choose_ports(said.append)
+    assert folder.ports["mlflow"] > taken and said == [
+        f"mlflow: port {taken} is taken on 127.0.0.1, using {folder.ports['mlflow']}"
+    ]
+    assert StackFolder(StackConfig(dir=tmp_path / "stack")).ports == folder.ports  # recorded for the next `up`
+
+
+def test_credentials_are_private_files_and_the_client_settings_hold_none(tmp_path: Path) -> None:
+    folder = StackFolder(StackConfig(dir=tmp_path / "stack"))
+    folder.choose_ports(lambda line: None)
+    folder.secret("postgres_lock", lambda: "lock-password-123")
+    objectstore.keys(folder)
+    env_file = client.write_files(folder)
+    for path in [folder.secrets_file, *client.files(folder).values()]:
+        assert path.stat().st_mode & 0o777 == 0o600
+    text = env_file.read_text() + client.env_text(folder)
+    assert not [value for value in folder.secrets.values() if value in text]
+    assert "PGPASSFILE=" in text and f"VGGFLOW__REGISTRY__LOCK_URL={postgres.lock_url(folder)}" in text
+    assert "lock-password-123" in client.files(folder)["pgpass"].read_text()
+
+
+def test_status_and_env_without_a_stack_say_so(tmp_path: Path, capsys) -> None:
+    assert main(["stack", "env", "--set", f"stack.dir={tmp_path / 'none'}"]) == 3
+    assert "no stack in" in capsys.readouterr().err
+    assert main(["stack", "status", "--set", f"stack.dir={tmp_path / 'none'}"]) == 3
+    assert main(["stack", "down", "--set", f"stack.dir={tmp_path / 'none'}"]) == 0
+
+
+def test_an_unreachable_lock_database_is_one_message_naming_it() -> None:
+    from vggflow.locks import AdvisoryLock
+
+    port = free_port()
+    with pytest.raises(TrackingError, match=f"PostgreSQL at 127.0.0.1:{port}") as caught:
+        with AdvisoryLock(f"postgresql://nobody@127.0.0.1:{port}/locks", "x"):
+            pass
+    assert caught.value.exit_code == 3
+
+
+def test_a_service_outlives_its_starter_and_is_stopped_and_found_from_elsewhere(tmp_path: Path) -> None:
+    marker = f"test-{os.getpid()}-{time.time_ns()}"
+    starter = (
+        "import sys, time\n"
+        "from vggflow.processes import SupervisedProcess\n"
+        "service = SupervisedProcess([sys.executable, '-c', 'import subprocess, sys, time; "
+        'subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(600)"]); time.sleep(600)\'],'
+        " name='service', die_with_parent=False, log_path=sys.argv[2],"
+        " env=dict(__import__('os').environ, VGGFLOW_TEST_MARK=sys.argv[1]))\n"
+        "print(service.start().pid, flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", starter, marker, tmp_path / "log"], capture_output=True, text=True, timeout=60
+    )
+    pgid = int(done.stdout)  # the starter has exited; its service runs on
+    deadline = time.monotonic() + 20
+    while len(processes_marked("VGGFLOW_TEST_MARK", marker)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    marked = processes_marked("VGGFLOW_TEST_MARK", marker)
+    assert group_members(pgid) and len(marked) == 2  # the service, and a child that left its group
+    assert stop_process_group(pgid, grace=5) is False and group_members(pgid) == []
+    left = processes_marked("VGGFLOW_TEST_MARK", marker)
+    assert len(left) == 1  # only the marker finds the one that left the group
+    signal_processes(left, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while processes_marked("VGGFLOW_TEST_MARK", marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_marked("VGGFLOW_TEST_MARK", marker) == []
+
+
+def test_running_as_another_user_needs_root() -> None:
+    from vggflow.processes import ProcessError, run_as
+
+    assert run_as(None) == {}
+    with pytest.raises(ProcessError, match="no system user"):
+        run_as("no-such-user-vggflow")
+    if os.geteuid() == 0:
+        assert run_as("nobody")["extra_groups"] == []
+        with SupervisedProcess(["sleep", "30"], name="as nobody", user="nobody") as process:
+            time.sleep(0.2)
+            assert Path(f"/proc/{process.pid}").stat().st_uid != 0
+
+
+def test_a_long_model_card_is_cut_at_a_section_for_the_version_description() -> None:
+    from vggflow.tasks.model_card import DESCRIPTION_LIMIT, version_description
+
+    card = "# Card\n\n" + "".join(f"## Section {i}\n\n" + "x" * 900 + "\n\n" for i in range(10))
+    short = version_description(card)
+    assert len(short) <= DESCRIPTION_LIMIT and short.rstrip().endswith("`model_card.md`.)*")
+    assert short.count("## Section") == 5 and version_description("# small") == "# small"
