@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import flow
 
 from vggflow.config import load_config
+from vggflow.flows.extract import extract_features, extract_test_prefix
 from vggflow.runs import closed_on_exit
 from vggflow.summary import TrainingSummary, summarize
 from vggflow.tasks.evaluate import evaluate_task
-from vggflow.tasks.features import extract_features_task
 from vggflow.tasks.finetune import finetune
 from vggflow.tasks.model_card import model_card_task
 from vggflow.tasks.preflight import preflight_task
@@ -40,10 +40,11 @@ def train_flow(
     validated = validate_data(cfg)
     run = start_run_task(cfg, config_file, ready, validated)
     with closed_on_exit(run.run_id):
-        features = extract_features_task(cfg, ready.weights, validated)
+        features = extract_features(cfg, ready.weights, validated)  # on a Dask cluster with features.executor: dask
         head = train_head(cfg, ready.weights, features, run)
         stages = finetune(cfg, features, head, run)
         chosen = choose_freeze_configuration(stages, cfg.finetune.selection_metric)
+        extract_test_prefix(cfg, ready.weights, validated, features, chosen)  # likewise; locally, evaluate does it
         evaluation = evaluate_task(cfg, ready.weights, validated, features, chosen, run)
         log_results_task(cfg, run, features, stages, chosen, evaluation)
         model_uri = log_model_task(cfg, run, chosen, validated)

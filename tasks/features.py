@@ -7,29 +7,46 @@ stage's frozen-prefix output (``block4_pool`` for a ``block5`` stage, …) that 
 (``vggflow/stages.py``) says is worth caching, so stages do not recompute their frozen lower
 blocks every epoch either. The test images are not part of this pass: which of their outputs is
 useful depends on the stage chosen later (``tasks/evaluate.py``).
+
+With ``features.executor: dask`` the same pass is cut into shards of whole batches
+(:func:`shard_jobs`), each a task run on a Dask worker (:func:`extract_shard_task`; the flow
+that maps them is ``flows/extract.py``), and the shards' arrays are assembled into the same cache
+files. Each batch holds the same images as in the single-process pass, so the assembled arrays
+are the same bytes.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
 
 from vggflow.caching import cached_task
 from vggflow.checks import check_disk_space, required_bytes
 from vggflow.config import Config
+from vggflow.errors import DataError
 from vggflow.feature_cache import (
     FeatureSet,
+    ShardPart,
     bytes_per_image,
     cached_rows,
     extract_features,
     feature_cache_key,
     layer_cache_dir,
+    read_meta,
     verified_layers,
 )
 from vggflow.files import ROWS_COLUMNS, atomic_write_text, read_rows
+from vggflow.hashing import stable_hash
 from vggflow.progress import progress_logger
 from vggflow.stages import plan_prefix_caches, prefix_layers
 
@@ -119,3 +136,156 @@ def extract_features_task(cfg: Config, weights: ResolvedWeights, validated: Vali
         progress_logger("feature extraction"),
     )
     return features.model_copy(update={"prefix_plan": plan})
+
+
+# --------------------------------------------------------------------------- shards on a Dask cluster
+
+
+class ShardJob(BaseModel):
+    """Rows ``start:stop`` of a pass of the frozen base, for one Dask worker.
+
+    Attributes:
+        index: the shard's position.
+        start: first row (a whole number of batches into the pass).
+        stop: row after the last.
+        paths: the rows' image files, relative to ``data_dir``.
+        data_dir: the dataset root, where every worker can read it (a shared path).
+        weights: the backbone weights (``ResolvedWeights`` as a dict).
+        image_size: square input side.
+        batch_size: images per forward pass.
+        layers: the layers to compute.
+        target: where the shard writes its arrays (a folder path or an fsspec URL).
+    """
+
+    index: int
+    start: int
+    stop: int
+    paths: list[str]
+    data_dir: Path
+    weights: dict[str, Any]
+    image_size: int
+    batch_size: int
+    layers: list[str]
+    target: str
+
+
+class ShardOutput(BaseModel):
+    """What a shard left behind: one part per layer, where it ran and how long it took."""
+
+    index: int
+    parts: dict[str, ShardPart]
+    worker: str
+    seconds: float
+    reused: bool = False
+
+
+def shard_bounds(n_rows: int, shard_size: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each shard: ``shard_size`` rounded up to whole batches, so every batch of
+    every shard holds the same images as the single-process pass's batch at that position."""
+    size = max(1, math.ceil(shard_size / batch_size)) * batch_size
+    return [(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+
+
+def shard_jobs(
+    rows: pd.DataFrame,
+    data_dir: Path,
+    weights: ResolvedWeights,
+    image_size: int,
+    batch_size: int,
+    layers: list[str],
+    target: str,
+    shard_size: int,
+) -> list[ShardJob]:
+    """The shards of a pass over ``rows`` (in order), writing under ``target``/<what they compute>/."""
+    paths = [str(p) for p in rows["path"]]
+    work = stable_hash(paths, sorted(layers), weights.identity, image_size, batch_size)
+    return [
+        ShardJob(
+            index=index,
+            start=start,
+            stop=stop,
+            paths=paths[start:stop],
+            data_dir=Path(data_dir).resolve(),
+            weights=weights.model_dump(mode="json"),
+            image_size=image_size,
+            batch_size=batch_size,
+            layers=sorted(layers),
+            target=f"{target.rstrip('/')}/{work}/{start:09d}-{stop:09d}",
+        )
+        for index, (start, stop) in enumerate(shard_bounds(len(paths), shard_size, batch_size))
+    ]
+
+
+SHARD_MANIFEST = "shard.json"
+
+
+@task(name="extract-shard", task_run_name="shard-{job.index}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def extract_shard_task(job: ShardJob) -> ShardOutput:
+    """Run the frozen base over one shard on this worker and write its arrays to ``job.target``.
+
+    Idempotent: the arrays go first and a manifest last, so a shard re-run (after its worker died,
+    Dask runs it elsewhere) reuses a complete earlier result and overwrites an incomplete one.
+    Store I/O is retried once.
+    """
+    from vggflow.executors import filesystem
+
+    started = time.perf_counter()
+    fs, root = filesystem(job.target)
+    done = _read_manifest(fs, f"{root}/{SHARD_MANIFEST}")
+    if done is not None and set(job.layers) <= set(done.parts):
+        return done.model_copy(update={"reused": True, "seconds": time.perf_counter() - started})
+    base = _worker_base(json.dumps(job.weights, sort_keys=True), job.image_size)
+    with tempfile.TemporaryDirectory(prefix="vggflow-shard-") as scratch:
+        rows = pd.DataFrame({"path": job.paths, "label": ""})
+        extract_features(rows, job.data_dir, base, job.layers, job.image_size, job.batch_size, Path(scratch))
+        meta = read_meta(Path(scratch))["layers"]
+        fs.makedirs(root, exist_ok=True)
+        parts = {}
+        for layer in job.layers:
+            fs.put_file(str(Path(scratch) / f"{layer}.npy"), f"{root}/{layer}.npy")
+            parts[layer] = ShardPart(
+                url=fs.unstrip_protocol(f"{root}/{layer}.npy"), sha256=meta[layer]["sha256"], rows=len(rows)
+            )
+    output = ShardOutput(index=job.index, parts=parts, worker=_worker_name(), seconds=time.perf_counter() - started)
+    fs.pipe_file(f"{root}/{SHARD_MANIFEST}", output.model_dump_json().encode())
+    return output
+
+
+def _read_manifest(fs, path: str) -> ShardOutput | None:
+    try:
+        return ShardOutput.model_validate_json(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_base(weights_json: str, image_size: int):
+    """The frozen base, built once per worker process (shards after the first reuse it)."""
+    from vggflow.model import ResolvedWeights, build_base
+
+    weights = ResolvedWeights.model_validate_json(weights_json)
+    if not weights.path.is_file():
+        if not weights.identity.startswith("imagenet:"):
+            raise DataError(
+                f"the backbone weights {weights.path} are not on Dask worker {_worker_name()}: put them where every "
+                "worker reads them at the same path (a shared folder), or use backbone.weights=imagenet"
+            )
+        import keras
+
+        from vggflow.model import IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_MD5, IMAGENET_NOTOP_URL
+
+        # This worker's own Keras cache (or a download), checked against the published hash.
+        found = keras.utils.get_file(IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_URL, file_hash=IMAGENET_NOTOP_MD5)
+        weights = weights.model_copy(update={"path": Path(found)})
+    return build_base(weights, image_size)
+
+
+def _worker_name() -> str:
+    import socket
+
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):
+        return socket.gethostname()

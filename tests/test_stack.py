@@ -143,7 +143,8 @@ def test_up_starts_every_service_on_loopback_with_private_credentials(stack: Sta
 def test_train_registry_commands_and_the_stores_behind_the_servers(stack: Stack) -> None:
     import psycopg
 
-    trained = stack.run("train")
+    # Extraction on the stack's 2-worker Dask cluster, shards through the object store.
+    trained = stack.run("train", "--set", "features.executor=dask", "--set", "features.shard_size=8")
     assert "PROMOTED" in trained.stdout and stack.env["MLFLOW_TRACKING_URI"] in trained.stdout
     run_id = trained.stdout.split("vggflow train: done   run ")[1].split()[0]
     folder = stack.folder
@@ -180,6 +181,96 @@ def test_train_registry_commands_and_the_stores_behind_the_servers(stack: Stack)
     assert stack.run("predict", str(image)).stdout.startswith(str(image))
     ui = stack.run("ui", timeout=60)
     assert "served by the tracking server itself" in ui.stdout and "latest run" in ui.stdout
+
+
+def local_reference(stack: Stack, image_size: int, layers: list[str], cache: Path):
+    """The single-process pass over the project's train and val images (the arrays to compare with)."""
+    from vggflow.feature_cache import cached_rows
+    from vggflow.files import read_rows
+    from vggflow.model import resolve_weights
+    from vggflow.tasks.features import compute_features
+
+    cfg = load_config(stack.config, [f"backbone.image_size={image_size}"], environ={})
+    rows_file = next(p for p in (stack.project / ".vggflow").rglob("rows.csv") if ",test," in p.read_text())
+    rows = read_rows(rows_file)
+    weights = resolve_weights(cfg.backbone, cfg.features.cache_dir, cfg.seed)
+    features = compute_features(rows, cfg.data.dir, weights, image_size, 16, cache, "reference", layers, ["x"])
+    return features.directory, cached_rows(rows), weights, cfg
+
+
+def test_dask_features_equal_the_local_pass_and_went_through_the_bucket(stack: Stack) -> None:
+    cfg = load_config(stack.config, environ={})
+    cluster = [p for p in (Path(cfg.features.cache_dir) / "features").iterdir() if (p / "meta.json").is_file()]
+    assert len(cluster) == 1
+    layers = sorted(json.loads((cluster[0] / "meta.json").read_text())["layers"])
+    assert "avg_pool" in layers and len(layers) > 1  # the head's features and the stages' frozen prefixes
+    reference, _, _, _ = local_reference(stack, 32, layers, stack.base / "reference")
+    for layer in layers:
+        assert (cluster[0] / f"{layer}.npy").read_bytes() == (reference / f"{layer}.npy").read_bytes(), layer
+    assert (cluster[0] / "meta.json").read_text() == (reference / "meta.json").read_text()
+    s3 = objectstore.client(stack.folder)
+    shards = [o["Key"] for o in s3.list_objects_v2(Bucket="vggflow", Prefix="shards/").get("Contents", [])]
+    assert any(k.endswith("/avg_pool.npy") for k in shards) and any(k.endswith("/shard.json") for k in shards)
+
+
+KILLED_RUN = """
+import json, sys
+from pathlib import Path
+from vggflow.config import load_config
+from vggflow.feature_cache import cached_rows
+from vggflow.files import read_rows
+from vggflow.flows.extract import extract_on_cluster
+from vggflow.model import resolve_weights
+
+if __name__ == "__main__":
+    config, rows_file, directory = sys.argv[1:4]
+    cfg = load_config(config, ["features.shard_store=s3://vggflow/shards-kill-test", "features.shard_size=16",
+                               "features.batch_size=16"])
+    weights = resolve_weights(cfg.backbone, cfg.features.cache_dir, cfg.seed)
+    rows = cached_rows(read_rows(rows_file))
+    extract_on_cluster(cfg.features, weights, 64, rows, cfg.data.dir, ["avg_pool"], Path(directory))
+    print("assembled")
+"""
+
+
+def test_a_worker_killed_mid_shard_the_shard_runs_elsewhere_and_the_features_are_the_same(stack: Stack) -> None:
+    import signal
+    import threading
+
+    from distributed import Client
+
+    reference, rows, _, cfg = local_reference(stack, 64, [], stack.base / "reference-64")
+    address = stack.env["VGGFLOW__FEATURES__DASK_ADDRESS"]
+    killed: dict = {}
+
+    def kill_a_busy_worker(stop: threading.Event) -> None:
+        with Client(address, timeout=30) as client:
+            while not stop.is_set():
+                busy = [worker for worker, keys in client.processing().items() if keys]
+                if busy:
+                    pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.update(worker=busy[0], pid=pid, at=time.time())
+                    return
+                time.sleep(0.02)
+
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_a_busy_worker, args=(stop,), daemon=True)
+    killer.start()
+    rows_file = next(p for p in (stack.project / ".vggflow").rglob("rows.csv") if ",test," in p.read_text())
+    directory = stack.base / "killed-run"
+    try:
+        done = stack.command(
+            [sys.executable, "-c", KILLED_RUN, str(stack.config), str(rows_file), str(directory)], timeout=900
+        )
+    finally:
+        stop.set()
+        killer.join(30)
+    assert killed, "no worker was busy with a shard to kill"
+    assert "assembled" in done.stdout and "Completed" in done.stdout + done.stderr
+    assert (directory / "avg_pool.npy").read_bytes() == (reference / "avg_pool.npy").read_bytes()
+    assert (directory / "meta.json").read_text() == (reference / "meta.json").read_text()
+    assert len(rows) > 16  # more than one shard ran
 
 
 def test_a_deployment_run_executed_by_the_worker_completes(stack: Stack) -> None:

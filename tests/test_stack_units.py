@@ -133,3 +133,62 @@ def test_a_long_model_card_is_cut_at_a_section_for_the_version_description() -> 
     short = version_description(card)
     assert len(short) <= DESCRIPTION_LIMIT and short.rstrip().endswith("`model_card.md`.)*")
     assert short.count("## Section") == 5 and version_description("# small") == "# small"
+
+
+def test_shards_are_whole_batches_covering_every_row_once() -> None:
+    from vggflow.tasks.features import shard_bounds
+
+    assert shard_bounds(100, 30, 16) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+    assert shard_bounds(5, 1, 8) == [(0, 5)] and shard_bounds(0, 8, 8) == []
+
+
+def test_assembled_shards_equal_one_array_and_a_corrupt_shard_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from vggflow.feature_cache import LayerWriter, ShardPart, assemble_layers, read_meta, record_layers, verified_arrays
+
+    rows = pd.DataFrame({"path": [f"img{i}.png" for i in range(7)], "label": ["a"] * 7})
+    whole = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    parts = []
+    for index, (start, stop) in enumerate([(0, 4), (4, 7)]):
+        folder = tmp_path / f"shard{index}"
+        folder.mkdir()
+        writer = LayerWriter(folder, "avg_pool", (stop - start, 3))
+        writer.write(whole[start:stop].tobytes())
+        writer.close()
+        record_layers(folder, rows.iloc[start:stop], [writer])
+        sha = read_meta(folder)["layers"]["avg_pool"]["sha256"]
+        parts.append(ShardPart(url=str(folder / "avg_pool.npy"), sha256=sha, rows=stop - start))
+    cache = tmp_path / "cache"
+    assemble_layers(cache, rows, {"avg_pool": parts}, lambda url: open(url, "rb"))
+    assert np.array_equal(np.load(cache / "avg_pool.npy"), whole) and verified_arrays(cache, rows) == {"avg_pool"}
+
+    data = bytearray(Path(parts[1].url).read_bytes())
+    data[-1] ^= 1
+    Path(parts[1].url).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        assemble_layers(tmp_path / "other", rows, {"avg_pool": parts}, lambda url: open(url, "rb"))
+    assert not list((tmp_path / "other").glob("*.npy")) and not list((tmp_path / "other").glob(".*"))
+
+
+def test_an_unreachable_scheduler_or_store_is_named_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    from vggflow.errors import ServiceError
+    from vggflow.executors import check_executor
+
+    port = free_port()
+    cfg = load_config(None, ["features.executor=dask", f"features.dask_address=tcp://127.0.0.1:{port}"], environ={})
+    with pytest.raises(ServiceError, match=f"Dask scheduler at tcp://127.0.0.1:{port}"):
+        check_executor(cfg.features)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-this-secret")
+    cfg = load_config(None, ["features.executor=dask", "features.shard_store=s3://bucket/shards"], environ={})
+    with pytest.raises(
+        ServiceError, match=f"shard store s3://bucket/shards \\(endpoint http://127.0.0.1:{port}\\)"
+    ) as err:
+        check_executor(cfg.features)
+    assert "not-this-secret" not in str(err.value)
+    check_executor(
+        load_config(None, [f"features.shard_store={tmp_path}", "features.executor=dask"], environ={}).features
+    )

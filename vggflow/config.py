@@ -86,6 +86,21 @@ class FeaturesConfig(Section):
 
     batch_size: int = Field(32, ge=1, le=1024)
     cache_dir: Path = Field(Path(".vggflow/cache"), description="Feature and backbone cache (safe to delete).")
+    executor: Literal["local", "dask"] = Field(
+        "local", description="`local`: one pass in this process. `dask`: shards of images on a Dask cluster."
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler of an existing Dask cluster (tcp://host:port); None: a local cluster for the run."
+    )
+    dask_workers: int = Field(2, ge=1, description="Workers of the local cluster (one thread each).")
+    shard_size: int = Field(
+        512, ge=1, description="Images per shard (rounded up to whole batches, so the batches equal the local pass's)."
+    )
+    shard_store: str | None = Field(
+        None,
+        description="Where shards write their part of the cache: an fsspec URL (s3://bucket/prefix) every worker and "
+        "this process can reach; None: the cache folder itself (a local cluster, or a shared filesystem).",
+    )
 
 
 class HeadConfig(Section):

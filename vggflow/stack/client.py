@@ -35,9 +35,11 @@ def client_env(folder: StackFolder) -> dict[str, str]:
         "AWS_SHARED_CREDENTIALS_FILE": str(paths["s3"]),
         "AWS_ENDPOINT_URL_S3": objectstore.endpoint(folder),
         "AWS_DEFAULT_REGION": objectstore.REGION,
+        # Used when features.executor is dask: shards write their arrays to the bucket.
+        "VGGFLOW__FEATURES__SHARD_STORE": objectstore.url(folder, "shards"),
     }
     if folder.state.get("dask_workers"):
-        env["VGGFLOW_DASK_ADDRESS"] = dask_cluster.address(folder)
+        env["VGGFLOW__FEATURES__DASK_ADDRESS"] = dask_cluster.address(folder)
     return env
 
 
