@@ -140,7 +140,7 @@ def test_up_starts_every_service_on_loopback_with_private_credentials(stack: Sta
     assert not [s for s in secrets if s in shown], "a generated secret was printed, logged or on a command line"
 
 
-def test_train_registry_commands_and_the_stores_behind_the_servers(stack: Stack) -> None:
+def test_train_on_the_cluster_and_the_stores_behind_the_servers(stack: Stack) -> None:
     import psycopg
 
     # Extraction on the stack's 2-worker Dask cluster, shards through the object store.
@@ -172,15 +172,6 @@ def test_train_registry_commands_and_the_stores_behind_the_servers(stack: Stack)
     ]
     assert any(k.endswith(f"{run_id}/artifacts/model_card.md") for k in keys)
     assert any("/models/m-" in k and k.endswith("/MLmodel") for k in keys)
-    # The same commands, against the stack.
-    assert "champion" in stack.run("registry").stdout
-    stack.run("train", "--no-promote", "--set", "head.learning_rate=0.01")  # version 2, aliases untouched
-    assert "@champion -> version 2" in stack.run("promote", "2", "--reason", "stack test").stdout
-    assert "@champion -> version 1" in stack.run("rollback").stdout
-    image = next((stack.project / "data" / "class_0").iterdir())
-    assert stack.run("predict", str(image)).stdout.startswith(str(image))
-    ui = stack.run("ui", timeout=60)
-    assert "served by the tracking server itself" in ui.stdout and "latest run" in ui.stdout
 
 
 def local_reference(stack: Stack, image_size: int, layers: list[str], cache: Path):
@@ -271,6 +262,45 @@ def test_a_worker_killed_mid_shard_the_shard_runs_elsewhere_and_the_features_are
     assert (directory / "avg_pool.npy").read_bytes() == (reference / "avg_pool.npy").read_bytes()
     assert (directory / "meta.json").read_text() == (reference / "meta.json").read_text()
     assert len(rows) > 16  # more than one shard ran
+
+
+def test_a_sweep_runs_each_configuration_on_a_dask_worker_as_a_nested_run(stack: Stack) -> None:
+    from distributed import Client
+    from mlflow.tracking import MlflowClient
+
+    trained = stack.run(
+        "train", "--no-promote", "--set", "features.executor=dask", "--set", "finetune.stages=[]",
+        "--sweep", "head.learning_rate=[0.01, 0.001]", "--sweep", "head.dense_units=[8]",
+    )  # fmt: skip
+    assert "sweep: 2 configurations on dask" in trained.stdout + trained.stderr
+    run_id = trained.stdout.split("vggflow train: done   run ")[1].split()[0]
+    client = MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(run_id)
+    trials = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`vggflow.kind` = 'trial'"
+    )
+    assert sorted(t.data.params["sweep.head.learning_rate"] for t in trials) == ["0.001", "0.01"]
+    with Client(stack.env["VGGFLOW__FEATURES__DASK_ADDRESS"], timeout=30) as dask:
+        worker_pids = {str(pid) for pid in dask.run(os.getpid).values()}
+    assert {t.data.tags["vggflow.pid"] for t in trials} <= worker_pids  # trained on the workers
+    for trial in trials:
+        assert trial.info.status == "FINISHED" and "best_val_accuracy" in trial.data.metrics
+        heads = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")
+        assert [h.data.tags["vggflow.stage"] for h in heads] == ["head"]
+    best = parent.data.params["sweep.best_trial"]
+    table = client.download_artifacts(run_id, "sweep/trials.json", str(stack.base))
+    assert [row["won"] for row in json.loads(Path(table).read_text())["trials"]].index(True) == int(best)
+
+
+def test_registry_commands_predict_and_ui_against_the_stack(stack: Stack) -> None:
+    """Version 2 is the sweep's (registered without promotion); version 1 the champion."""
+    assert "champion" in stack.run("registry").stdout
+    assert "@champion -> version 2" in stack.run("promote", "2", "--reason", "stack test").stdout
+    assert "@champion -> version 1" in stack.run("rollback").stdout
+    image = next((stack.project / "data" / "class_0").iterdir())
+    assert stack.run("predict", str(image)).stdout.startswith(str(image))
+    ui = stack.run("ui", timeout=60)
+    assert "served by the tracking server itself" in ui.stdout and "latest run" in ui.stdout
 
 
 def test_a_deployment_run_executed_by_the_worker_completes(stack: Stack) -> None:

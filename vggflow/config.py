@@ -269,6 +269,47 @@ class Config(BaseModel):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     stack: StackConfig = Field(default_factory=StackConfig)
+    sweep: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Head/stage configurations trained side by side, each mapping head.* / finetune.* keys to values; "
+        "the best on validation data is evaluated and gated. Empty: the configuration above alone.",
+    )
+
+    @model_validator(mode="after")
+    def _sweep_configurations_are_valid(self) -> Config:
+        for index, overrides in enumerate(self.sweep):
+            bad = [key for key in overrides if not key.startswith(SWEEP_SECTIONS) or key in SWEEP_FIXED]
+            if bad or not overrides:
+                raise ValueError(
+                    f"sweep item {index}: {', '.join(bad) or 'empty'}: each item sets head.* / finetune.* keys "
+                    f"(not {', '.join(sorted(SWEEP_FIXED))}, which every configuration is compared on)"
+                )
+        if self.sweep:
+            self.trial_configs()  # every configuration must be a valid config
+        return self
+
+    def trial_configs(self) -> list[Config]:
+        """One config per ``sweep`` item: this one with the item's values (and no sweep).
+
+        Raises:
+            ValueError: an item's key or value is invalid, naming the item.
+        """
+        if not self.sweep:
+            return []
+        defaults = _DEFAULTS_CACHE.get()
+        configs = []
+        for index, overrides in enumerate(self.sweep):
+            tree = self.model_dump(mode="json") | {"sweep": []}
+            try:
+                for key, value in overrides.items():
+                    _apply_override(tree, key.split("."), value, f"sweep item {index}", defaults)
+                configs.append(Config.model_validate(tree))
+            except ConfigError as err:
+                raise ValueError(f"sweep item {index} ({overrides}): {err}") from None
+            except ValidationError as err:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+                raise ValueError(f"sweep item {index} ({overrides}): {problems}") from None
+        return configs
 
     def as_yaml(self) -> str:
         """The effective config, as YAML (what gets logged)."""
@@ -277,6 +318,42 @@ class Config(BaseModel):
     def flat_params(self) -> dict[str, str]:
         """The effective config flattened to ``section.key`` → string, for MLflow params."""
         return {key: str(value) for key, value in _flatten(self.model_dump(mode="json")).items()}
+
+
+#: What a sweep item may set, and what it may not (the trials are compared on it).
+SWEEP_SECTIONS = ("head.", "finetune.")
+SWEEP_FIXED = {"finetune.selection_metric"}
+
+
+class _Defaults:
+    """The built-in defaults as a plain tree, computed once (sweep items fill missing parts from it)."""
+
+    tree: dict[str, Any] | None = None
+
+    def get(self) -> dict[str, Any]:
+        if self.tree is None:
+            self.tree = Config().model_dump(mode="json")
+        return self.tree
+
+
+_DEFAULTS_CACHE = _Defaults()
+
+
+def sweep_grid(specs: list[str]) -> list[dict[str, Any]]:
+    """``--sweep KEY=[V1, V2, …]`` options → every combination of their values (one configuration each).
+
+    Values are YAML; a value that is not a list is the only choice for its key.
+
+    Raises:
+        ConfigError: a spec is not ``key=value``.
+    """
+    import itertools
+
+    axes = []
+    for spec in specs:
+        path, values = _parse_override(spec, f"--sweep {spec}")
+        axes.append([(".".join(path), value) for value in (values if isinstance(values, list) else [values])])
+    return [dict(combination) for combination in itertools.product(*axes)] if axes else []
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -17,8 +17,9 @@ BACKBONE_WEIGHTS = "vggflow.backbone_weights"
 RUN_ID = "vggflow.run_id"
 
 # Runs
-KIND = "vggflow.kind"  # "training" (a flow run's parent run) or "stage" (a nested run)
+KIND = "vggflow.kind"  # "training" (a flow run's parent run), "trial" (a sweep configuration) or "stage"
 STAGE = "vggflow.stage"
+TRIAL = "vggflow.trial"  # a sweep configuration's index
 PREFECT_FLOW_RUN_ID = "vggflow.prefect_flow_run_id"
 REUSED_FROM_RUN = "vggflow.reused_from_run"
 TEST_SCORED_FROM = "vggflow.test_scored_from"

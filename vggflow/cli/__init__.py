@@ -57,6 +57,13 @@ COMMANDS = {
         [
             option("--data", metavar="DIR", help="folder of labelled images DIR/<class>/<image> (default: data.dir)"),
             option("--no-promote", action="store_true", help="register the new version without touching aliases"),
+            option(
+                "--sweep",
+                action="append",
+                metavar="KEY=[V1,V2]",
+                help="try each value of a head.* / finetune.* key (repeatable: every combination), e.g. "
+                "--sweep 'head.learning_rate=[1e-3, 3e-4]'; the best on validation data is evaluated and gated",
+            ),
         ],
     ),
     "validate": (
