@@ -192,3 +192,25 @@ def test_an_unreachable_scheduler_or_store_is_named_before_any_work(tmp_path: Pa
     check_executor(
         load_config(None, [f"features.shard_store={tmp_path}", "features.executor=dask"], environ={}).features
     )
+
+
+def test_sweep_axes_make_every_combination_and_bad_items_name_themselves() -> None:
+    from vggflow.config import sweep_grid
+
+    grid = sweep_grid(["head.learning_rate=[1.0e-3, 3.0e-4]", "head.dense_units=[16, 32]", "head.epochs=3"])
+    assert len(grid) == 4 and grid[0] == {"head.learning_rate": 1e-3, "head.dense_units": 16, "head.epochs": 3}
+    cfg = load_config(None, ["head.dropout=0.1"], environ={}, values={"sweep": grid})
+    trials = cfg.trial_configs()
+    assert [(t.head.learning_rate, t.head.dense_units) for t in trials] == [
+        (1e-3, 16), (1e-3, 32), (3e-4, 16), (3e-4, 32)
+    ]  # fmt: skip
+    assert all(t.head.dropout == 0.1 and t.sweep == [] for t in trials)
+    stages = load_config(None, [], environ={}, values={"sweep": [{"finetune.stages.0.learning_rate": 0.5}]})
+    assert stages.trial_configs()[0].finetune.stages[0].learning_rate == 0.5
+    for bad, named in (
+        ({"backbone.image_size": 64}, "backbone.image_size"),
+        ({"finetune.selection_metric": "val_loss"}, "finetune.selection_metric"),
+        ({"head.epochs": 0}, "head.epochs"),
+    ):
+        with pytest.raises(ConfigError, match=f"sweep item 0.*{named}"):
+            load_config(None, [], environ={}, values={"sweep": [bad]})
