@@ -12,7 +12,6 @@ its stages go on to evaluation and the promotion gate as a single configuration'
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -24,9 +23,10 @@ from vggflow.executors import dask_task_runner
 from vggflow.feature_cache import FeatureSet
 from vggflow.runs import TrainingRun, mlflow_client, trial_run
 from vggflow.tasks.finetune import finetune
-from vggflow.tasks.select import choose_freeze_configuration
+from vggflow.tasks.select import choose_freeze_configuration, choose_trial
+from vggflow.tasks.track import log_sweep_task
 from vggflow.tasks.train_head import train_head
-from vggflow.training import TrainedStages, is_better
+from vggflow.training import TrainedStages
 
 
 @task(name="sweep-trial", task_run_name="trial-{index}", cache_policy=NO_CACHE)
@@ -65,39 +65,10 @@ def train_sweep(cfg: Config, weights, features: FeatureSet, run: TrainingRun) ->
 
     The parent run records every trial (``sweep/trials.json``) and which one won.
     """
-    cfg = absolute_paths(cfg)  # workers may have another working directory
-    features = features.model_copy(
-        update={"directory": features.directory.resolve(), "rows_file": features.rows_file.resolve()}
-    )
-    weights = weights.model_copy(update={"path": Path(weights.path).resolve()})
+    cfg = cfg.with_absolute_paths()  # workers may have another working directory
+    features, weights = features.with_absolute_paths(), weights.with_absolute_path()
     runner = dask_task_runner(cfg.features) if cfg.features.executor == "dask" else ThreadPoolTaskRunner(max_workers=1)
     results = sweep_flow.with_options(task_runner=runner)(cfg.sweep, cfg.trial_configs(), weights, features, run)
-    metric = cfg.finetune.selection_metric
-    chosen = [choose_freeze_configuration(stages, metric) for stages in results]
-    winner = 0
-    for index, best in enumerate(chosen):
-        if is_better(best.metric(metric), chosen[winner].metric(metric), metric):
-            winner = index
-    table = [
-        {"trial": i, "overrides": cfg.sweep[i], "stage": best.stage, metric: best.metric(metric), "won": i == winner}
-        for i, best in enumerate(chosen)
-    ]
-    client = mlflow_client()
-    client.log_dict(run.run_id, {"selection_metric": metric, "trials": table}, "sweep/trials.json")
-    client.log_param(run.run_id, "sweep.best_trial", winner)
-    print(f"sweep: {len(results)} configurations on {cfg.features.executor}; {metric} of each trial's chosen stage:")
-    for row in table:
-        mark = "*" if row["won"] else " "
-        print(f" {mark} trial {row['trial']}  {row[metric]:.4f}  {row['stage']:<8} {row['overrides']}")
-    return results[winner]
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """``cfg`` with its folders made absolute (the data, the feature cache, the work folder)."""
-    return cfg.model_copy(
-        update={
-            "work_dir": Path(cfg.work_dir).resolve(),
-            "data": cfg.data.model_copy(update={"dir": Path(cfg.data.dir).resolve()}),
-            "features": cfg.features.model_copy(update={"cache_dir": Path(cfg.features.cache_dir).resolve()}),
-        }
-    )
+    choice = choose_trial(cfg.sweep, results, cfg.finetune.selection_metric)
+    log_sweep_task(run, cfg.features.executor, cfg.finetune.selection_metric, choice.table, choice.winner)
+    return results[choice.winner]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from vggflow.config import load_config, sweep_grid
+from vggflow.config import load_config
+from vggflow.config_tree import sweep_grid
 from vggflow.flows.extract import extract_features, extract_test_prefix
 from vggflow.flows.sweep import train_sweep
 from vggflow.runs import closed_on_exit

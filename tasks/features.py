@@ -32,17 +32,21 @@ from pydantic import BaseModel
 
 from vggflow.caching import cached_task
 from vggflow.checks import check_disk_space, required_bytes
-from vggflow.config import Config
+from vggflow.config import Config, FeaturesConfig
 from vggflow.errors import DataError
 from vggflow.feature_cache import (
+    TEST_DIR,
     FeatureSet,
     ShardPart,
+    assemble_layers,
     bytes_per_image,
     cached_rows,
     extract_features,
     feature_cache_key,
     layer_cache_dir,
     read_meta,
+    scoring_prefix_layer,
+    verified_arrays,
     verified_layers,
 )
 from vggflow.files import ROWS_COLUMNS, atomic_write_text, read_rows
@@ -52,6 +56,7 @@ from vggflow.stages import plan_prefix_caches, prefix_layers
 
 if TYPE_CHECKING:
     from vggflow.model import ResolvedWeights
+    from vggflow.training import StageResult
     from vggflow.validation import ValidatedData
 
 
@@ -214,6 +219,80 @@ def shard_jobs(
         )
         for index, (start, stop) in enumerate(shard_bounds(len(paths), shard_size, batch_size))
     ]
+
+
+class ClusterPass(BaseModel):
+    """One pass of the frozen base to run on the cluster: ``layers`` of ``rows`` into the cache ``directory``."""
+
+    model_config = {"arbitrary_types_allowed": True}
+
+    rows: pd.DataFrame
+    data_dir: Path
+    layers: list[str]
+    directory: Path
+
+
+def train_val_pass(cfg: Config, weights: ResolvedWeights, validated: ValidatedData) -> ClusterPass:
+    """The train and val images' pass (pooled features and the stages' frozen prefixes), as the local step caches it."""
+    size = cfg.backbone.image_size
+    return ClusterPass(
+        rows=cached_rows(read_rows(validated.rows_file)),
+        data_dir=cfg.data.dir,
+        layers=[*prefix_layers(prefix_plan(cfg, validated)), "avg_pool"],
+        directory=layer_cache_dir(cfg.features.cache_dir, validated.fingerprint, weights.identity, size),
+    )
+
+
+def test_prefix_pass(cfg: Config, validated: ValidatedData, features: FeatureSet, chosen: StageResult):
+    """The test images' output of the chosen model's frozen part (None: an ``all`` stage, nothing frozen).
+
+    It goes to the cache's ``test/`` folder, where evaluation (``tasks/evaluate.py``) finds it.
+    """
+    layer = scoring_prefix_layer(chosen.prefix_cache)
+    if layer is None:
+        return None
+    rows = read_rows(validated.rows_file)
+    test = rows[rows["split"] == "test"].reset_index(drop=True)
+    return ClusterPass(rows=test, data_dir=cfg.data.dir, layers=[layer], directory=features.directory / TEST_DIR)
+
+
+def shard_target(cfg: FeaturesConfig, directory: Path) -> str:
+    """Where a pass's shards go: under ``features.shard_store`` (same sub-path as the cache), else the cache folder."""
+    if not cfg.shard_store:
+        return str(Path(directory).resolve() / "shards")
+    try:
+        relative = Path(directory).resolve().relative_to(Path(cfg.cache_dir).resolve()).as_posix()
+    except ValueError:
+        relative = Path(directory).name
+    return f"{cfg.shard_store.rstrip('/')}/{relative}"
+
+
+def plan_shards(cfg: FeaturesConfig, weights: ResolvedWeights, image_size: int, job: ClusterPass) -> list[ShardJob]:
+    """The shards of the layers of ``job`` not cached yet (none: nothing to compute), disk space checked first."""
+    missing = sorted(set(job.layers) - verified_arrays(job.directory, job.rows))
+    if not missing or len(job.rows) == 0:
+        return []
+    check_disk_space(job.directory, required_bytes(len(job.rows), bytes_per_image(missing, image_size), 0))
+    target = shard_target(cfg, job.directory)
+    return shard_jobs(job.rows, job.data_dir, weights, image_size, cfg.batch_size, missing, target, cfg.shard_size)
+
+
+def assemble_shards(cfg: FeaturesConfig, job: ClusterPass, shards: list[ShardJob], outputs: list[ShardOutput]) -> None:
+    """Assemble the shards' arrays into the cache files of ``job``, checksum by checksum.
+
+    Shards in the cache folder are deleted once assembled (redundant); in a shard store they
+    stay: any client assembles the same pass from them without computing it.
+    """
+    import fsspec
+
+    from vggflow.executors import filesystem
+
+    outputs = sorted(outputs, key=lambda output: output.index)
+    parts = {layer: [output.parts[layer] for output in outputs] for layer in shards[0].layers}
+    assemble_layers(job.directory, job.rows, parts, lambda url: fsspec.open(url, "rb").open())
+    if not cfg.shard_store:
+        fs, work = filesystem(shards[0].target.rsplit("/", 1)[0])
+        fs.rm(work, recursive=True)
 
 
 SHARD_MANIFEST = "shard.json"

@@ -411,6 +411,6 @@ def test_down_stops_everything_and_a_stopped_service_is_named(stack: Stack) -> N
 
 
 def _marked(folder: StackFolder) -> list[int]:
-    from vggflow.processes import processes_marked
+    from vggflow.marked_processes import processes_marked
 
     return processes_marked(MARKER, folder.state["id"])

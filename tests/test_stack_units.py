@@ -16,14 +16,8 @@ import pytest
 from vggflow.cli import main
 from vggflow.config import StackConfig, load_config
 from vggflow.errors import ConfigError, TrackingError
-from vggflow.processes import (
-    SupervisedProcess,
-    free_port,
-    group_members,
-    processes_marked,
-    signal_processes,
-    stop_process_group,
-)
+from vggflow.marked_processes import processes_marked, signal_processes
+from vggflow.processes import SupervisedProcess, free_port, group_members, stop_process_group
 from vggflow.stack import client, objectstore, postgres
 from vggflow.stack.folder import StackFolder
 
@@ -195,7 +189,7 @@ def test_an_unreachable_scheduler_or_store_is_named_before_any_work(tmp_path: Pa
 
 
 def test_sweep_axes_make_every_combination_and_bad_items_name_themselves() -> None:
-    from vggflow.config import sweep_grid
+    from vggflow.config_tree import sweep_grid
 
     grid = sweep_grid(["head.learning_rate=[1.0e-3, 3.0e-4]", "head.dense_units=[16, 32]", "head.epochs=3"])
     assert len(grid) == 4 and grid[0] == {"head.learning_rate": 1e-3, "head.dense_units": 16, "head.epochs": 3}

@@ -7,7 +7,7 @@ overrides. Each task receives only its own section; the whole config is logged t
 
 from __future__ import annotations
 
-import copy
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vggflow.config_tree import apply_override, flatten, format_validation_error, parse_override
 from vggflow.errors import ConfigError
 
 #: VGG19's convolutional blocks, bottom to top; a stage unfreezes from one of them upwards.
@@ -296,13 +297,13 @@ class Config(BaseModel):
         """
         if not self.sweep:
             return []
-        defaults = _DEFAULTS_CACHE.get()
+        defaults = _default_tree()
         configs = []
         for index, overrides in enumerate(self.sweep):
             tree = self.model_dump(mode="json") | {"sweep": []}
             try:
                 for key, value in overrides.items():
-                    _apply_override(tree, key.split("."), value, f"sweep item {index}", defaults)
+                    apply_override(tree, key.split("."), value, f"sweep item {index}", defaults)
                 configs.append(Config.model_validate(tree))
             except ConfigError as err:
                 raise ValueError(f"sweep item {index} ({overrides}): {err}") from None
@@ -311,13 +312,23 @@ class Config(BaseModel):
                 raise ValueError(f"sweep item {index} ({overrides}): {problems}") from None
         return configs
 
+    def with_absolute_paths(self) -> Config:
+        """This config with its folders made absolute (data, feature cache, work folder): for Dask workers."""
+        return self.model_copy(
+            update={
+                "work_dir": Path(self.work_dir).resolve(),
+                "data": self.data.model_copy(update={"dir": Path(self.data.dir).resolve()}),
+                "features": self.features.model_copy(update={"cache_dir": Path(self.features.cache_dir).resolve()}),
+            }
+        )
+
     def as_yaml(self) -> str:
         """The effective config, as YAML (what gets logged)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def flat_params(self) -> dict[str, str]:
         """The effective config flattened to ``section.key`` → string, for MLflow params."""
-        return {key: str(value) for key, value in _flatten(self.model_dump(mode="json")).items()}
+        return {key: str(value) for key, value in flatten(self.model_dump(mode="json")).items()}
 
 
 #: What a sweep item may set, and what it may not (the trials are compared on it).
@@ -325,105 +336,10 @@ SWEEP_SECTIONS = ("head.", "finetune.")
 SWEEP_FIXED = {"finetune.selection_metric"}
 
 
-class _Defaults:
-    """The built-in defaults as a plain tree, computed once (sweep items fill missing parts from it)."""
-
-    tree: dict[str, Any] | None = None
-
-    def get(self) -> dict[str, Any]:
-        if self.tree is None:
-            self.tree = Config().model_dump(mode="json")
-        return self.tree
-
-
-_DEFAULTS_CACHE = _Defaults()
-
-
-def sweep_grid(specs: list[str]) -> list[dict[str, Any]]:
-    """``--sweep KEY=[V1, V2, …]`` options → every combination of their values (one configuration each).
-
-    Values are YAML; a value that is not a list is the only choice for its key.
-
-    Raises:
-        ConfigError: a spec is not ``key=value``.
-    """
-    import itertools
-
-    axes = []
-    for spec in specs:
-        path, values = _parse_override(spec, f"--sweep {spec}")
-        axes.append([(".".join(path), value) for value in (values if isinstance(values, list) else [values])])
-    return [dict(combination) for combination in itertools.product(*axes)] if axes else []
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    if isinstance(tree, list):
-        out = {}
-        for index, value in enumerate(tree):
-            out.update(_flatten(value, f"{prefix}{index}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def _parse_override(text: str, origin: str) -> tuple[list[str], Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"{origin}: expected section.key=value, got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{origin}: cannot parse the value of {key!r}: {err}") from None
-    return key.strip().split("."), value
-
-
-def _apply_override(tree: dict[str, Any], path: list[str], value: Any, origin: str, defaults: dict[str, Any]) -> None:
-    """Set ``path`` in ``tree``; a part the tree lacks is filled from ``defaults`` first.
-
-    So ``finetune.stages.0.learning_rate=…`` works without a config file: the default stage
-    list is copied in and only that value changes.
-    """
-    node: Any = tree
-    default: Any = defaults
-    for depth, part in enumerate(path[:-1]):
-        where = ".".join(path[: depth + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{origin}: {where} is not an item of that list")
-            node, default = node[int(part)], None
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"{origin}: {'.'.join(path[:depth])} is a value, not a section")
-        default = default.get(part) if isinstance(default, dict) else None
-        if part not in node:
-            node[part] = copy.deepcopy(default) if isinstance(default, (dict, list)) else {}
-        node = node[part]
-    last = path[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{origin}: {'.'.join(path)} is not an item of that list")
-        node[int(last)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ConfigError(f"{origin}: {'.'.join(path[:-1])} is a value, not a section")
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
-    for problem in err.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        message = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; `vggflow config` prints every valid key)"
-        given = problem.get("input")
-        shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
-        lines.append(f"  - {where}: {message}{shown}")
-    return "\n".join(lines)
+@functools.lru_cache(maxsize=1)
+def _default_tree() -> dict[str, Any]:
+    """The built-in defaults as a plain tree, computed once (sweep items fill missing parts from it; never mutated)."""
+    return Config().model_dump(mode="json")
 
 
 def load_config(
@@ -467,17 +383,17 @@ def load_config(
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX):
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-            key_path, value = _parse_override(f"{dotted}={environ[name]}", f"environment variable {name}")
-            _apply_override(tree, key_path, value, f"environment variable {name}", defaults)
+            key_path, value = parse_override(f"{dotted}={environ[name]}", f"environment variable {name}")
+            apply_override(tree, key_path, value, f"environment variable {name}", defaults)
     for text in overrides:
-        key_path, value = _parse_override(text, f"--set {text}")
-        _apply_override(tree, key_path, value, f"--set {text}", defaults)
+        key_path, value = parse_override(text, f"--set {text}")
+        apply_override(tree, key_path, value, f"--set {text}", defaults)
     given = {key: value for key, value in (values or {}).items() if value is not None}
     for key, value in given.items():
-        _apply_override(tree, key.split("."), value.as_posix() if isinstance(value, Path) else value, key, defaults)
+        apply_override(tree, key.split("."), value.as_posix() if isinstance(value, Path) else value, key, defaults)
     if overrides or given or any(n.startswith(ENV_PREFIX) for n in environ):
         source += " + overrides"
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None

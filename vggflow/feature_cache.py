@@ -48,6 +48,10 @@ class FeatureSet(BaseModel):
         """Identifies the pooled features alone (data, backbone, size), whatever prefix layers sit beside them."""
         return self.directory.name
 
+    def with_absolute_paths(self) -> FeatureSet:
+        """The same reference with absolute paths (for a process with another working directory)."""
+        return self.model_copy(update={"directory": self.directory.resolve(), "rows_file": self.rows_file.resolve()})
+
 
 def feature_cache_key(fingerprint: str, weights_identity: str, image_size: int, layers: list[str]) -> str:
     """Identifies a cache entry's content: the dataset, the backbone weights, the input size and the layers."""

@@ -15,9 +15,9 @@ another system user (``user=``), and one whose clean stop is another signal (Pos
 shutdown is SIGINT) says so with ``stop_signal=``.
 
 Also here, for commands that supervise several processes: free and busy TCP ports, stopping
-every remaining descendant of this process, finding processes by an environment marker (what a
-group stop cannot reach), becoming a subreaper (so that descendants orphaned by a killed child
-can still be found), and turning SIGINT/SIGTERM/SIGHUP into an event.
+every remaining descendant of this process, becoming a subreaper (so that descendants orphaned
+by a killed child can still be found), and turning SIGINT/SIGTERM/SIGHUP into an event. Finding
+processes by an environment marker (what a group stop cannot reach): :mod:`vggflow.marked_processes`.
 
 Nothing here imports a heavy library: the HTTP check uses ``urllib``, and psutil is imported by
 :func:`stop_descendants` alone.
@@ -275,13 +275,6 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def signal_processes(pids: list[int], sig: signal.Signals = signal.SIGKILL) -> None:
-    """Send ``sig`` to each of ``pids`` that still exists."""
-    for pid in pids:
-        with suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of process group ``pgid``.
 
@@ -330,29 +323,6 @@ def run_as(user: str | None) -> dict:
     if os.geteuid() != 0:
         raise ProcessError(f"only root can run a process as {user!r}")
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-
-
-def processes_marked(name: str, value: str) -> list[int]:
-    """Live processes (ours to read) whose environment holds ``name=value``, except this one.
-
-    A service's descendants can leave its process group (a Prefect worker starts each flow run in
-    a group of its own) or be orphaned; a marker in the environment, inherited by every
-    descendant, still finds them.
-    """
-    if not value or not os.path.isdir("/proc"):
-        return []
-    needle, found = f"{name}={value}".encode(), []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environment = Path(entry.path, "environ").read_bytes().split(b"\0")
-            state = Path(entry.path, "stat").read_text()
-        except OSError:  # exited meanwhile, or not ours to read
-            continue
-        if needle in environment and state[state.rfind(")") + 2 :][:1] not in ("Z", "X"):
-            found.append(int(entry.name))
-    return found
 
 
 def _die_with_parent(parent: int) -> None:

@@ -12,7 +12,8 @@ from vggflow.errors import VggflowError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vggflow.config import load_config, sweep_grid
+    from vggflow.config import load_config
+    from vggflow.config_tree import sweep_grid
     from vggflow.runtime import import_tensorflow_quietly
     from vggflow.warmup import start_local_prefect_server, start_store_creation, wait_until_ready
 

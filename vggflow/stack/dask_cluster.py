@@ -38,7 +38,8 @@ def worker_process(folder: StackFolder, index: int, client_env: Mapping[str, str
         "--name", f"stack-w{index}", "--no-dashboard", "--local-directory", str(folder.root / "dask" / f"w{index}"),
         "--death-timeout", "60", "--preload", "vggflow.dask_worker",
     )  # fmt: skip
-    env = folder.base_env({**client_env, **objectstore.server_env(folder)})
+    # The store's endpoint and keys (shards write there); the caller's settings win (another store).
+    env = folder.base_env({**objectstore.server_env(folder), **client_env})
     return folder.process(f"dask-worker-{index}", command, health=None, env=env)
 
 

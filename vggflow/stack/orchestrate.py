@@ -16,7 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vggflow.processes import ProcessError, SupervisedProcess, processes_marked, signal_processes, stop_process_group
+from vggflow.marked_processes import processes_marked, signal_processes
+from vggflow.processes import ProcessError, SupervisedProcess, stop_process_group
 from vggflow.stack import client, dask_cluster, mlflow_server, objectstore, postgres, prefect_server
 from vggflow.stack.folder import MARKER, Health, StackError, StackFolder
 
