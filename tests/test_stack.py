@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -202,6 +203,9 @@ def test_dask_features_equal_the_local_pass_and_went_through_the_bucket(stack: S
     s3 = objectstore.client(stack.folder)
     shards = [o["Key"] for o in s3.list_objects_v2(Bucket="vggflow", Prefix="shards/").get("Contents", [])]
     assert any(k.endswith("/avg_pool.npy") for k in shards) and any(k.endswith("/shard.json") for k in shards)
+    # The test images' frozen-part pass for evaluation took the same path: shards, then the cache's test/ folder.
+    tested = json.loads((cluster[0] / "test" / "meta.json").read_text())["layers"]
+    assert any("/test/" in k and k.endswith(f"/{layer}.npy") for k in shards for layer in tested)
 
 
 KILLED_RUN = """
@@ -225,7 +229,6 @@ if __name__ == "__main__":
 
 
 def test_a_worker_killed_mid_shard_the_shard_runs_elsewhere_and_the_features_are_the_same(stack: Stack) -> None:
-    import signal
     import threading
 
     from distributed import Client
@@ -316,6 +319,75 @@ def test_a_deployment_run_executed_by_the_worker_completes(stack: Stack) -> None
     assert "skipped: data unchanged" in worker_log
 
 
+def test_validate_retrain_and_schedule_against_the_stack(stack: Stack, tmp_path: Path) -> None:
+    """`validate` and `retrain` unchanged; `schedule` serves the retraining on the stack's Prefect server."""
+    from tests.test_schedule import ProcessTree, wait_for
+
+    assert "manifest" in stack.run("validate", str(stack.project / "data")).stdout
+    assert "vggflow retrain: skipped: data unchanged" in stack.run("retrain").stdout
+    log = tmp_path / "schedule.log"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)} | stack.env
+    scheduler = ProcessTree(
+        subprocess.Popen(
+            [str(BIN / "vggflow"), "schedule", "--cron", "0 3 * * *", "--config", str(stack.config)],
+            cwd=stack.project,
+            env=environment | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    )
+    try:
+        wait_for(lambda: "prefect deployment run" in log.read_text(), 180, "the serving message", every=0.5)
+        assert f"prefect server    {stack.env['PREFECT_API_URL']}" in log.read_text()  # the stack's, not its own
+        done = stack.command(
+            [str(BIN / "prefect"), "deployment", "run", "vggflow-retrain/nightly", "--watch", "--watch-interval", "1",
+             "--watch-timeout", "300"],
+            timeout=400,
+        )  # fmt: skip
+        assert "Flow run finished successfully in 'Completed'" in done.stdout + done.stderr
+    finally:
+        assert scheduler.terminate() == 0, log.read_text()[-3000:]
+    assert scheduler.survivors() == []
+
+
+def test_mlflow_models_serve_the_champion_from_the_stack(stack: Stack) -> None:
+    """`mlflow models serve -m models:/vgg19-classifier@champion`: the model comes through the tracking server."""
+    import urllib.request
+
+    from tests.test_schedule import ProcessTree, wait_for
+    from vggflow.processes import free_port, group_members, http_ok
+
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)} | stack.env
+    environment["PATH"] = f"{BIN}{os.pathsep}{environment['PATH']}"  # mlflow starts uvicorn from PATH
+    server = ProcessTree(
+        subprocess.Popen(
+            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port)],
+            cwd=stack.base, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    )  # fmt: skip
+    try:
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/ping"), 300, "the model server", every=0.5)
+        server.snapshot()
+        body = json.dumps({"inputs": [[[[0, 0, 0]] * 32] * 32]}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert predictions[0]["label"] in {"class_0", "class_1", "class_2"}
+    finally:
+        server.snapshot()
+        os.killpg(server.process.pid, signal.SIGTERM)  # mlflow's CLI and the uvicorn server it started
+        server.process.wait(60)
+        wait_for(lambda: not group_members(server.process.pid), 60, "the model server's processes to exit")
+    # Every process seen is gone (the group's id may still name zombies that init has not reaped yet).
+    assert [line for line in server.survivors() if not line.startswith("process group")] == []
+
+
 def test_dvc_push_and_pull_through_the_object_store(stack: Stack) -> None:
     dvc = str(BIN / "dvc")
     stack.command([dvc, "push", "-r", "stack"])
@@ -385,7 +457,7 @@ def test_two_promotions_at_once_from_separate_work_folders_take_turns(stack: Sta
         assert json.loads(Path(logged).read_text())["candidate_version"] == result["decision"]["candidate_version"]
 
 
-def test_wrong_lock_credentials_are_one_clear_message_without_the_secret(stack: Stack) -> None:
+def test_wrong_credentials_are_one_clear_message_without_the_secret(stack: Stack) -> None:
     wrong = stack.base / "wrong-pgpass"
     wrong.write_text("127.0.0.1:*:*:*:not-the-password\n")
     wrong.chmod(0o600)
@@ -393,6 +465,14 @@ def test_wrong_lock_credentials_are_one_clear_message_without_the_secret(stack: 
     assert done.returncode == 3 and "Traceback" not in done.stderr
     assert "password authentication failed" in done.stderr and "not-the-password" not in done.stderr
     assert f"127.0.0.1:{stack.folder.ports['postgres']}" in done.stderr
+    # Wrong object-store keys: the shard store is named before any work, the secret is not echoed.
+    wrong_s3 = stack.base / "wrong-s3-credentials"
+    wrong_s3.write_text("[default]\naws_access_key_id = nobody\naws_secret_access_key = not-the-secret\n")
+    wrong_s3.chmod(0o600)
+    done = stack.run("train", "--set", "features.executor=dask", check=False, AWS_SHARED_CREDENTIALS_FILE=str(wrong_s3))
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "cannot write to the shard store s3://vggflow/shards" in done.stderr
+    assert "not-the-secret" not in done.stdout + done.stderr
 
 
 def test_down_stops_everything_and_a_stopped_service_is_named(stack: Stack) -> None:

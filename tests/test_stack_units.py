@@ -208,3 +208,23 @@ def test_sweep_axes_make_every_combination_and_bad_items_name_themselves() -> No
     ):
         with pytest.raises(ConfigError, match=f"sweep item 0.*{named}"):
             load_config(None, [], environ={}, values={"sweep": [bad]})
+
+
+def test_the_best_trial_wins_a_sweep_and_the_earlier_one_a_tie() -> None:
+    from tests.test_steps import stage
+    from vggflow.tasks.select import choose_trial
+    from vggflow.training import TrainedStages
+
+    sweep = [{"head.learning_rate": 0.1}, {"head.learning_rate": 0.01}, {"head.learning_rate": 0.001}]
+    results = [
+        TrainedStages(results=[stage("head", 0.70, 0.9)]),
+        TrainedStages(results=[stage("head", 0.75, 1.2), stage("block5", 0.80, 1.0)]),
+        TrainedStages(results=[stage("head", 0.80, 0.8)]),
+    ]
+    choice = choose_trial(sweep, results, "val_accuracy")
+    assert choice.winner == 1  # its block5 stage ties trial 2's head: the earlier trial wins
+    assert [row["won"] for row in choice.table] == [False, True, False]
+    assert choice.table[1] == {
+        "trial": 1, "overrides": sweep[1], "stage": "block5", "val_accuracy": 0.80, "won": True
+    }  # fmt: skip
+    assert choose_trial(sweep, results, "val_loss").winner == 2
