@@ -112,7 +112,7 @@ def child_seed(args) -> dict:
     # Not timed: vggflow's head initialisation (train_head has a base, seeds, builds the classifier).
     base = build_base(weights, args.size)
     keras.utils.set_random_seed(SEED)
-    reference = build_classifier(base, len(classes), cfg, args.size)
+    reference = build_classifier(base, len(classes), cfg, args.size, SEED)
     head_init = {name: reference.get_layer(name).get_weights() for name in ("head_dense", "predictions")}
     del reference
 

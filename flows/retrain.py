@@ -13,6 +13,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from vggflow.config import load_config
+from vggflow.tasks.publish import publish_retrain_decision_task
 from vggflow.tasks.sync_data import (
     DataState,
     RetrainDecision,
@@ -52,6 +53,7 @@ def retrain_flow(
     decision = decide_retrain(data.version, registry, force)
     get_run_logger().info(decision.reason)
     if not decision.retrain:
+        publish_retrain_decision_task(cfg.registry.model_name, decision.reason)
         return RetrainOutcome(skipped=True, reason=decision.reason, data=data, decision=decision)
 
     # Imported only when training: the training flow's modules cost seconds to import, and a

@@ -15,6 +15,7 @@ from vggflow.tasks.finetune import finetune
 from vggflow.tasks.model_card import model_card_task
 from vggflow.tasks.preflight import preflight_task
 from vggflow.tasks.promote import promote_if_better_task
+from vggflow.tasks.publish import publish_artifacts_task
 from vggflow.tasks.register import log_model_task, register_task
 from vggflow.tasks.select import choose_freeze_configuration
 from vggflow.tasks.track import log_results_task, start_run_task
@@ -60,4 +61,5 @@ def train_flow(
         decision = promote_if_better_task(cfg, run, version, evaluation, validated)
         summary = summarize(run, validated, ready.weights, stages, chosen, evaluation, version, decision)
         model_card_task(cfg, summary, validated, evaluation)
+        publish_artifacts_task(summary)
     return summary

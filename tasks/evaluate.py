@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
+from vggflow.caching import code_version
 from vggflow.checks import check_disk_space, required_bytes
 from vggflow.config import Config, EvaluateConfig
 from vggflow.feature_cache import (
@@ -192,7 +193,7 @@ def evaluate_classifier(
 
     # The route is part of the key: the two differ by float round-off, and kept scores are exact.
     identity = f"checkpoint-{file_sha256(checkpoint)}" + (f"-from-{prefix.layer}" if prefix is not None else "")
-    cache = scores_file(scores_dir, identity, test_rows, class_names, cfg.batch_size)
+    cache = scores_file(scores_dir, identity, test_rows, class_names, cfg.batch_size, code_version(__name__))
     started = time.perf_counter()
     probabilities, reused = reuse_or_compute(cache, len(paths), predict_test_set)
     seconds = 0.0 if reused else time.perf_counter() - started

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vggflow.caching import cached_task
+from vggflow.caching import cached_task, code_version
 from vggflow.config import Config, FinetuneConfig, StageConfig
 from vggflow.feature_cache import FeatureSet, load_layer
 from vggflow.files import read_rows
@@ -110,9 +110,9 @@ def run_stage(
 
 
 def stage_key(cfg: Config, previous: StageResult, stage: StageConfig, features: FeatureSet) -> str:
-    """A stage's cache key: chained from the stage it starts from, plus its own settings and input."""
+    """A stage's cache key: chained from the stage it starts from, plus its own settings, input and code."""
     shared = cfg.finetune.model_dump(exclude=STAGE_TRAINING_EXCLUDES)
-    return stable_hash(previous.cache_key, stage, shared, features.prefix_plan.get(stage.label))
+    return stable_hash(previous.cache_key, stage, shared, features.prefix_plan.get(stage.label), code_version(__name__))
 
 
 def _stage_key(parameters: dict) -> str:

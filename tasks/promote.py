@@ -5,6 +5,10 @@ the current ``@champion`` by at least ``min_delta`` on the primary metric, the c
 re-evaluated on the candidate's own test split (its old logged number is not comparable when
 the data changed). Pass: ``champion`` moves to the candidate, the old champion becomes
 ``previous``. Fail: the candidate becomes ``challenger`` with the reason as a tag.
+
+MLflow's own evaluation API computes the gate's metrics (``mlflow.models.evaluate`` on both
+models' predictions for the same test rows) and checks the rule (``MetricThreshold``s,
+``mlflow.validate_evaluation_results``); see ``vggflow/scoring.py`` and ``vggflow/promotion.py``.
 """
 
 from __future__ import annotations
@@ -23,50 +27,11 @@ from vggflow.files import read_rows
 from vggflow.promotion import Decision, RegisteredVersion, decide
 from vggflow.registry import CHALLENGER, CHAMPION, PREVIOUS, current_champion, promotion_lock
 from vggflow.runs import TrainingRun
-from vggflow.scoring import Evaluation, reuse_or_compute, score, scores_dir, scores_file
+from vggflow.scoring import Evaluation, evaluate_registered, mlflow_evaluation, registered_scores_file, scores_dir
 from vggflow.tracking import lock_dir
 
 if TYPE_CHECKING:
     from vggflow.validation import ValidatedData
-
-
-def evaluate_registered(
-    model_uri: str,
-    test_rows: pd.DataFrame,
-    data_dir: Path,
-    class_names: list[str],
-    batch_size: int,
-    scores_cache: Path | None = None,
-) -> dict[str, float]:
-    """Score a registered model on test rows through its public pyfunc interface.
-
-    Labels are matched by name, so a champion trained on another class list is scored fairly
-    (a class it does not know is simply a wrong answer). With ``scores_cache`` (see
-    :func:`tasks.evaluate.scores_file`), the predictions are kept there and reused.
-    """
-    index = {name: i for i, name in enumerate(class_names)}
-    paths = [Path(data_dir) / p for p in test_rows["path"]]
-
-    def predict_test_set():
-        import mlflow
-        from vggflow.datasets import predict_in_batches
-        from vggflow.tracking import without_type_hint_advice
-
-        with without_type_hint_advice():
-            model = mlflow.pyfunc.load_model(model_uri)
-
-        def predict(batch):
-            labels = model.predict(batch)["label"]
-            return labels.map(index).fillna(-1).astype(int).to_numpy()[:, None]
-
-        return predict_in_batches(predict, paths, batch_size)
-
-    predicted, reused = reuse_or_compute(scores_cache, len(paths), predict_test_set)
-    if reused:
-        print(f"{model_uri}: same version, same test images: reused its {len(paths)} test-set predictions")
-    y_true = test_rows["label"].map(index).to_numpy()
-    metrics, _ = score(y_true, predicted[:, 0] if len(predicted) else predicted, len(class_names))
-    return metrics
 
 
 def apply_decision(client, decision: Decision) -> None:
@@ -101,11 +66,23 @@ def log_decision(client, run_id: str, decision: Decision) -> None:
     client.log_dict(run_id, json.loads(decision.model_dump_json()), "promotion/decision.json")
 
 
+def champion_run(client, training_run_id: str, champion_version: str) -> str:
+    """A nested run of the training run that holds the champion's evaluation on the candidate's test split."""
+    parent = client.get_run(training_run_id)
+    tags = {
+        mlflow_tags.MLFLOW_PARENT_RUN_ID: training_run_id,
+        mlflow_tags.KIND: "gate",
+        **{key: value for key, value in parent.data.tags.items() if key in mlflow_tags.SYSTEM_TAGS},
+    }
+    name = f"gate-champion-v{champion_version}"
+    return client.create_run(parent.info.experiment_id, run_name=name, tags=tags).info.run_id
+
+
 def promote_if_better(
     client,
     cfg: RegistryConfig,
     candidate_version: str,
-    candidate_metrics: dict[str, float],
+    candidate_predictions: list[str],
     run_id: str,
     test_rows: pd.DataFrame,
     data_dir: Path,
@@ -115,12 +92,17 @@ def promote_if_better(
 ) -> Decision:
     """Re-evaluate the current champion on the candidate's test rows, decide, apply and log.
 
-    The champion is loaded by version number (not by alias), so what was evaluated is what the
-    decision names even if the alias moves meanwhile; callers hold :func:`promotion_lock`.
-    With ``scores_dir`` (this data version's, see :func:`tasks.evaluate.scores_file`), the
+    Both models' predictions on the same test rows are evaluated by MLflow's evaluation API
+    (``vggflow.scoring.mlflow_evaluation``): the candidate's into its training run, the
+    champion's into a nested ``gate-champion-v<N>`` run, so the MLflow UI compares them side by
+    side. The champion is loaded by version number (not by alias), so what was evaluated is what
+    the decision names even if the alias moves meanwhile; callers hold :func:`promotion_lock`.
+    With ``scores_dir`` (this data version's, see :func:`vggflow.scoring.scores_file`), the
     champion's predictions are kept and reused by the next candidate on the same data (a
     registered version never changes).
     """
+    labels = list(test_rows["label"])
+    candidate_metrics = mlflow_evaluation(run_id, labels, candidate_predictions, class_names, leave_running=True)
     champion = current_champion(client, cfg.model_name)
     champion_version = str(champion.version) if champion is not None else None
     champion_metrics = None
@@ -130,14 +112,16 @@ def promote_if_better(
             f"registered-{cfg.model_name}-{champion_version}-{champion.run_id}-{champion.source}"
             f"-{champion.creation_timestamp}"
         )
-        champion_metrics = evaluate_registered(
+        champion_predictions = evaluate_registered(
             f"models:/{cfg.model_name}/{champion_version}",
             test_rows,
             data_dir,
             class_names,
             batch_size,
-            scores_file(scores_dir, identity, test_rows, class_names, batch_size),
+            registered_scores_file(scores_dir, identity, test_rows, class_names, batch_size),
         )
+        gate_run = champion_run(client, run_id, champion_version)
+        champion_metrics = mlflow_evaluation(gate_run, labels, champion_predictions, class_names)
     decision = decide(
         candidate_metrics, champion_metrics, cfg, str(candidate_version), champion_version if champion_metrics else None
     )
@@ -164,14 +148,17 @@ def promote_if_better_task(
     from mlflow.tracking import MlflowClient
 
     rows = read_rows(validated.rows_file)
+    test_rows = rows[rows["split"] == "test"]
+    # The evaluation step's predictions, in the test rows' order.
+    predicted = list(pd.read_csv(evaluation.files["predictions"], dtype=str, keep_default_na=False)["predicted"])
     with promotion_lock(lock_dir(cfg.tracking, cfg.work_dir), cfg.registry.lock_url, cfg.registry.model_name):
         decision = promote_if_better(
             MlflowClient(),
             cfg.registry,
             version.version,
-            evaluation.metrics,
+            predicted,
             run.run_id,
-            rows[rows["split"] == "test"],
+            test_rows,
             cfg.data.dir,
             validated.class_names,
             cfg.evaluate.batch_size,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +18,7 @@ from prefect import task
 
 from vggflow import mlflow_tags
 from vggflow.config import Config, RegistryConfig
-from vggflow.files import atomic_write_text
+from vggflow.files import atomic_write_text, read_rows
 from vggflow.promotion import RegisteredVersion
 from vggflow.runs import TrainingRun, mlflow_client
 from vggflow.scoring import Evaluation
@@ -41,12 +40,41 @@ def pinned_requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name)}" for name in MODEL_PACKAGES]
 
 
-def model_signature():
-    """Input: a batch of raw RGB images, uint8, any size (-1 = variable)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+def model_signature(class_names: list[str]):
+    """Input: a batch of raw RGB images, uint8, any size (-1 = variable); output: one row per image.
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]))
+    The output columns are the pyfunc model's: ``label``, ``confidence`` and ``probabilities``
+    (an object with one probability per class name).
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Object, Property, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema(
+            [
+                ColSpec("string", "label"),
+                ColSpec("double", "confidence"),
+                ColSpec(Object([Property(name, "double") for name in class_names]), "probabilities"),
+            ]
+        ),
+    )
+
+
+#: Largest side of the input example: any size is accepted, and a small one keeps the example small.
+EXAMPLE_MAX_SIDE = 64
+
+
+def input_example(image: Path) -> np.ndarray:
+    """One real training image as the model takes it: a uint8 ``(1, H, W, 3)`` batch, at most 64 pixels a side."""
+    from PIL import Image
+
+    from vggflow.images import load_rgb
+
+    pixels = load_rgb(image)
+    picture = Image.fromarray(pixels)
+    picture.thumbnail((EXAMPLE_MAX_SIDE, EXAMPLE_MAX_SIDE))
+    return np.asarray(picture, dtype=np.uint8)[np.newaxis]
 
 
 class _PyfuncWithKerasFlavor:
@@ -71,8 +99,14 @@ class _PyfuncWithKerasFlavor:
         mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
-def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_size: int, work_dir: Path) -> str:
-    """Log the chosen classifier as the run's model; returns its ``models:/m-…`` URI."""
+def log_classifier(
+    run_id: str, checkpoint: Path, class_names: list[str], image_size: int, work_dir: Path, example: np.ndarray
+) -> str:
+    """Log the chosen classifier as the run's model, with its signature and an input example; returns its URI.
+
+    MLflow saves the example (``input_example.json``, ``serving_input_example.json``) and checks
+    that the model answers it before the model is logged.
+    """
     import shutil
 
     from mlflow.models import Model
@@ -94,9 +128,7 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
     # this it lands in "Default" (experiment 0), its artifacts in ./mlruns of whatever folder the
     # command ran from, outside the configured store.
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
-    with warnings.catch_warnings(), without_type_hint_advice():
-        # The signature documents the input; an input example would only duplicate it.
-        warnings.filterwarnings("ignore", message=".*input_example.*")
+    with without_type_hint_advice():
         info = Model.log(
             None,  # artifact_path: deprecated in favour of name, still positional
             name="model",
@@ -104,7 +136,8 @@ def log_classifier(run_id: str, checkpoint: Path, class_names: list[str], image_
             run_id=run_id,
             python_model=str(MODEL_CODE),
             artifacts={"classifier": str(package / "model.keras"), "classes": str(classes)},
-            signature=model_signature(),
+            signature=model_signature(class_names),
+            input_example=example,
             pip_requirements=pinned_requirements(),
             metadata={"class_names": class_names, "image_size": image_size, "input": "uint8 RGB (N, H, W, 3)"},
         )
@@ -136,7 +169,15 @@ def version_tags(run_tags: dict[str, str], run_id: str, chosen: StageResult, eva
 @task(name="log-model")
 def log_model_task(cfg: Config, run: TrainingRun, chosen: StageResult, validated: ValidatedData) -> str:
     """Log the chosen classifier as the run's pyfunc model (not retried: a retry would log a second model)."""
-    return log_classifier(run.run_id, chosen.checkpoint, validated.class_names, cfg.backbone.image_size, run.report_dir)
+    first_image = Path(cfg.data.dir) / read_rows(validated.rows_file)["path"].iloc[0]
+    return log_classifier(
+        run.run_id,
+        chosen.checkpoint,
+        validated.class_names,
+        cfg.backbone.image_size,
+        run.report_dir,
+        input_example(first_image),
+    )
 
 
 @task(name="register-model", retries=3, retry_delay_seconds=5)

@@ -4,8 +4,8 @@ The data version is the md5 that ``dvc add`` wrote into ``data.dvc``. When the d
 not match it (a fresh machine, deleted files, a new ``data.dvc`` from git), it is restored with
 ``dvc pull`` — DVC never overwrites files it has not saved, so local, un-added images stop the run
 with a message instead of being lost. The version is then compared with the data version tagged
-on the registered ``@champion`` (and on a rejected, newer ``@challenger``): training only runs
-when the data is new or the run is forced.
+on the registered ``@champion`` (and on a rejected, newer ``@challenger``, and on versions rolled
+back with ``vggflow rollback``): training only runs when the data is new or the run is forced.
 
 Nothing here imports TensorFlow or scikit-learn: a skipped run must stay cheap.
 """
@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from vggflow import mlflow_tags
 from vggflow.config import DataConfig, TrackingConfig
 from vggflow.errors import DataError, VggflowError
-from vggflow.registry import CHALLENGER, CHAMPION
+from vggflow.registry import CHALLENGER, CHAMPION, Rollback, rollbacks_in_force
 from vggflow.tracking import read_dvc_md5
 
 
@@ -50,6 +50,7 @@ class RegistryState(BaseModel):
     model_name: str
     champion: VersionRef | None = None
     challenger: VersionRef | None = None
+    rolled_back: list[Rollback] = []  # newest first
 
 
 class RetrainDecision(BaseModel):
@@ -173,7 +174,7 @@ def version_ref(model_version) -> VersionRef:
 
 
 def read_registry_state(client, model_name: str) -> RegistryState:
-    """The ``@champion`` and ``@challenger`` versions of ``model_name`` (None when unset)."""
+    """The ``@champion`` and ``@challenger`` versions of ``model_name`` (None when unset), and its rollbacks."""
     from mlflow.exceptions import MlflowException
 
     refs: dict[str, VersionRef | None] = {}
@@ -182,15 +183,20 @@ def read_registry_state(client, model_name: str) -> RegistryState:
             refs[alias] = version_ref(client.get_model_version_by_alias(model_name, alias))
         except MlflowException:  # no such model or alias
             refs[alias] = None
-    return RegistryState(model_name=model_name, champion=refs[CHAMPION], challenger=refs[CHALLENGER])
+    return RegistryState(
+        model_name=model_name,
+        champion=refs[CHAMPION],
+        challenger=refs[CHALLENGER],
+        rolled_back=rollbacks_in_force(client, model_name),
+    )
 
 
 def decide_retrain(data_version: str, registry: RegistryState, force: bool) -> RetrainDecision:
     """Train when forced, when there is no champion, or when the data is new.
 
-    "New" means neither the champion nor a newer rejected challenger was trained on it: a model
-    the gate rejected is not retrained every night on the same data (use ``force`` after changing
-    the config).
+    "New" means neither the champion nor a newer rejected challenger was trained on it, and no
+    model trained on it was rolled back: a model the gate rejected or a person rolled back is not
+    retrained every night on the same data (use ``force`` after changing the config).
     """
     champion, challenger = registry.champion, registry.challenger
     common = dict(
@@ -212,6 +218,13 @@ def decide_retrain(data_version: str, registry: RegistryState, force: bool) -> R
         )
     if champion.data_version == data_version:
         reason = f"skipped: data unchanged (version {data_version}; champion v{champion.version} was trained on it)"
+        return RetrainDecision(retrain=False, reason=reason, **common)
+    rolled_back = next((r for r in registry.rolled_back if r.data_version == data_version), None)
+    if rolled_back is not None:
+        reason = (
+            f"skipped: data version {data_version} was rolled back ({rolled_back.describe()}); "
+            "retraining waits for new data (`dvc add`, commit data.dvc), or --force"
+        )
         return RetrainDecision(retrain=False, reason=reason, **common)
     if (
         challenger is not None

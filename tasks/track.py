@@ -11,6 +11,8 @@ steps that train (``vggflow/runs.py``).
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,9 +21,12 @@ import pandas as pd
 from prefect import task
 
 from vggflow import mlflow_tags
+from vggflow.caching import code_version
 from vggflow.checks import Preflight
 from vggflow.config import Config
 from vggflow.feature_cache import FeatureSet
+from vggflow.files import atomic_write_text
+from vggflow.lineage import TRAINING_FLOW
 from vggflow.runs import (
     TrainingRun,
     close_abandoned_runs,
@@ -31,8 +36,9 @@ from vggflow.runs import (
     owner_tags,
     run_dir,
 )
+from vggflow.runtime import installed_version
 from vggflow.scoring import Evaluation
-from vggflow.tracking import DataVersion, git_info, package_versions
+from vggflow.tracking import DataVersion, git_details, package_versions
 from vggflow.training import StageResult, TrainedStages
 
 if TYPE_CHECKING:
@@ -56,17 +62,22 @@ def start_training_run(
     client = mlflow_client()
     for closed in close_abandoned_runs(experiment_id):
         print(f"marked run {closed} KILLED: its process is gone (killed or crashed)")
-    commit, dirty = git_info()
+    git = git_details()
+    commit, dirty = git["commit"], git["dirty"]
     versions = package_versions()
     tags = {
+        **system_tags(git),
         **data.as_tags(),
-        mlflow_tags.MLFLOW_GIT_COMMIT: commit,
         mlflow_tags.GIT_DIRTY: "unknown" if dirty is None else str(dirty).lower(),
         mlflow_tags.BACKBONE_WEIGHTS: weights_identity,
         mlflow_tags.RANDOM_INIT: str(random_init).lower(),
         mlflow_tags.KIND: "training",
+        mlflow_tags.VERSION: installed_version(),
+        mlflow_tags.CODE_VERSION: code_version(TRAINING_FLOW),
         **owner_tags(),
     }
+    if config_file is not None:
+        tags[mlflow_tags.CONFIG_FILE] = str(config_file)
     flow_run_id = _prefect_flow_run_id()
     if flow_run_id:
         tags[mlflow_tags.PREFECT_FLOW_RUN_ID] = flow_run_id
@@ -90,6 +101,27 @@ def start_training_run(
     client.log_inputs(run_id, datasets=[dataset_input(data, cfg.data.dir)])
     save_compare_view(client, experiment_id, cfg.registry.primary_metric)
     return run_id
+
+
+def system_tags(git: dict) -> dict[str, str]:
+    """MLflow's standard system tags, so the UI's User, Source and Version columns are filled.
+
+    MLflow's own context providers give the user and the source type; the source name is the
+    command line when run as `vggflow …`; the git tags describe the repository of the current
+    folder (the project), not the file that started the process as MLflow's git provider would.
+    """
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {key: value for key, value in resolve_tags().items() if key.startswith("mlflow.")}
+    main_module = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", "")
+    if Path(sys.argv[0]).name == "vggflow" or main_module.startswith("vggflow.cli"):  # the console script, -m
+        tags[mlflow_tags.MLFLOW_SOURCE_NAME] = shlex.join(["vggflow", *sys.argv[1:]])
+    tags[mlflow_tags.MLFLOW_GIT_COMMIT] = git["commit"]
+    if git["branch"]:
+        tags[mlflow_tags.MLFLOW_GIT_BRANCH] = git["branch"]
+    if git["repo_url"]:
+        tags[mlflow_tags.MLFLOW_GIT_REPO_URL] = git["repo_url"]
+    return tags
 
 
 def dataset_input(data: DataVersion, data_dir: Path):
@@ -177,6 +209,10 @@ def log_results(
     if history.empty:
         history = pd.DataFrame(columns=["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The same curves as data (one row per epoch, `step` counting epochs across stages): DVC plots them.
+    history_csv = out_dir / "learning_curves.csv"
+    atomic_write_text(history_csv, history.assign(step=range(len(history))).to_csv(index=False))
+    client.log_artifact(run_id, str(history_csv), "stages")
     curves = stage_figures.plot_learning_curves(history, chosen.stage, out_dir / "learning_curves.png")
     comparison = stage_figures.plot_stage_comparison(
         pd.DataFrame(table).rename(columns={f"best_{selection_metric}": selection_metric}),

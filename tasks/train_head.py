@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vggflow.caching import cached_task
+from vggflow.caching import cached_task, code_version
 from vggflow.config import Config, HeadConfig
 from vggflow.feature_cache import FeatureSet, load_layer
 from vggflow.hashing import stable_hash
@@ -50,11 +50,10 @@ def train_head_on_features(
     from vggflow.training import finish_stage, fit_stage
 
     base = take_base(weights, image_size)
-    # Seeded after the base exists: building VGG19 draws from Keras's global RNG, so the head's
-    # initial weights would otherwise depend on whether the base was built here or set aside
-    # by the extraction (i.e. on whether the extraction was cached).
+    # The initial weights come from `seed` alone (build_classifier); the global seed is for
+    # Keras's shuffling of the training rows.
     keras.utils.set_random_seed(seed)
-    model = build_classifier(base, len(features.class_names), cfg, image_size)
+    model = build_classifier(base, len(features.class_names), cfg, image_size, seed)
     freeze = unfreeze_to(model, None, HEAD_STAGE)
     # Pooled features are small (512 floats per image): fit on in-memory arrays with Keras's own
     # shuffle, exactly as `model.fit` over images through the frozen base would.
@@ -74,11 +73,11 @@ def train_head_on_features(
 
 
 def head_key(cfg: Config, features: FeatureSet) -> str:
-    """The head's cache key: its pooled features (not the stages' prefix layers beside them), config and seed.
+    """The head's cache key: its pooled features (not the stages' prefix layers beside them), config, seed and code.
 
     So adding stages after iterating on the head alone reuses the head already trained.
     """
-    return stable_hash(features.pooled_key, cfg.head, cfg.seed, features.class_names)
+    return stable_hash(features.pooled_key, cfg.head, cfg.seed, features.class_names, code_version(__name__))
 
 
 @cached_task(

@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import task
 
-from vggflow.caching import cached_task, directory_fingerprint
+from vggflow.caching import cached_task, code_version, directory_fingerprint
 from vggflow.config import Config, DataConfig, ValidationConfig
 from vggflow.errors import DataError
 from vggflow.files import ROWS_COLUMNS, atomic_write_text
@@ -38,14 +38,14 @@ OUTPUT_FILES = ("report.json", "manifest.csv", "report.html", "rows.csv", "resul
 def validation_cache_key(
     data_cfg: DataConfig, cfg: ValidationConfig, previous_manifest: Path | None, dvc: DvcState
 ) -> str:
-    """Key of a validation: the data version, the config and the previous manifest (drift).
+    """Key of a validation: the data version, the config, the previous manifest (drift) and the code.
 
     The data version is DVC's md5 when ``data/`` matches ``data.dvc`` (so a ``dvc pull`` that
     rewrites the same files keeps the key); otherwise the folder's listing (names, sizes, mtimes).
     """
     version = dvc.md5 if dvc.md5 and dvc.matches else directory_fingerprint(Path(data_cfg.dir))
     previous = file_sha256(previous_manifest) if previous_manifest else None
-    return stable_hash(version, str(Path(data_cfg.dir).resolve()), data_cfg, cfg, previous)
+    return stable_hash(version, str(Path(data_cfg.dir).resolve()), data_cfg, cfg, previous, code_version(__name__))
 
 
 def run_validation(

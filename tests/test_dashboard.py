@@ -31,6 +31,7 @@ from PIL import Image
 from tests.conftest import tiny_overrides, write_dataset
 from vggflow import dashboard, processes
 from vggflow.cli import main
+from vggflow.scoring import EVALUATION_DATASET
 
 VGGFLOW = [sys.executable, "-m", "vggflow.cli"]
 STAGES = ["head", "block5", "block4", "all"]
@@ -278,9 +279,13 @@ def test_run_and_its_stage_runs_are_served(served: Dashboard) -> None:
         assert key in metrics, key
     # The run page's description: outcome first.
     assert "test accuracy" in tags["mlflow.note.content"] and version in tags["mlflow.note.content"]
-    # The data version in the UI's default Dataset column.
-    [dataset] = [d["dataset"] for d in run["inputs"]["dataset_inputs"]]
-    assert version.startswith(dataset["digest"]) and dataset["name"] == "data"
+    # The data version in the UI's default Dataset column, beside the gate's evaluation dataset.
+    inputs = {
+        next((t["value"] for t in d.get("tags", []) if t["key"] == "mlflow.data.context"), None): d["dataset"]
+        for d in run["inputs"]["dataset_inputs"]
+    }
+    assert set(inputs) == {"training", None} and inputs[None]["name"] == EVALUATION_DATASET
+    assert version.startswith(inputs["training"]["digest"]) and inputs["training"]["name"] == "data"
 
     children = served.post(
         "/api/2.0/mlflow/runs/search",

@@ -86,3 +86,23 @@ def test_training_flow_end_to_end(project: Path, tiny_dataset: Path, prefect_ser
     artifact_root = client.get_experiment(run.info.experiment_id).artifact_location
     assert logged.artifact_location.startswith(artifact_root), (logged.artifact_location, artifact_root)
     assert not (project / "mlruns").exists()
+
+    # The flow run's Prefect artifacts, read back from the server: the summary and the stage table.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run_id = tags["vggflow.prefect_flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    by_type = {artifact.type: artifact for artifact in artifacts}
+    markdown = by_type["markdown"]
+    assert markdown.key == "vgg19-classifier-training"
+    assert f"v{summary.model_version}: promoted to @champion" in markdown.data
+    assert f"**Chosen freeze configuration**: `{summary.freeze_configuration['stage']}`" in markdown.data
+    assert f"accuracy {summary.test_metrics['accuracy']:.4f}" in markdown.data and summary.run_id in markdown.data
+    table = by_type["table"]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert table.key == "vgg19-classifier-stages" and [r["stage"] for r in rows] == ["head", "block5", "block4", "all"]
+    assert [r["chosen"] for r in rows].count("yes") == 1

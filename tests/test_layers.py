@@ -7,12 +7,12 @@ calls with a literal name.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import PROJECT_ROOT
+from vggflow.caching import imported_names
 
 #: Source folder → installed package (setuptools' package-dir mapping in pyproject.toml).
 PACKAGES = {"vggflow": "vggflow", "flows": "vggflow.flows", "tasks": "vggflow.tasks"}
@@ -35,28 +35,8 @@ MODULES = module_files()
 
 
 def imported_modules(name: str, path: Path) -> set[str]:
-    """The absolute names of the modules ``name`` imports (``from a import b`` counts as ``a.b`` too)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from the package, one level up per extra dot
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            found.add(base)
-            found |= {f"{base}.{alias.name}" for alias in node.names}  # maybe a submodule
-        elif (
-            isinstance(node, ast.Call)
-            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            found.add(node.args[0].value)
-    return found
+    """The modules ``name`` imports, ``TYPE_CHECKING`` ones included (the reader cache keys use)."""
+    return imported_names(name, path, type_checking=True)
 
 
 def within(module: str, package: str) -> bool:

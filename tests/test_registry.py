@@ -3,6 +3,7 @@ MLflow sqlite store (no Prefect needed: the gate's functions are called directly
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from vggflow.registry import CHALLENGER, CHAMPION, PREVIOUS, promotion_lock, rol
 from vggflow.scoring import score
 from vggflow.tasks.features import compute_features
 from vggflow.tasks.promote import promote_if_better
-from vggflow.tasks.register import log_classifier, register_version
+from vggflow.tasks.register import input_example, log_classifier, register_version
 from vggflow.tasks.train_head import train_head_on_features as train_head
 from vggflow.tracking import connect
 from vggflow.validation import validate_dataset
@@ -49,6 +50,7 @@ class Lab:
         self.weights = resolve_weights(
             self.cfg.backbone.model_copy(update={"weights": "none", "image_size": 32}), root / "cache", 7
         )
+        self.predicted: dict[str, list[str]] = {}
         self.refresh_rows()
 
     def refresh_rows(self) -> None:
@@ -85,27 +87,42 @@ class Lab:
         model.save(path)
         return path
 
-    def keras_metrics(self, checkpoint: Path, rows: pd.DataFrame) -> dict[str, float]:
+    def keras_predictions(self, checkpoint: Path, rows: pd.DataFrame) -> list[str]:
         import keras
 
         model = keras.saving.load_model(checkpoint)
         images = np.stack([load_rgb(self.data_dir / p) for p in rows["path"]]).astype(np.float32)
-        predicted = np.asarray(model.predict_on_batch(images)).argmax(axis=1)
-        truth = rows["label"].map({c: i for i, c in enumerate(self.classes)}).to_numpy()
-        return score(truth, predicted, len(self.classes))[0]
+        return [self.classes[i] for i in np.asarray(model.predict_on_batch(images)).argmax(axis=1)]
+
+    def keras_metrics(self, checkpoint: Path, rows: pd.DataFrame) -> dict[str, float]:
+        index = {c: i for i, c in enumerate(self.classes)}
+        predicted = np.array([index[label] for label in self.keras_predictions(checkpoint, rows)])
+        return score(rows["label"].map(index).to_numpy(), predicted, len(self.classes))[0]
 
     def register(self, checkpoint: Path) -> tuple[RegisteredVersion, dict[str, float]]:
         run_id = self.client.create_run(self.experiment_id).info.run_id
-        uri = log_classifier(run_id, checkpoint, self.classes, 32, self.root / run_id)
+        example = input_example(self.data_dir / self.rows["path"].iloc[0])
+        uri = log_classifier(run_id, checkpoint, self.classes, 32, self.root / run_id, example)
+        self.predicted[run_id] = self.keras_predictions(checkpoint, self.test_rows)
         metrics = self.keras_metrics(checkpoint, self.test_rows)
         return register_version(
             uri, RegistryConfig(), run_id, {"vggflow.test_accuracy": str(metrics["accuracy"])}
         ), metrics
 
-    def gate(self, version: RegisteredVersion, metrics: dict[str, float], **registry):
+    def right(self) -> list[str]:
+        """Predictions that are all right (the test labels)."""
+        return list(self.test_rows["label"])
+
+    def wrong(self) -> list[str]:
+        """Predictions that are all wrong (the next class of each test label)."""
+        return [self.classes[(self.classes.index(label) + 1) % len(self.classes)] for label in self.right()]
+
+    def gate(self, version: RegisteredVersion, predicted: list[str] | None = None, **registry):
+        """The gate on the version's own test predictions (or ``predicted``)."""
         cfg = RegistryConfig(thresholds={"accuracy": 0.0}, **registry)
+        predicted = predicted if predicted is not None else self.predicted[version.run_id]
         return promote_if_better(
-            self.client, cfg, version.version, metrics, version.run_id, self.test_rows, self.data_dir, self.classes, 8
+            self.client, cfg, version.version, predicted, version.run_id, self.test_rows, self.data_dir, self.classes, 8
         )
 
     def alias(self, alias: str) -> str | None:
@@ -125,12 +142,12 @@ def test_gate_promotes_rejects_promotes_and_rolls_back(lab: Lab) -> None:
     common, rare = shares.idxmax(), shares.idxmin()
 
     first, first_metrics = lab.register(lab.constant_checkpoint(common))
-    decision = lab.gate(first, first_metrics)
+    decision = lab.gate(first)
     assert decision.promoted and "no champion yet" in decision.reason
     assert lab.alias(CHAMPION) == first.version
 
     worse, worse_metrics = lab.register(lab.constant_checkpoint(rare))
-    decision = lab.gate(worse, worse_metrics)
+    decision = lab.gate(worse)
     assert not decision.promoted and decision.delta <= 0
     assert "does not beat champion" in decision.reason
     assert lab.alias(CHAMPION) == first.version and lab.alias(CHALLENGER) == worse.version
@@ -141,25 +158,25 @@ def test_gate_promotes_rejects_promotes_and_rolls_back(lab: Lab) -> None:
 
     better, better_metrics = lab.register(lab.trained_checkpoint(epochs=40))
     assert better_metrics["accuracy"] > first_metrics["accuracy"]
-    decision = lab.gate(better, better_metrics)
+    decision = lab.gate(better)
     assert decision.promoted and decision.delta > 0
     assert lab.alias(CHAMPION) == better.version and lab.alias(PREVIOUS) == first.version
 
     # --no-promote: registered and evaluated, aliases untouched.
     untouched, untouched_metrics = lab.register(lab.trained_checkpoint(epochs=40))
-    decision = lab.gate(untouched, untouched_metrics, promote=False)
+    decision = lab.gate(untouched, promote=False)
     assert not decision.promoted and "--no-promote" in decision.reason
     assert lab.alias(CHAMPION) == better.version and lab.alias(CHALLENGER) == worse.version
 
-    rolled_back_from, restored = rollback(lab.client, NAME, promotion_lock(lab.root))
-    assert (rolled_back_from, restored) == (better.version, first.version)
+    record = rollback(lab.client, NAME, promotion_lock(lab.root), "wrong labels in the new photos")
+    assert (record.rolled_back_version, record.restored_version) == (better.version, first.version)
     assert lab.alias(CHAMPION) == first.version and lab.alias(PREVIOUS) == better.version
 
 
 def test_champion_is_re_evaluated_on_the_candidates_test_split(lab: Lab) -> None:
     champion_checkpoint = lab.trained_checkpoint(epochs=3)
     champion, champion_metrics = lab.register(champion_checkpoint)
-    lab.gate(champion, champion_metrics)
+    lab.gate(champion)
 
     # New images arrive: the candidate's test split differs from the champion's.
     write_dataset(lab.data_dir, classes=3, per_class=10, start=100)
@@ -167,7 +184,7 @@ def test_champion_is_re_evaluated_on_the_candidates_test_split(lab: Lab) -> None
     lab.refresh_rows()
     assert set(lab.test_rows["path"]) != old_test and old_test <= set(lab.test_rows["path"])
     candidate, candidate_metrics = lab.register(lab.trained_checkpoint(epochs=40))
-    decision = lab.gate(candidate, candidate_metrics)
+    decision = lab.gate(candidate)
 
     on_new_split = lab.keras_metrics(champion_checkpoint, lab.test_rows)["accuracy"]
     assert decision.champion_value == pytest.approx(on_new_split)
@@ -177,22 +194,34 @@ def test_champion_is_re_evaluated_on_the_candidates_test_split(lab: Lab) -> None
 def test_registered_model_round_trips_raw_images_in_a_plain_process(lab: Lab) -> None:
     checkpoint = lab.trained_checkpoint(epochs=5)
     version, _ = lab.register(checkpoint)
-    lab.gate(version, {"accuracy": 1.0, "macro_f1": 1.0})
+    lab.gate(version, lab.right())
     paths = [str(lab.data_dir / p) for p in lab.test_rows["path"][:4]]
     images = np.stack([load_rgb(p) for p in paths])
     np.save(lab.root / "images.npy", images)
-    # A fresh interpreter that never imports vggflow: the model must carry everything it needs.
+    # A fresh interpreter that never imports vggflow: the model must carry everything it needs, and
+    # describe itself (a full signature, an input example) without MLflow's "add type hints" advice.
     script = f"""
 import json, sys, numpy as np, mlflow
 model = mlflow.pyfunc.load_model("models:/{NAME}@champion")
 out = model.predict(np.load("images.npy"))
 imported = [m for m in sys.modules if m == "vggflow" or m.startswith(("vggflow.", "tasks.", "flows."))]
 assert not imported, imported
-print(json.dumps({{"labels": list(out["label"]), "probabilities": list(out["probabilities"])}}))
+info = mlflow.models.get_model_info("models:/{NAME}@champion")
+example = mlflow.models.Model.load("models:/{NAME}@champion").load_input_example()
+print(json.dumps({{"labels": list(out["label"]), "probabilities": list(out["probabilities"]),
+                  "signature": info.signature.to_dict(), "example": [str(example.dtype), list(example.shape)],
+                  "example_labels": list(model.predict(example)["label"])}}))
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=lab.root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "type hint" not in done.stderr, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    outputs = json.loads(result["signature"]["outputs"])
+    assert [o["name"] for o in outputs] == ["label", "confidence", "probabilities"]
+    assert set(outputs[2]["properties"]) == set(lab.classes)
+    assert json.loads(result["signature"]["inputs"])[0]["tensor-spec"] == {"dtype": "uint8", "shape": [-1, -1, -1, 3]}
+    assert result["example"][0] == "uint8" and result["example"][1][0] == 1 and result["example"][1][3] == 3
+    assert result["example_labels"][0] in lab.classes
     import keras
 
     expected = np.asarray(keras.saving.load_model(checkpoint).predict_on_batch(images.astype(np.float32)))
@@ -210,7 +239,7 @@ def test_served_model_answers_http_invocations(lab: Lab) -> None:
     import requests
 
     version, metrics = lab.register(lab.trained_checkpoint(epochs=5))
-    lab.gate(version, metrics)
+    lab.gate(version)
     port = free_port()
     venv_bin = Path(sys.executable).parent
     # `mlflow models serve` execs `uvicorn` from PATH: the venv's bin must be on it.
@@ -270,10 +299,10 @@ def test_served_model_answers_http_invocations(lab: Lab) -> None:
 def test_registry_promote_and_rollback_commands(lab: Lab, capsys) -> None:
     from vggflow.cli import main
 
-    first, metrics = lab.register(lab.constant_checkpoint(lab.classes[0]))
-    lab.gate(first, metrics)
+    first, _ = lab.register(lab.constant_checkpoint(lab.classes[0]))
+    lab.gate(first)
     second, _ = lab.register(lab.constant_checkpoint(lab.classes[1]))
-    lab.gate(second, {"accuracy": 0.0, "macro_f1": 0.0})
+    lab.gate(second, lab.wrong())
     assert lab.alias(CHALLENGER) == second.version
 
     assert main(["registry"]) == 0
@@ -286,9 +315,24 @@ def test_registry_promote_and_rollback_commands(lab: Lab, capsys) -> None:
     tags = lab.client.get_model_version(NAME, second.version).tags
     assert tags["vggflow.manual_promotion_reason"] == "hand-checked on new photos"
 
-    assert main(["rollback"]) == 0
+    assert main(["rollback", "--reason", "complaints about shoes"]) == 0
     assert lab.alias(CHAMPION) == first.version and lab.alias(PREVIOUS) == second.version
     assert "rolled back from" in capsys.readouterr().out
+    record = json.loads(lab.client.get_model_version(NAME, second.version).tags["vggflow.rollback"])
+    assert record["reason"] == "complaints about shoes" and record["restored_version"] == first.version
+    assert record["by"].startswith(f"{getpass.getuser()}@")
+    assert main(["registry"]) == 0
+    assert "last rollback: v" + second.version in capsys.readouterr().out
+    assert main(["registry", "--json"]) == 0  # the same, for scripts: one JSON document
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["model"] == NAME and [v["version"] for v in listed["versions"]] == [second.version, first.version]
+    assert listed["versions"][1]["aliases"] == [CHAMPION] and listed["versions"][0]["aliases"] == [PREVIOUS]
+    assert listed["versions"][0]["rollback"]["reason"] == "complaints about shoes"
+    assert listed["last_rollback"]["rolled_back_version"] == second.version
+    assert isinstance(listed["versions"][1]["test_metrics"]["accuracy"], float)
+    assert main(["rollback", "--reason", "undo: the complaints were about another app"]) == 0  # an undo
+    assert "vggflow.rollback" not in lab.client.get_model_version(NAME, second.version).tags
+    capsys.readouterr()
 
     assert main(["promote", "99", "--reason", "typo"]) == 1
     assert "has no version 99" in capsys.readouterr().err
@@ -298,7 +342,7 @@ def test_predict_command_labels_files_and_stops_quietly_when_its_reader_goes(lab
     """`vggflow predict` as a user runs it (the console script, the champion), also piped into
     `head`: a closed stdout ends it with the shell's SIGPIPE code (141), not a traceback."""
     first, metrics = lab.register(lab.trained_checkpoint(epochs=5))
-    lab.gate(first, metrics)
+    lab.gate(first)
     vggflow = str(Path(sys.executable).with_name("vggflow"))
     folder = lab.data_dir / lab.classes[0]
     (folder / "notes.txt").write_text("not an image")
@@ -312,6 +356,17 @@ def test_predict_command_labels_files_and_stops_quietly_when_its_reader_goes(lab
     path, ranked = lines[0].split("\t")
     assert Path(path).parent == folder and ranked.split()[0] in lab.classes and len(ranked.split()) == 4
     assert "notes.txt\tERROR not_an_image" in done.stderr and "1 file(s) could not be read" in done.stderr
+    as_json = subprocess.run(
+        [vggflow, "predict", str(folder), "--top-k", "2", "--json"], cwd=lab.root, capture_output=True, text=True
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    items = {item["path"]: item for item in json.loads(as_json.stdout)}  # one document, unreadable files included
+    unreadable = items.pop(str(folder / "notes.txt"))
+    assert unreadable["label"] is None and unreadable["error"].startswith("not_an_image")
+    assert {path: item["label"] for path, item in items.items()} == {
+        line.split("\t")[0]: line.split("\t")[1].split()[0] for line in lines
+    }
+    assert all(len(item["top_k"]) == 2 and item["error"] is None for item in items.values())
 
     many = lab.root / "many"
     many.mkdir()
@@ -356,7 +411,7 @@ def test_test_set_scores_are_reused_only_for_the_same_model_and_test_images(lab:
     assert not repaired.scores_reused and repaired.metrics == first.metrics
 
     champion, metrics = lab.register(trained)
-    lab.gate(champion, metrics)
+    lab.gate(champion)
     candidate, candidate_metrics = lab.register(lab.constant_checkpoint(lab.classes[1]))
 
     def gate(fingerprint: str):
@@ -364,7 +419,7 @@ def test_test_set_scores_are_reused_only_for_the_same_model_and_test_images(lab:
             MlflowClient(),
             RegistryConfig(thresholds={"accuracy": 0.0}, promote=False),
             candidate.version,
-            candidate_metrics,
+            lab.predicted[candidate.run_id],
             candidate.run_id,
             lab.test_rows,
             lab.data_dir,

@@ -158,8 +158,8 @@ def test_corrupted_checkpoint_is_detected_and_rebuilt(project, env, tiny_dataset
     stages = {
         r.data.tags["vggflow.stage"]: r
         for r in all_runs()
-        if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id
-    }
+        if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id and r.data.tags.get("vggflow.kind") == "stage"
+    }  # the other child: the gate's evaluation of the champion
     assert "vggflow.reused_from_run" not in stages["head"].data.tags  # retrained, not read from the broken file
 
 

@@ -8,6 +8,7 @@ version some registered model was trained on, so the tests do not depend on thei
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from tests.conftest import make_image, tiny_overrides, write_dataset
 from vggflow.config import DataConfig
 from vggflow.errors import DataError
+from vggflow.registry import Rollback
 from vggflow.tasks.sync_data import (
     RegistryState,
     VersionRef,
@@ -90,6 +92,23 @@ def test_decision_does_not_retrain_on_data_the_gate_already_rejected():
     # An older rejected challenger does not count (the champion moved on since).
     older = RegistryState(model_name=MODEL, champion=ref("5", "v3.dir"), challenger=ref("4", "v2.dir"))
     assert decide_retrain("v2.dir", older, force=False).retrain
+
+
+def test_decision_skips_a_rolled_back_data_version_until_the_data_changes():
+    record = Rollback(
+        rolled_back_version="5",
+        restored_version="4",
+        data_version="v2.dir",
+        reason="wrong labels",
+        by="ana@lab",
+        at="2026-12-01T10:00:00+0000",
+    )
+    registry = RegistryState(model_name=MODEL, champion=ref("4", "v1.dir"), rolled_back=[record])
+    skip = decide_retrain("v2.dir", registry, force=False)
+    assert not skip.retrain and skip.reason.startswith("skipped: data version v2.dir was rolled back (v5 (")
+    assert "by ana@lab" in skip.reason and "wrong labels" in skip.reason and "--force" in skip.reason
+    assert decide_retrain("v2.dir", registry, force=True).retrain
+    assert decide_retrain("v3.dir", registry, force=False).retrain
 
 
 def test_the_skip_path_reads_the_registry_aliases_without_heavy_imports():
@@ -300,3 +319,55 @@ def test_new_images_are_retrained_and_gated(trained_project: Path):
     # The next night, nothing changed: skipped, whatever the gate decided.
     again, _, _ = run_retrain()
     assert again.skipped and again.reason.startswith(f"skipped: data unchanged (version {new}")
+
+
+@pytest.mark.slow
+def test_a_rollback_sticks_until_the_data_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server, capsys
+):
+    """After `vggflow rollback`, the nightly retrain does not retrain on the data it rolled back from."""
+    from mlflow.tracking import MlflowClient
+
+    from vggflow.cli import main
+    from vggflow.config import Config
+    from vggflow.tasks.sync_data import read_registry_state
+    from vggflow.tracking import connect
+
+    project = make_dvc_project(tmp_path / "repo")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    client, experiment_id = connect(Config().tracking)
+    md5 = current_md5(project)
+    client.create_registered_model(MODEL)
+    for data_version in ("older.dir", md5):  # v1 on older data, v2 on the current data
+        run_id = client.create_run(experiment_id).info.run_id
+        client.create_model_version(MODEL, f"runs:/{run_id}/model", run_id, tags={"vggflow.data_version": data_version})
+    client.set_registered_model_alias(MODEL, "previous", "1")
+    client.set_registered_model_alias(MODEL, "champion", "2")
+
+    assert main(["rollback", "--reason", "class_1 photos were mislabelled"]) == 0
+    assert f"`vggflow retrain` skips data version {md5}" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    model_tags = MlflowClient().get_registered_model(MODEL).tags
+    assert json.loads(model_tags["vggflow.last_rollback"])["data_version"] == md5
+
+    before = registry_counts()
+    outcome, flow_run_id, _ = run_retrain()
+    assert outcome.skipped and outcome.reason.startswith(f"skipped: data version {md5} was rolled back (v2 (")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:  # the reason, as the flow run's artifact in the Prefect UI
+        (artifact,) = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    assert artifact.key == "vgg19-classifier-retrain" and "was rolled back" in artifact.data
+    assert "class_1 photos were mislabelled" in outcome.reason and registry_counts() == before
+    assert main(["retrain"]) == 0
+    assert "was rolled back" in capsys.readouterr().out and registry_counts() == before
+
+    registry = read_registry_state(client, MODEL)
+    assert decide_retrain(md5, registry, force=True).retrain
+    make_image(1, 500).save(project / "data" / "class_1" / "relabelled.png")
+    dvc(project, "add", "-q", "data")
+    assert decide_retrain(current_md5(project), registry, force=False).retrain  # new data: trains again

@@ -299,7 +299,7 @@ def test_registry_commands_predict_and_ui_against_the_stack(stack: Stack) -> Non
     """Version 2 is the sweep's (registered without promotion); version 1 the champion."""
     assert "champion" in stack.run("registry").stdout
     assert "@champion -> version 2" in stack.run("promote", "2", "--reason", "stack test").stdout
-    assert "@champion -> version 1" in stack.run("rollback").stdout
+    assert "@champion -> version 1" in stack.run("rollback", "--reason", "stack test").stdout
     image = next((stack.project / "data" / "class_0").iterdir())
     assert stack.run("predict", str(image)).stdout.startswith(str(image))
     ui = stack.run("ui", timeout=60)
@@ -419,8 +419,8 @@ test = rows[rows["split"] == "test"]
 classes = sorted(rows["label"].unique())
 with promotion_lock(lock_dir(cfg.tracking, cfg.work_dir), cfg.registry.lock_url, cfg.registry.model_name):
     acquired = time.time()
-    decision = promote_if_better(client, cfg.registry, version, {"accuracy": 1.0, "macro_f1": 1.0}, run_id, test,
-                                 cfg.data.dir, classes, 8)
+    perfect = list(test["label"])  # the candidate's predictions: every test image right
+    decision = promote_if_better(client, cfg.registry, version, perfect, run_id, test, cfg.data.dir, classes, 8)
     released = time.time()
 client.set_terminated(run_id)
 print(json.dumps({"decision": decision.model_dump(mode="json"), "held": [acquired, released], "run_id": run_id}))
@@ -461,7 +461,7 @@ def test_wrong_credentials_are_one_clear_message_without_the_secret(stack: Stack
     wrong = stack.base / "wrong-pgpass"
     wrong.write_text("127.0.0.1:*:*:*:not-the-password\n")
     wrong.chmod(0o600)
-    done = stack.run("rollback", check=False, PGPASSFILE=str(wrong))
+    done = stack.run("rollback", "--reason", "stack test", check=False, PGPASSFILE=str(wrong))
     assert done.returncode == 3 and "Traceback" not in done.stderr
     assert "password authentication failed" in done.stderr and "not-the-password" not in done.stderr
     assert f"127.0.0.1:{stack.folder.ports['postgres']}" in done.stderr

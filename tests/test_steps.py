@@ -11,7 +11,7 @@ import pytest
 from vggflow.caching import directory_fingerprint, key_when_valid
 from vggflow.config import FinetuneConfig, RegistryConfig, StageConfig
 from vggflow.hashing import stable_hash
-from vggflow.promotion import decide
+from vggflow.promotion import decide, gate_thresholds
 from vggflow.scoring import score
 from vggflow.stages import plan_prefix_caches, prefix_bytes, prefix_layer
 from vggflow.tasks.select import choose_freeze_configuration
@@ -136,3 +136,39 @@ def test_cache_key_is_withheld_when_outputs_are_invalid():
     key_fn = key_when_valid("step", lambda params: params["cache_key"], lambda params: params["ok"])
     assert key_fn(None, {"cache_key": "abc", "ok": True}) == "step-abc"
     assert key_fn(None, {"cache_key": "abc", "ok": False}) is None
+
+
+def test_gate_is_mlflow_metric_thresholds(registry):
+    thresholds = gate_thresholds(registry, against_champion=True)
+    assert set(thresholds) == {"accuracy_score"}
+    accuracy = thresholds["accuracy_score"]
+    assert accuracy.threshold == 0.6 and accuracy.min_absolute_change == 0.01 and accuracy.greater_is_better
+    alone = gate_thresholds(RegistryConfig(thresholds={"macro_f1": 0.2}), against_champion=False)
+    assert set(alone) == {"f1_score"} and alone["f1_score"].min_absolute_change is None
+
+
+def test_mlflow_evaluation_gives_the_evaluation_steps_numbers(project):
+    """The gate's metrics (MLflow's evaluator) equal vggflow's own scoring of the same predictions."""
+    import matplotlib.pyplot as plt
+
+    from vggflow.config import TrackingConfig
+    from vggflow.scoring import EVALUATION_DATASET, mlflow_evaluation
+    from vggflow.tracking import connect
+
+    client, experiment_id = connect(TrackingConfig())
+    run_id = client.create_run(experiment_id).info.run_id
+    classes = ["cat", "dog", "eel", "fox"]  # fox is never predicted nor present: macro averages over all four
+    labels = ["cat", "cat", "dog", "dog", "eel", "eel", "cat"]
+    predicted = ["cat", "dog", "dog", "dog", "eel", "cat", "(not a class of this data)"]
+    gate = mlflow_evaluation(run_id, labels, predicted, classes)
+    index = {name: i for i, name in enumerate(classes)}
+    ours, _ = score(np.array([index[x] for x in labels]), np.array([index.get(x, -1) for x in predicted]), 4)
+    assert gate["accuracy"] == pytest.approx(ours["accuracy"]) and gate["macro_f1"] == pytest.approx(ours["macro_f1"])
+    logged = client.get_run(run_id)
+    assert logged.data.metrics["accuracy_score"] == pytest.approx(ours["accuracy"])
+    assert [d.dataset.name for d in logged.inputs.dataset_inputs] == [EVALUATION_DATASET]  # named, not "dataset"
+    assert plt.get_fignums() == []  # MLflow's evaluator leaves a pyplot figure open: closed
+    assert logged.info.status == "FINISHED"  # a run of its own (the champion's gate run) is closed
+    training_run = client.create_run(experiment_id).info.run_id
+    mlflow_evaluation(training_run, labels, predicted, classes, leave_running=True)
+    assert client.get_run(training_run).info.status == "RUNNING"  # the training flow closes its own run

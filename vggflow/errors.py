@@ -1,11 +1,18 @@
-"""User-facing errors.
+"""User-facing errors and the command line's exit statuses.
 
 Anything a user can fix (bad config, missing data, unreachable store…) is raised as a
 :class:`VggflowError`; the CLI prints its message and exits with its ``exit_code`` instead of
 showing a traceback. Programming errors stay ordinary exceptions.
+
+Exit statuses: 0 success, 1 another problem the message explains, 2 unusable data, 3 tracking
+store, 4 backbone weights, 64 a command-line usage error (sysexits' ``EX_USAGE``), 78 a bad
+configuration (``EX_CONFIG``), 130 interrupted.
 """
 
 from __future__ import annotations
+
+#: A command line the parser rejects (unknown option, missing argument): sysexits' EX_USAGE.
+EXIT_USAGE = 64
 
 
 class VggflowError(Exception):
@@ -20,9 +27,9 @@ class VggflowError(Exception):
 
 
 class ConfigError(VggflowError):
-    """The configuration file or an override is invalid."""
+    """The configuration file or an override is invalid (sysexits' ``EX_CONFIG``)."""
 
-    exit_code = 2
+    exit_code = 78
 
 
 class DataError(VggflowError):

@@ -4,7 +4,8 @@ Layout: ``<cache_dir>/features/<key>/<layer>.npy`` for the train and val rows (i
 ``rows.csv``), plus ``meta.json`` (shapes, sha256 of every array, a digest of the row order);
 ``<key>/test/`` holds the test images' output of the chosen model's frozen part. ``meta.json`` is
 written last, atomically: an entry without it, or whose checksums do not match, is rebuilt,
-never used. The key covers the dataset fingerprint, the backbone weights and the image size.
+never used. The key covers the dataset fingerprint, the backbone weights, the image size and the
+code that computes the outputs (:data:`FEATURE_CODE`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from vggflow.caching import code_version
 from vggflow.files import atomic_write_text, read_rows
 from vggflow.hashing import file_sha256, stable_hash
 from vggflow.stages import prefix_bytes, stage_of_prefix
@@ -29,6 +31,10 @@ CACHED_SPLITS = ("train", "val")
 
 #: Sub-folder of a feature cache folder holding the test images' frozen-prefix outputs.
 TEST_DIR = "test"
+
+#: The code that computes the cached outputs (the extraction loop and the graph it runs), with
+#: every vggflow module they use: part of the cache folder's key.
+FEATURE_CODE = ("vggflow.feature_cache", "vggflow.model")
 
 
 class FeatureSet(BaseModel):
@@ -54,13 +60,14 @@ class FeatureSet(BaseModel):
 
 
 def feature_cache_key(fingerprint: str, weights_identity: str, image_size: int, layers: list[str]) -> str:
-    """Identifies a cache entry's content: the dataset, the backbone weights, the input size and the layers."""
-    return stable_hash(fingerprint, weights_identity, image_size, sorted(layers))
+    """Identifies a cache entry's content: the dataset, the backbone weights, the input size, the layers, the code."""
+    return stable_hash(fingerprint, weights_identity, image_size, sorted(layers), code_version(*FEATURE_CODE))
 
 
 def layer_cache_dir(cache_dir: Path, fingerprint: str, weights_identity: str, image_size: int) -> Path:
-    """One folder per dataset/backbone/size; each layer is a file in it, computed when first needed."""
-    return Path(cache_dir) / "features" / stable_hash(fingerprint, weights_identity, image_size)
+    """One folder per dataset/backbone/size/code; each layer is a file in it, computed when first needed."""
+    key = stable_hash(fingerprint, weights_identity, image_size, code_version(*FEATURE_CODE))
+    return Path(cache_dir) / "features" / key
 
 
 def read_meta(directory: Path) -> dict:

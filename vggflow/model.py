@@ -16,6 +16,7 @@ import numpy as np
 from keras.applications import vgg19
 from pydantic import BaseModel
 
+from vggflow.caching import code_version
 from vggflow.config import VGG19_BLOCKS, BackboneConfig, HeadConfig
 from vggflow.errors import BackboneError
 from vggflow.files import atomic_path
@@ -56,15 +57,43 @@ def keras_cache_dir() -> Path:
     return Path(home) / "models"
 
 
+def seeded_initial_weights(layers: list[keras.layers.Layer], seed: int) -> None:
+    """Set the weights of ``layers`` to fresh initial values drawn from ``seed`` alone.
+
+    Keras's default initialisers (Glorot-uniform kernels, zero biases), but drawn from NumPy
+    generators seeded by ``(seed, layer position)``. Keras itself seeds each unseeded initialiser
+    from Python's global ``random`` when the layer is built, which any other thread (Prefect's,
+    MLflow's) may draw from meanwhile, so ``keras.utils.set_random_seed`` alone does not make the
+    initial weights reproducible.
+    """
+    for position, layer in enumerate(layers):
+        values = []
+        for weight in layer.weights:
+            shape = tuple(weight.shape)
+            if len(shape) < 2:
+                values.append(np.zeros(shape, dtype=np.float32))
+                continue
+            receptive = int(np.prod(shape[:-2]))
+            limit = np.sqrt(6.0 / (receptive * shape[-2] + receptive * shape[-1]))
+            generator = np.random.default_rng([seed, position, len(values)])
+            values.append(generator.uniform(-limit, limit, shape).astype(np.float32))
+        if values:
+            layer.set_weights(values)
+
+
 def _random_weights(cache_dir: Path, image_size: int, seed: int, note: str) -> ResolvedWeights:
-    """Create (once) and cache a seeded random initialisation so every step loads the same base."""
-    path = cache_dir / "backbones" / f"vgg19-random-seed{seed}.weights.h5"
+    """Create (once) and cache a seeded random initialisation so every step loads the same base.
+
+    Its identity names the seed and the version of this module's code that drew it.
+    """
+    identity = f"random-seed{seed}-{code_version(__name__)[:8]}"
+    path = cache_dir / "backbones" / f"vgg19-{identity}.weights.h5"
     if not path.exists():
-        keras.utils.set_random_seed(seed)
         base = vgg19.VGG19(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+        seeded_initial_weights(base.layers, seed)
         with atomic_path(path) as tmp:
             base.save_weights(tmp)
-    return ResolvedWeights(path=path, identity=f"random-seed{seed}", random_init=True, note=note)
+    return ResolvedWeights(path=path, identity=identity, random_init=True, note=note)
 
 
 def resolve_weights(cfg: BackboneConfig, cache_dir: Path, seed: int) -> ResolvedWeights:
@@ -168,26 +197,33 @@ def make_resizing(image_size: int) -> keras.layers.Layer:
     return keras.layers.Resizing(image_size, image_size, interpolation="bilinear", antialias=True, name="resize")
 
 
-def build_classifier(base: keras.Model, n_classes: int, head: HeadConfig, image_size: int) -> keras.Model:
+def build_classifier(
+    base: keras.Model, n_classes: int, head: HeadConfig, image_size: int, seed: int | None = None
+) -> keras.Model:
     """Raw RGB images (any size, uint8 or float 0..255) → class probabilities.
 
     The graph carries its own resize and VGG19's own ``preprocess_input`` (RGB→BGR, ImageNet mean
     subtraction), so a client needs nothing else: VGG19 conv base → GlobalAveragePooling2D →
     Dense(units, relu) → [Dropout] → Dense(n_classes, softmax), as in the article's examples.
+    With ``seed``, the head's initial weights and its dropout masks depend on ``seed`` alone
+    (:func:`seeded_initial_weights`).
     """
     images = keras.Input(shape=(None, None, 3), name="image")
     x = make_resizing(image_size)(images)
     x = vgg19.preprocess_input(x)
     x = base(x)
     features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    outputs = _head(features, n_classes, head)
-    return keras.Model(images, outputs, name="vggflow_classifier")
+    outputs = _head(features, n_classes, head, seed)
+    model = keras.Model(images, outputs, name="vggflow_classifier")
+    if seed is not None:
+        seeded_initial_weights(head_layers(model), seed)
+    return model
 
 
-def _head(features: keras.KerasTensor, n_classes: int, head: HeadConfig) -> keras.KerasTensor:
+def _head(features: keras.KerasTensor, n_classes: int, head: HeadConfig, seed: int | None) -> keras.KerasTensor:
     x = keras.layers.Dense(head.dense_units, activation="relu", name="head_dense")(features)
     if head.dropout > 0:
-        x = keras.layers.Dropout(head.dropout, name="head_dropout")(x)
+        x = keras.layers.Dropout(head.dropout, seed=seed, name="head_dropout")(x)
     return keras.layers.Dense(n_classes, activation="softmax", name="predictions")(x)
 
 

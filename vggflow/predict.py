@@ -77,6 +77,18 @@ def predict_files(model, paths: list[Path], top_k: int, batch_size: int = 16) ->
     yield from flush()
 
 
+def prediction_json(prediction: Prediction) -> dict:
+    """One image's result for ``vggflow predict --json``: its top label and the top k, or the error."""
+    best = prediction.top[0] if prediction.top else (None, None)
+    return {
+        "path": prediction.path,
+        "label": best[0],
+        "confidence": best[1],
+        "top_k": [{"label": label, "probability": p} for label, p in prediction.top],
+        "error": prediction.error,
+    }
+
+
 def format_prediction(prediction: Prediction) -> str:
     """``path<TAB>label p  label p …`` (or the error)."""
     if prediction.error:

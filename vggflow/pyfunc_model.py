@@ -57,7 +57,12 @@ class VggflowClassifier(mlflow.pyfunc.PythonModel):
             ]
         )
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
+        """Label a batch: one row per image (``label``, ``confidence``, ``probabilities``).
+
+        The type hint tells MLflow the input is the array its signature describes (checked against
+        that signature, not converted from the hint).
+        """
         probabilities = self.predict_proba(model_input)
         best = probabilities.argmax(axis=1) if len(probabilities) else np.zeros(0, dtype=int)
         return pd.DataFrame(

@@ -61,11 +61,13 @@ def log_params(client, run_id: str, params: dict[str, str]) -> None:
 def open_nested_run(
     experiment_id: str, parent_run_id: str, run_name: str, tags: dict[str, str], params: dict[str, object]
 ) -> str:
-    """Create a run nested under ``parent_run_id`` that repeats its data version (tag, param, dataset input)."""
+    """Create a run nested under ``parent_run_id`` that repeats its data version (tag, param, dataset input)
+    and its MLflow system tags (user, source, git)."""
     client = mlflow_client()
     parent = client.get_run(parent_run_id)
     data_version = parent.data.tags.get(mlflow_tags.DATA_VERSION, "unknown")
     tags = {
+        **{key: value for key, value in parent.data.tags.items() if key in mlflow_tags.SYSTEM_TAGS},
         mlflow_tags.MLFLOW_PARENT_RUN_ID: parent_run_id,
         mlflow_tags.DATA_VERSION: data_version,
         **owner_tags(),

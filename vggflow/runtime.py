@@ -47,6 +47,47 @@ def configure_environment(project_dir: str | Path | None = None) -> None:
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(project / ".vggflow" / "prefect" / "results"))
 
 
+def installed_version() -> str:
+    """vggflow's version as installed (the package metadata), e.g. ``0.1.0``."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("vggflow")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from vggflow import __version__
+
+        return __version__
+
+
+def configure_verbosity(level: int) -> None:
+    """``vggflow -q`` (-1), the default (0) or ``-v`` (1), for this process and what it starts.
+
+    Quiet: Prefect's and MLflow's console logs only from WARNING (the Prefect server still
+    receives every log line, so its UI shows them), no progress bars. Verbose: Prefect's DEBUG
+    logs, and a log line for every epoch. Set before Prefect is imported, through Prefect's own
+    ``PREFECT_LOGGING_…`` variables; when it already is, its console handlers change directly.
+    """
+    import logging
+
+    from vggflow import progress
+
+    if level == 0:
+        return
+    progress.configure(bars=False if level < 0 else None, every_epoch=level > 0)
+    if level < 0:
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    else:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "DEBUG"
+    if "prefect" in sys.modules:
+        for handler in logging.getLogger().handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler":
+                handler.setLevel(logging.WARNING if level < 0 else logging.NOTSET)
+        if level > 0:
+            logging.getLogger("prefect").setLevel(logging.DEBUG)
+
+
 #: TensorFlow's start-up lines on a CPU-only machine. They are logged before absl's logging is
 #: initialised, so TF_CPP_MIN_LOG_LEVEL does not hide them, and they say nothing a user can act
 #: on (one reads "CUDA error: Failed call to cuInit", which looks like a failure and is not).

@@ -41,6 +41,14 @@ class TrainingSummary(BaseModel):
     report_dir: str
 
 
+def run_link(summary: TrainingSummary) -> str:
+    """Where to see the run: the tracking server itself, or `vggflow ui` over a local store."""
+    route = f"#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
+    if summary.tracking_uri.startswith(("http://", "https://")):
+        return f"{summary.tracking_uri.rstrip('/')}/{route}"
+    return f"vggflow ui, then http://127.0.0.1:5000/{route}"
+
+
 def summarize(
     run: TrainingRun,
     validated: ValidatedData,

@@ -86,11 +86,12 @@ def check_store(cfg: TrackingConfig) -> str:
 
 @contextlib.contextmanager
 def without_type_hint_advice():
-    """Drop MLflow's advice to add type hints to our PythonModel's ``predict`` while in the block.
+    """Drop MLflow's advice to add type hints to a PythonModel's ``predict`` while in the block.
 
-    MLflow gives it whenever the model's code is loaded (logging, loading); our wrapper accepts
-    arrays, DataFrames and dicts on purpose. MLflow forces the warning through its own "once"
-    filter, which overrides ignore filters, so it is dropped at display instead.
+    Models registered by earlier vggflow versions have no type hints on ``predict``, and MLflow
+    gives the advice whenever such a model's code is loaded (the gate re-scores the champion,
+    `vggflow predict`). MLflow forces the warning through its own "once" filter, which overrides
+    ignore filters, so it is dropped at display instead.
     """
     with warnings.catch_warnings():
         show = warnings.showwarning
@@ -137,18 +138,26 @@ def connect(cfg: TrackingConfig):
 class DataVersion:
     """The data version: DVC's md5 of the tracked folder, and whether the folder matches it.
 
-    ``matches`` is None when the data folder is not the one tracked by the DVC file.
+    ``matches`` is None when the data folder is not the one tracked by the DVC file. ``dvc_file``
+    and ``remote`` (``name url`` of DVC's default remote) say where the version can be pulled from.
     """
 
     md5: str
     matches: bool | None
     tracked_path: str | None
+    dvc_file: str | None = None
+    remote: str | None = None
 
     def as_tags(self) -> dict[str, str]:
-        return {
+        tags = {
             mlflow_tags.DATA_VERSION: self.md5,
             mlflow_tags.DATA_MATCHES_DVC: "unknown" if self.matches is None else str(self.matches).lower(),
         }
+        if self.dvc_file:
+            tags[mlflow_tags.DVC_FILE] = self.dvc_file
+        if self.remote:
+            tags[mlflow_tags.DVC_REMOTE] = self.remote
+        return tags
 
 
 def read_dvc_md5(dvc_file: Path) -> tuple[str, str] | None:
@@ -170,12 +179,14 @@ class DvcState:
     md5: str | None
     matches: bool | None
     tracked_path: str | None
+    dvc_file: str | None = None
+    remote: str | None = None
 
     def version(self, fingerprint: str) -> DataVersion:
         """The data version: DVC's md5, or ``untracked-<fingerprint>`` of the validated dataset."""
         if self.md5 is None:
             return DataVersion(f"untracked-{fingerprint}", None, self.tracked_path)
-        return DataVersion(self.md5, self.matches, self.tracked_path)
+        return DataVersion(self.md5, self.matches, self.tracked_path, self.dvc_file, self.remote)
 
 
 def dvc_state(dvc_file: Path, data_dir: Path) -> DvcState:
@@ -187,7 +198,19 @@ def dvc_state(dvc_file: Path, data_dir: Path) -> DvcState:
     tracked_dir = (Path(dvc_file).parent / path).resolve()
     if tracked_dir != Path(data_dir).resolve():
         return DvcState(None, None, str(tracked_dir))
-    return DvcState(md5, dvc_status_clean(dvc_file), str(tracked_dir))
+    return DvcState(md5, dvc_status_clean(dvc_file), str(tracked_dir), str(dvc_file), dvc_default_remote(dvc_file))
+
+
+def dvc_default_remote(dvc_file: Path) -> str | None:
+    """``name url`` of the DVC repository's default remote (``dvc remote default``), or None."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(Path(dvc_file).resolve().parent)) as repo:
+            name = repo.config["core"].get("remote")
+            return f"{name} {repo.config['remote'][name]['url']}" if name else None
+    except Exception:  # no remote configured, or a broken DVC setup: lineage just has no remote
+        return None
 
 
 def data_version(dvc_file: Path, data_dir: Path, fingerprint: str) -> DataVersion:
@@ -208,17 +231,32 @@ def dvc_status_clean(dvc_file: Path) -> bool | None:
 
 def git_info(directory: Path | None = None) -> tuple[str, bool | None]:
     """(commit sha or "unknown", dirty flag or None) of the repository containing ``directory``."""
+    details = git_details(directory)
+    return details["commit"], details["dirty"]
+
+
+def git_details(directory: Path | None = None) -> dict:
+    """Commit, dirty flag, branch and ``origin`` URL of the repository containing ``directory``.
+
+    Values are ``"unknown"``/None where git cannot tell (not a repository, no branch, no remote).
+    """
     cwd = str(directory or Path.cwd())
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30).stdout
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
 
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", None
-    return commit, dirty
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "commit": commit or "unknown",
+        "dirty": None if status is None else bool(status),
+        "branch": git("symbolic-ref", "--short", "-q", "HEAD") if commit else None,
+        "repo_url": git("remote", "get-url", "origin") if commit else None,
+    }
 
 
 def package_versions() -> dict[str, str]:

@@ -165,33 +165,24 @@ def fit_stage(
     return history, int(best_epoch), seconds
 
 
-def epoch_reporter(
-    stage: str, epochs: int, run_id: str | None, every_seconds: float = 5.0
-) -> Callable[[int, dict[str, float]], None]:
-    """Per epoch: the metrics into the stage's MLflow run (every epoch) and a progress line.
+def epoch_reporter(stage: str, epochs: int, run_id: str | None):
+    """Per epoch: the metrics into the stage's MLflow run and the progress (``vggflow/progress.py``).
 
-    Progress lines are throttled to one per ``every_seconds`` (plus the first epoch), so a head
-    that runs 40 epochs in 5 s prints two lines, not forty; :func:`stage_summary_line` closes.
+    Returns the ``on_epoch(epoch, logs)`` callback; call its ``close()`` when the stage ends.
     """
     from prefect.logging import get_run_logger
 
+    from vggflow.progress import EpochProgress
     from vggflow.tracking import log_epoch
 
-    logger = get_run_logger()
-    last = {"at": -every_seconds}
+    progress = EpochProgress(stage, epochs, get_run_logger().info)
 
     def report(epoch: int, logs: dict[str, float]) -> None:
         if run_id:
             log_epoch(run_id, epoch, logs)
-        now = time.monotonic()
-        if epoch == 0 or now - last["at"] >= every_seconds:
-            last["at"] = now
-            logger.info(
-                f"stage {stage} epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f} "
-                f"acc {logs.get('accuracy', float('nan')):.3f} val_loss {logs.get('val_loss', float('nan')):.4f} "
-                f"val_acc {logs.get('val_accuracy', float('nan')):.3f}"
-            )
+        progress(epoch, logs)
 
+    report.close = progress.close
     return report
 
 
@@ -214,7 +205,11 @@ def report_stage(
         train: trains the stage given an ``on_epoch(epoch, logs)`` callback.
     """
     print(intro)
-    result = train(epoch_reporter(stage, epochs, stage_run_id))
+    reporter = epoch_reporter(stage, epochs, stage_run_id)
+    try:
+        result = train(reporter)
+    finally:
+        reporter.close()
     print(stage_summary_line(result, epochs))
     return result.model_copy(update={"mlflow_run_id": stage_run_id, "cache_key": cache_key})
 

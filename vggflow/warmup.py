@@ -77,6 +77,8 @@ def start_local_prefect_server() -> SupervisedProcess | None:
     ).start()
     atexit.register(server.stop)
     os.environ["PREFECT_API_URL"] = url
+    # No "View at <url>" line for each flow run: this server serves no UI and stops with the command.
+    os.environ["PREFECT_UI_URL"] = ""
     return server
 
 

@@ -1,8 +1,8 @@
 """The `vggflow` command line: the parser, :func:`main` and the console script.
 
 The command handlers live beside this module, one per concern: ``training`` (train, retrain),
-``schedule`` (schedule), ``models`` (registry, promote, rollback, predict), ``inputs``
-(validate, config) and ``ui``; ``summary`` formats the end-of-training summary. This package is
+``schedule`` (schedule), ``models`` (registry, promote, rollback, predict), ``lineage``,
+``inputs`` (validate, config, completion) and ``ui``; ``summary`` formats the end-of-training summary. This package is
 the only part of vggflow that imports the flows (imports go command line → flows → tasks →
 core; ``tests/test_layers.py`` checks it). The handlers import heavy libraries (TensorFlow,
 Prefect, MLflow, even the config's pydantic models) inside their bodies, so `vggflow --help`
@@ -19,13 +19,14 @@ import sys
 import threading
 from typing import NoReturn
 
-from vggflow.cli.inputs import cmd_config, cmd_validate
+from vggflow.cli.inputs import cmd_completion, cmd_config, cmd_validate
+from vggflow.cli.lineage import cmd_lineage
 from vggflow.cli.models import cmd_predict, cmd_promote, cmd_registry, cmd_rollback
 from vggflow.cli.schedule import cmd_schedule
 from vggflow.cli.stack import ACTIONS, cmd_stack
 from vggflow.cli.training import cmd_retrain, cmd_train
 from vggflow.cli.ui import cmd_ui
-from vggflow.errors import VggflowError
+from vggflow.errors import EXIT_USAGE, VggflowError
 
 #: The options every command takes: which config, and overrides of single values.
 CONFIG_OPTIONS = [
@@ -48,6 +49,11 @@ def option(*names: str, **settings) -> tuple[tuple[str, ...], dict]:
     return names, settings
 
 
+def json_option(what: str) -> tuple[tuple[str, ...], dict]:
+    """``--json``: the command's result as one JSON document on stdout, for scripts."""
+    return option("--json", action="store_true", help=f"print {what} as JSON on stdout (logs stay on stderr)")
+
+
 #: Every subcommand: name → (handler, one-line help, description, its own arguments).
 COMMANDS = {
     "train": (
@@ -57,6 +63,9 @@ COMMANDS = {
         [
             option("--data", metavar="DIR", help="folder of labelled images DIR/<class>/<image> (default: data.dir)"),
             option("--no-promote", action="store_true", help="register the new version without touching aliases"),
+            json_option("the end-of-run summary"),
+            option("--metrics", metavar="FILE.json", help="also write the test metrics there (for `dvc metrics show`)"),
+            option("--plots", metavar="DIR", help="also write curves and predictions there (for `dvc plots show`)"),
             option(
                 "--sweep",
                 action="append",
@@ -75,13 +84,14 @@ COMMANDS = {
             option(
                 "--report", metavar="PATH.json", help="where to write the JSON report (manifest and HTML beside it)"
             ),
+            json_option("the summary and the report's files"),
         ],
     ),
     "registry": (
         cmd_registry,
         "list registered versions with aliases, metrics, data versions, freeze configuration",
         "List the versions of the registered model, newest first.",
-        [],
+        [json_option("the versions, aliases and last rollback")],
     ),
     "promote": (
         cmd_promote,
@@ -94,9 +104,12 @@ COMMANDS = {
     ),
     "rollback": (
         cmd_rollback,
-        "move @champion back to @previous",
-        "Move @champion back to @previous; the rolled-back version becomes @previous (a second rollback undoes it).",
-        [],
+        "move @champion back to @previous, recording why (retrain then skips that data version)",
+        "Move @champion back to @previous; the rolled-back version becomes @previous (a second rollback undoes "
+        "it). The rollback is recorded on the version and the registered model (reason, who, when); "
+        "`vggflow retrain` does not train on the rolled-back model's data version again until the data changes "
+        "or --force is given.",
+        [option("--reason", required=True, help="why (recorded with who and when)")],
     ),
     "predict": (
         cmd_predict,
@@ -108,6 +121,21 @@ COMMANDS = {
             ),
             option("--model", help="model URI (default: models:/<registry.model_name>@champion)"),
             option("--top-k", type=int, default=3, help="labels per image (default: 3)"),
+            json_option("a list with one object per image (path, label, top_k, error)"),
+        ],
+    ),
+    "lineage": (
+        cmd_lineage,
+        "where a registered version came from, and the commands that reproduce it",
+        "Print a registered version's training run, git commit (and whether the tree was dirty), data version "
+        "with its DVC file and remote, backbone weights, chosen freeze configuration, test metrics, promotion "
+        "decision and full config, then the commands that reproduce it (git checkout, dvc pull, vggflow train).",
+        [
+            option("version", metavar="VERSION", help="registered version number, or an alias such as @champion"),
+            json_option("the lineage"),
+            option(
+                "--save-config", metavar="FILE", help="write the run's effective config to FILE (for `train --config`)"
+            ),
         ],
     ),
     "retrain": (
@@ -116,7 +144,12 @@ COMMANDS = {
         "Read the data version from the DVC file (dvc pull when data/ does not match it), compare it with the "
         "@champion's; train (and gate) when it is new or --force is given, else finish with 'skipped: data "
         "unchanged'.",
-        [option("--force", action="store_true", help="train even when the champion was trained on this data version")],
+        [
+            option(
+                "--force", action="store_true", help="train even when the champion was trained on this data version"
+            ),
+            json_option("the decision (and the training summary)"),
+        ],
     ),
     "schedule": (
         cmd_schedule,
@@ -162,30 +195,77 @@ COMMANDS = {
         ],
     ),
     "config": (cmd_config, "print the effective configuration", "Print the effective configuration as YAML.", []),
+    "completion": (
+        cmd_completion,
+        "print a shell completion script (bash, zsh, tcsh)",
+        "Print a completion script for vggflow's commands and options, generated from its parser "
+        "(e.g. `vggflow completion bash > ~/.local/share/bash-completion/completions/vggflow`).",
+        [option("shell", nargs="?", default="bash", choices=["bash", "zsh", "tcsh"], help="default: bash")],
+    ),
 }
+
+#: Commands whose own options are all they take (no config).
+WITHOUT_CONFIG = {"completion"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its own exit status for a usage error (64), distinct from a bad config's (78)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def verbosity_options(parser: argparse.ArgumentParser, default) -> None:
+    """``-q``/``-v``, accepted before and after the command (``vggflow -q train``, ``vggflow train -q``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const=-1,
+        default=default,
+        help="only warnings, errors and the result; no progress bars",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbosity",
+        action="store_const",
+        const=1,
+        default=default,
+        help="debug logs, and a log line for every epoch",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (each subcommand has its own --help)."""
-    parser = argparse.ArgumentParser(
+    from vggflow.runtime import installed_version
+
+    parser = Parser(
         prog="vggflow",
         description="VGG19 transfer learning: validate data, train, fine-tune, evaluate, track and promote.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
+    verbosity_options(parser, 0)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (handler, summary, description, arguments) in COMMANDS.items():
         command = commands.add_parser(name, help=summary, description=description)
-        for names, settings in arguments + CONFIG_OPTIONS:
+        for names, settings in arguments + ([] if name in WITHOUT_CONFIG else CONFIG_OPTIONS):
             command.add_argument(*names, **settings)
+        verbosity_options(command, argparse.SUPPRESS)  # the top-level value stays unless given here
         command.set_defaults(handler=handler)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vggflow` console script."""
-    from vggflow.runtime import configure_environment
+    from vggflow.runtime import configure_environment, configure_verbosity
 
     args = build_parser().parse_args(argv)
     configure_environment()
+    configure_verbosity(args.verbosity)
     try:
         return args.handler(args)
     except VggflowError as err:

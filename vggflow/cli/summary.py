@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vggflow.summary import run_link
+
 if TYPE_CHECKING:
     from vggflow.summary import TrainingSummary
 
 
-def format_training_summary(summary: TrainingSummary) -> str:
-    """The end-of-run summary: a compact table of stages, then the outcome, one line per fact."""
+def format_training_summary(summary: TrainingSummary, temporary_prefect_server: bool = False) -> str:
+    """The end-of-run summary: a compact table of stages, then the outcome, one line per fact.
+
+    With ``temporary_prefect_server``, a last line says the flow run's Prefect server (its runs,
+    logs and artifacts) was this command's own and is gone, and how to keep them.
+    """
     freeze = summary.freeze_configuration
     rule = "=" * 78
     lines = ["", rule, f"vggflow train: done   run {summary.run_id}", rule]
@@ -45,17 +51,14 @@ def format_training_summary(summary: TrainingSummary) -> str:
         f"{summary.decision.reason}",
         f"reports     {summary.report_dir}",
         f"tracking    {summary.tracking_uri}   experiment {summary.experiment_id}",
-        f"dashboard   {_run_link(summary)}",
+        f"dashboard   {run_link(summary)}",
     ]
+    if temporary_prefect_server:
+        lines.append(
+            "prefect     this command's temporary server: its runs and artifacts end with it "
+            "(set PREFECT_API_URL to a persistent server to keep them, docs/scheduling.md)"
+        )
     return "\n".join(lines)
-
-
-def _run_link(summary: TrainingSummary) -> str:
-    """Where to see the run: the tracking server itself, or `vggflow ui` over a local store."""
-    route = f"#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
-    if summary.tracking_uri.startswith(("http://", "https://")):
-        return f"{summary.tracking_uri.rstrip('/')}/{route}"
-    return f"vggflow ui, then http://127.0.0.1:5000/{route}"
 
 
 def _yes_no(value: bool | None) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from vggflow.cli.summary import format_training_summary
@@ -41,15 +44,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     wait_until_ready(server)
     if store is not None:
         store.wait()  # reap it (the flow's own connect() waits on the store lock anyway)
-    summary = train_flow(
-        config_file=args.config,
-        overrides=list(args.overrides),
-        data_dir=args.data,
-        promote=False if args.no_promote else None,
-        sweep=args.sweep,
-    )
-    print(format_training_summary(summary))
+    with _result_only_on_stdout(args.json):
+        summary = train_flow(
+            config_file=args.config,
+            overrides=list(args.overrides),
+            data_dir=args.data,
+            promote=False if args.no_promote else None,
+            sweep=args.sweep,
+        )
+    write_dvc_outputs(summary, args.metrics, args.plots)
+    if args.json:
+        print(json.dumps(summary.model_dump(mode="json"), indent=1))
+    else:
+        print(format_training_summary(summary, temporary_prefect_server=server is not None))
     return 0
+
+
+#: The run's report files that ``--plots DIR`` copies (``dvc.yaml`` plots them).
+PLOT_FILES = ("learning_curves.csv", "test_predictions.csv")
+
+
+def write_dvc_outputs(summary, metrics_file: str | None, plots_dir: str | None) -> None:
+    """``--metrics``: the test and validation metrics as JSON; ``--plots``: the curves and predictions as CSV.
+
+    Plain files where ``dvc.yaml`` says, so ``dvc metrics show``, ``dvc exp show`` and ``dvc plots
+    show`` read a run's results (MLflow stays the run's log).
+    """
+    import shutil
+
+    from vggflow.files import atomic_write_text
+
+    if metrics_file:
+        chosen = next(stage for stage in summary.stages if stage["chosen"])
+        metrics = {
+            "test": summary.test_metrics,
+            "validation": {key: chosen[f"best_{key}"] for key in ("val_accuracy", "val_loss")},
+            "trainable_params": summary.freeze_configuration["trainable_params"],
+            "model_version": int(summary.model_version),
+        }
+        atomic_write_text(Path(metrics_file), json.dumps(metrics, indent=1) + "\n")
+    if plots_dir:
+        Path(plots_dir).mkdir(parents=True, exist_ok=True)
+        for name in PLOT_FILES:
+            shutil.copyfile(Path(summary.report_dir) / name, Path(plots_dir) / name)
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -63,13 +100,23 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from vggflow.flows.retrain import retrain_flow
 
     wait_until_ready(server)
-    outcome = retrain_flow(config_file=args.config, overrides=list(args.overrides), force=args.force)
+    with _result_only_on_stdout(args.json):
+        outcome = retrain_flow(config_file=args.config, overrides=list(args.overrides), force=args.force)
+    if args.json:
+        print(json.dumps(outcome.model_dump(mode="json"), indent=1))
+        return 0
     print(f"vggflow retrain: {outcome.reason}")
     if not outcome.skipped:
         from vggflow.summary import TrainingSummary
 
-        print(format_training_summary(TrainingSummary.model_validate(outcome.training)))
+        summary = TrainingSummary.model_validate(outcome.training)
+        print(format_training_summary(summary, temporary_prefect_server=server is not None))
     return 0
+
+
+def _result_only_on_stdout(json_output: bool):
+    """With ``--json``, whatever the run prints goes to stderr, so stdout holds the JSON document alone."""
+    return contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
 
 
 def _interrupt(signum, frame) -> None:
