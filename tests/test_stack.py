@@ -403,6 +403,7 @@ def test_dvc_push_and_pull_through_the_object_store(stack: Stack) -> None:
 GATE = """
 import json, sys, time
 import mlflow
+import pandas as pd
 from vggflow.config import load_config
 from vggflow.files import read_rows
 from vggflow.registry import promotion_lock
@@ -415,11 +416,15 @@ champion = client.get_model_version_by_alias(cfg.registry.model_name, "champion"
 run_id = client.create_run(experiment_id, run_name="concurrent-gate").info.run_id
 version = mlflow.register_model(champion.source, cfg.registry.model_name).version
 rows = read_rows(sys.argv[3])
-test = rows[rows["split"] == "test"]
 classes = sorted(rows["label"].unique())
+# Decoys: a training image of each class under the next class's label. The candidate's predictions are
+# the labels (all right); the champion sees the images (it would have to mistake each for the next class).
+decoys = rows[rows["split"] == "train"].groupby("label").head(1).copy()
+decoys["label"] = [classes[(classes.index(label) + 1) % len(classes)] for label in decoys["label"]]
+test = pd.concat([rows[rows["split"] == "test"], decoys], ignore_index=True)
 with promotion_lock(lock_dir(cfg.tracking, cfg.work_dir), cfg.registry.lock_url, cfg.registry.model_name):
     acquired = time.time()
-    perfect = list(test["label"])  # the candidate's predictions: every test image right
+    perfect = list(test["label"])  # the candidate's predictions
     decision = promote_if_better(client, cfg.registry, version, perfect, run_id, test, cfg.data.dir, classes, 8)
     released = time.time()
 client.set_terminated(run_id)
@@ -445,7 +450,8 @@ def test_two_promotions_at_once_from_separate_work_folders_take_turns(stack: Sta
     first, second = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["held"])
     assert first["held"][1] <= second["held"][0]  # one gate at a time
     # The second gate compared against the first's result: nothing lost, one champion, both decisions logged.
-    assert first["decision"]["promoted"] and second["decision"]["promoted"]
+    reasons = [first["decision"]["reason"], second["decision"]["reason"]]
+    assert first["decision"]["promoted"] and second["decision"]["promoted"], reasons
     assert second["decision"]["champion_version"] == first["decision"]["candidate_version"]
     from mlflow.tracking import MlflowClient
 
