@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: install data demo test test-fast lint format lock clean-runs
+.PHONY: install data demo test test-fast lint format lock clean-runs stack stack-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,15 @@ lock: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
 	$(BIN)/uv pip compile --quiet pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
-# Forget local runs: tracking store, caches, checkpoints (the data and code are untouched).
+# The shared production stack on this machine (docs/production.md); then `eval "$$(.venv/bin/vggflow stack env)"`.
+stack: install
+	$(BIN)/vggflow stack up
+
+stack-down: install
+	$(BIN)/vggflow stack down
+
+# Forget local runs: tracking store, caches, checkpoints (the data and code are untouched; so is a
+# stack's folder, .vggflow/stack: `vggflow stack down`, then delete it by hand to forget the stack).
 clean-runs:
-	rm -rf mlflow/mlflow.db mlflow/artifacts .vggflow
+	rm -rf mlflow/mlflow.db mlflow/artifacts
+	[ ! -d .vggflow ] || find .vggflow -mindepth 1 -maxdepth 1 ! -name stack -exec rm -rf {} +

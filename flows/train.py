@@ -5,10 +5,12 @@ from __future__ import annotations
 from prefect import flow
 
 from vggflow.config import load_config
+from vggflow.config_tree import sweep_grid
+from vggflow.flows.extract import extract_features, extract_test_prefix
+from vggflow.flows.sweep import train_sweep
 from vggflow.runs import closed_on_exit
 from vggflow.summary import TrainingSummary, summarize
 from vggflow.tasks.evaluate import evaluate_task
-from vggflow.tasks.features import extract_features_task
 from vggflow.tasks.finetune import finetune
 from vggflow.tasks.model_card import model_card_task
 from vggflow.tasks.preflight import preflight_task
@@ -27,6 +29,7 @@ def train_flow(
     overrides: list[str] | None = None,
     data_dir: str | None = None,
     promote: bool | None = None,
+    sweep: list[str] | None = None,
 ) -> TrainingSummary:
     """Validate the data, train and fine-tune a VGG19 classifier, evaluate, log, register and (maybe) promote it.
 
@@ -35,16 +38,22 @@ def train_flow(
         overrides: ``section.key=value`` overrides, as ``--set``.
         data_dir: folder of labelled images (overrides ``data.dir``).
         promote: False registers without moving aliases (overrides ``registry.promote``).
+        sweep: ``KEY=[V1, V2]`` axes, as ``--sweep``: every combination is a configuration (overrides ``sweep``).
     """
-    cfg = load_config(config_file, overrides or [], values={"data.dir": data_dir, "registry.promote": promote})
+    values = {"data.dir": data_dir, "registry.promote": promote, "sweep": sweep_grid(sweep) if sweep else None}
+    cfg = load_config(config_file, overrides or [], values=values)
     ready = preflight_task(cfg)
     validated = validate_data(cfg)
     run = start_run_task(cfg, config_file, ready, validated)
     with closed_on_exit(run.run_id):
-        features = extract_features_task(cfg, ready.weights, validated)
-        head = train_head(cfg, ready.weights, features, run)
-        stages = finetune(cfg, features, head, run)
+        features = extract_features(cfg, ready.weights, validated)  # on a Dask cluster with features.executor: dask
+        if cfg.sweep:  # several head/stage configurations, the best on validation data (on the cluster with dask)
+            stages = train_sweep(cfg, ready.weights, features, run)
+        else:
+            head = train_head(cfg, ready.weights, features, run)
+            stages = finetune(cfg, features, head, run)
         chosen = choose_freeze_configuration(stages, cfg.finetune.selection_metric)
+        extract_test_prefix(cfg, ready.weights, validated, features, chosen)  # likewise; locally, evaluate does it
         evaluation = evaluate_task(cfg, ready.weights, validated, features, chosen, run)
         log_results_task(cfg, run, features, stages, chosen, evaluation)
         model_uri = log_model_task(cfg, run, chosen, validated)

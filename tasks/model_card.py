@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from vggflow.reports.model_card import ModelCardInfo
     from vggflow.validation import ValidatedData
 
+#: MLflow's SQL stores keep at most this many characters of a version's description
+#: (``model_versions.description`` is VARCHAR(5000); PostgreSQL enforces it, sqlite does not).
+DESCRIPTION_LIMIT = 5000
+
 #: The test metrics the card shows.
 CARD_METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
 
@@ -93,6 +97,16 @@ def run_note(summary: TrainingSummary, evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
+def version_description(card: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """The card as a version's description: whole when it fits, else cut at a section, pointing at the whole card."""
+    if len(card) <= limit:
+        return card
+    note = "\n\n*(Shortened: the whole card is the run's artifact `model_card.md`.)*\n"
+    head = card[: limit - len(note)]
+    cut = head.rfind("\n## ")
+    return (head[:cut] if cut > 0 else head).rstrip() + note
+
+
 @task(name="model-card", retries=2, retry_delay_seconds=5)
 def model_card_task(cfg: Config, summary: TrainingSummary, validated: ValidatedData, evaluation: Evaluation) -> Path:
     """Write the card, log it to the run and make it the version's description (registry I/O: retried)."""
@@ -102,6 +116,6 @@ def model_card_task(cfg: Config, summary: TrainingSummary, validated: ValidatedD
     path = atomic_write_text(Path(summary.report_dir) / "model_card.md", card)
     client = mlflow_client()
     client.log_artifact(summary.run_id, str(path))
-    client.update_model_version(summary.model_name, summary.model_version, description=card)
+    client.update_model_version(summary.model_name, summary.model_version, description=version_description(card))
     client.set_tag(summary.run_id, mlflow_tags.MLFLOW_NOTE, run_note(summary, evaluation))  # the run's Description
     return path

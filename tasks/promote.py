@@ -151,7 +151,7 @@ def promote_if_better_task(
     test_rows = rows[rows["split"] == "test"]
     # The evaluation step's predictions, in the test rows' order.
     predicted = list(pd.read_csv(evaluation.files["predictions"], dtype=str, keep_default_na=False)["predicted"])
-    with promotion_lock(lock_dir(cfg.tracking, cfg.work_dir)):
+    with promotion_lock(lock_dir(cfg.tracking, cfg.work_dir), cfg.registry.lock_url, cfg.registry.model_name):
         decision = promote_if_better(
             MlflowClient(),
             cfg.registry,

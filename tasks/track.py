@@ -266,3 +266,15 @@ def log_results_task(
         "evaluate": evaluation.seconds,
     }
     log_results(run.run_id, stages, chosen, evaluation, cfg.finetune.selection_metric, run.report_dir, compute)
+
+
+@task(name="log-sweep")
+def log_sweep_task(run: TrainingRun, executor: str, metric: str, table: list[dict], winner: int) -> None:
+    """Log a sweep's trials (``sweep/trials.json``) and the winner (``sweep.best_trial``) to the parent run."""
+    client = mlflow_client()
+    client.log_dict(run.run_id, {"selection_metric": metric, "trials": table}, "sweep/trials.json")
+    client.log_param(run.run_id, "sweep.best_trial", winner)
+    print(f"sweep: {len(table)} configurations on {executor}; {metric} of each trial's chosen stage:")
+    for row in table:
+        mark = "*" if row["won"] else " "
+        print(f" {mark} trial {row['trial']}  {row[metric]:.4f}  {row['stage']:<8} {row['overrides']}")

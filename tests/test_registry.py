@@ -24,7 +24,7 @@ from vggflow.images import load_rgb
 from vggflow.model import build_base, build_classifier, resolve_weights
 from vggflow.processes import free_port
 from vggflow.promotion import RegisteredVersion
-from vggflow.registry import CHALLENGER, CHAMPION, PREVIOUS, rollback
+from vggflow.registry import CHALLENGER, CHAMPION, PREVIOUS, promotion_lock, rollback
 from vggflow.scoring import score
 from vggflow.tasks.features import compute_features
 from vggflow.tasks.promote import promote_if_better
@@ -168,7 +168,7 @@ def test_gate_promotes_rejects_promotes_and_rolls_back(lab: Lab) -> None:
     assert not decision.promoted and "--no-promote" in decision.reason
     assert lab.alias(CHAMPION) == better.version and lab.alias(CHALLENGER) == worse.version
 
-    record = rollback(lab.client, NAME, lab.root, "wrong labels in the new photos")
+    record = rollback(lab.client, NAME, promotion_lock(lab.root), "wrong labels in the new photos")
     assert (record.rolled_back_version, record.restored_version) == (better.version, first.version)
     assert lab.alias(CHAMPION) == first.version and lab.alias(PREVIOUS) == better.version
 

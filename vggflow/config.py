@@ -7,7 +7,7 @@ overrides. Each task receives only its own section; the whole config is logged t
 
 from __future__ import annotations
 
-import copy
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vggflow.config_tree import apply_override, flatten, format_validation_error, parse_override
 from vggflow.errors import ConfigError
 
 #: VGG19's convolutional blocks, bottom to top; a stage unfreezes from one of them upwards.
@@ -91,6 +92,21 @@ class FeaturesConfig(Section):
 
     batch_size: int = Field(32, ge=1, le=1024)
     cache_dir: Path = Field(Path(".vggflow/cache"), description="Feature and backbone cache (safe to delete).")
+    executor: Literal["local", "dask"] = Field(
+        "local", description="`local`: one pass in this process. `dask`: shards of images on a Dask cluster."
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler of an existing Dask cluster (tcp://host:port); None: a local cluster for the run."
+    )
+    dask_workers: int = Field(2, ge=1, description="Workers of the local cluster (one thread each).")
+    shard_size: int = Field(
+        512, ge=1, description="Images per shard (rounded up to whole batches, so the batches equal the local pass's)."
+    )
+    shard_store: str | None = Field(
+        None,
+        description="Where shards write their part of the cache: an fsspec URL (s3://bucket/prefix) every worker and "
+        "this process can reach; None: the cache folder itself (a local cluster, or a shared filesystem).",
+    )
 
 
 class HeadConfig(Section):
@@ -232,6 +248,47 @@ class RegistryConfig(Section):
     thresholds: dict[Metric, float] = Field(
         default_factory=lambda: {"accuracy": 0.5}, description="Absolute minimum test metrics."
     )
+    lock_url: str | None = Field(
+        None,
+        description="postgresql://USER@HOST:PORT/DB: promotions take a PostgreSQL advisory lock there, shared by "
+        "every client of a shared registry (password from PGPASSFILE). None: a file lock beside the sqlite store.",
+    )
+
+    @field_validator("lock_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql://user@host:port/database URL (or null)")
+        if value and "@" in value and ":" in value.split("://", 1)[1].split("@", 1)[0]:
+            raise ValueError("must not contain a password: put it in a PGPASSFILE (see docs/production.md)")
+        return value or None
+
+
+StackService = Literal["postgres", "s3", "mlflow", "prefect", "dask"]
+
+
+def _default_stack_ports() -> dict[str, int]:
+    return {"postgres": 15432, "s3": 15900, "mlflow": 15500, "prefect": 15420, "dask": 15786}
+
+
+class StackConfig(Section):
+    """The shared production stack that `vggflow stack up` starts on this machine (docs/production.md)."""
+
+    dir: Path = Field(Path(".vggflow/stack"), description="Its databases, objects, logs, state and credentials.")
+    ports: dict[StackService, int] = Field(
+        default_factory=_default_stack_ports, description="First choice per service; the next free port when taken."
+    )
+    bucket: str = Field("vggflow", min_length=3, description="Object-store bucket: MLflow artifacts, DVC, shards.")
+    work_pool: str = Field("vggflow-process", description="Prefect process work pool (as in prefect.yaml).")
+    dask_workers: int = Field(0, ge=0, description="Dask workers started with the stack (0: no Dask cluster).")
+    startup_timeout: float = Field(300.0, gt=0, description="Seconds each service may take to become healthy.")
+
+    @field_validator("ports")
+    @classmethod
+    def _every_service_has_a_port(cls, ports: dict[str, int]) -> dict[str, int]:
+        if any(not 1024 <= port <= 65535 for port in ports.values()):
+            raise ValueError("ports must be between 1024 and 65535")
+        return _default_stack_ports() | ports  # a service left out keeps its default
 
 
 class ScheduleConfig(Section):
@@ -260,6 +317,58 @@ class Config(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    stack: StackConfig = Field(default_factory=StackConfig)
+    sweep: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Head/stage configurations trained side by side, each mapping head.* / finetune.* keys to values; "
+        "the best on validation data is evaluated and gated. Empty: the configuration above alone.",
+    )
+
+    @model_validator(mode="after")
+    def _sweep_configurations_are_valid(self) -> Config:
+        for index, overrides in enumerate(self.sweep):
+            bad = [key for key in overrides if not key.startswith(SWEEP_SECTIONS) or key in SWEEP_FIXED]
+            if bad or not overrides:
+                raise ValueError(
+                    f"sweep item {index}: {', '.join(bad) or 'empty'}: each item sets head.* / finetune.* keys "
+                    f"(not {', '.join(sorted(SWEEP_FIXED))}, which every configuration is compared on)"
+                )
+        if self.sweep:
+            self.trial_configs()  # every configuration must be a valid config
+        return self
+
+    def trial_configs(self) -> list[Config]:
+        """One config per ``sweep`` item: this one with the item's values (and no sweep).
+
+        Raises:
+            ValueError: an item's key or value is invalid, naming the item.
+        """
+        if not self.sweep:
+            return []
+        defaults = _default_tree()
+        configs = []
+        for index, overrides in enumerate(self.sweep):
+            tree = self.model_dump(mode="json") | {"sweep": []}
+            try:
+                for key, value in overrides.items():
+                    apply_override(tree, key.split("."), value, f"sweep item {index}", defaults)
+                configs.append(Config.model_validate(tree))
+            except ConfigError as err:
+                raise ValueError(f"sweep item {index} ({overrides}): {err}") from None
+            except ValidationError as err:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+                raise ValueError(f"sweep item {index} ({overrides}): {problems}") from None
+        return configs
+
+    def with_absolute_paths(self) -> Config:
+        """This config with its folders made absolute (data, feature cache, work folder): for Dask workers."""
+        return self.model_copy(
+            update={
+                "work_dir": Path(self.work_dir).resolve(),
+                "data": self.data.model_copy(update={"dir": Path(self.data.dir).resolve()}),
+                "features": self.features.model_copy(update={"cache_dir": Path(self.features.cache_dir).resolve()}),
+            }
+        )
 
     @model_validator(mode="after")
     def _augmentation_fits_the_image(self) -> Config:
@@ -277,77 +386,18 @@ class Config(BaseModel):
 
     def flat_params(self) -> dict[str, str]:
         """The effective config flattened to ``section.key`` → string, for MLflow params."""
-        return {key: str(value) for key, value in _flatten(self.model_dump(mode="json")).items()}
+        return {key: str(value) for key, value in flatten(self.model_dump(mode="json")).items()}
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    if isinstance(tree, list):
-        out = {}
-        for index, value in enumerate(tree):
-            out.update(_flatten(value, f"{prefix}{index}."))
-        return out
-    return {prefix[:-1]: tree}
+#: What a sweep item may set, and what it may not (the trials are compared on it).
+SWEEP_SECTIONS = ("head.", "finetune.")
+SWEEP_FIXED = {"finetune.selection_metric"}
 
 
-def _parse_override(text: str, origin: str) -> tuple[list[str], Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"{origin}: expected section.key=value, got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{origin}: cannot parse the value of {key!r}: {err}") from None
-    return key.strip().split("."), value
-
-
-def _apply_override(tree: dict[str, Any], path: list[str], value: Any, origin: str, defaults: dict[str, Any]) -> None:
-    """Set ``path`` in ``tree``; a part the tree lacks is filled from ``defaults`` first.
-
-    So ``finetune.stages.0.learning_rate=…`` works without a config file: the default stage
-    list is copied in and only that value changes.
-    """
-    node: Any = tree
-    default: Any = defaults
-    for depth, part in enumerate(path[:-1]):
-        where = ".".join(path[: depth + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{origin}: {where} is not an item of that list")
-            node, default = node[int(part)], None
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"{origin}: {'.'.join(path[:depth])} is a value, not a section")
-        default = default.get(part) if isinstance(default, dict) else None
-        if part not in node:
-            node[part] = copy.deepcopy(default) if isinstance(default, (dict, list)) else {}
-        node = node[part]
-    last = path[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{origin}: {'.'.join(path)} is not an item of that list")
-        node[int(last)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ConfigError(f"{origin}: {'.'.join(path[:-1])} is a value, not a section")
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
-    for problem in err.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        message = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; `vggflow config` prints every valid key)"
-        given = problem.get("input")
-        shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
-        lines.append(f"  - {where}: {message}{shown}")
-    return "\n".join(lines)
+@functools.lru_cache(maxsize=1)
+def _default_tree() -> dict[str, Any]:
+    """The built-in defaults as a plain tree, computed once (sweep items fill missing parts from it; never mutated)."""
+    return Config().model_dump(mode="json")
 
 
 def load_config(
@@ -391,17 +441,17 @@ def load_config(
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX):
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-            key_path, value = _parse_override(f"{dotted}={environ[name]}", f"environment variable {name}")
-            _apply_override(tree, key_path, value, f"environment variable {name}", defaults)
+            key_path, value = parse_override(f"{dotted}={environ[name]}", f"environment variable {name}")
+            apply_override(tree, key_path, value, f"environment variable {name}", defaults)
     for text in overrides:
-        key_path, value = _parse_override(text, f"--set {text}")
-        _apply_override(tree, key_path, value, f"--set {text}", defaults)
+        key_path, value = parse_override(text, f"--set {text}")
+        apply_override(tree, key_path, value, f"--set {text}", defaults)
     given = {key: value for key, value in (values or {}).items() if value is not None}
     for key, value in given.items():
-        _apply_override(tree, key.split("."), value.as_posix() if isinstance(value, Path) else value, key, defaults)
+        apply_override(tree, key.split("."), value.as_posix() if isinstance(value, Path) else value, key, defaults)
     if overrides or given or any(n.startswith(ENV_PREFIX) for n in environ):
         source += " + overrides"
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None

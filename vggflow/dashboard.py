@@ -280,6 +280,24 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _show_links(links: list[tuple[str, str]], out: Callable[[str], None]) -> None:
+    width = max(len(label) for label, _ in links)
+    for label, link in links:
+        out(f"  {label:<{width}}  {link}")
+
+
+def show_server(uri: str, experiment_name: str, out: Callable[[str], None] | None = None) -> int:
+    """`vggflow ui` when the tracking URI is already a server (a shared stack): its links, nothing to start.
+
+    The caller has checked that it answers (:func:`vggflow.tracking.check_store`).
+    """
+    out = out or _say
+    url = uri.rstrip("/")
+    out(f"MLflow UI: {url}   (served by the tracking server itself: nothing to start)")
+    _show_links(experiment_links(url, experiment_name) or [("experiments", f"{url}/#/experiments")], out)
+    return 0
+
+
 def serve(
     spec: ServerSpec,
     log_path: Path,
@@ -315,10 +333,7 @@ def serve(
                 out("stopping (interrupted while starting)")
                 return 0
             out(f"MLflow UI: {spec.url}   (Ctrl-C to stop)")
-            links = experiment_links(spec.url, experiment_name) + [("server log", str(log_path))]
-            width = max(len(label) for label, _ in links)
-            for label, link in links:
-                out(f"  {label:<{width}}  {link}")
+            _show_links(experiment_links(spec.url, experiment_name) + [("server log", str(log_path))], out)
             while not stop.wait(0.5):
                 code = server.poll()
                 if code is not None:

@@ -44,6 +44,12 @@ class TrackingError(VggflowError):
     exit_code = 3
 
 
+class ServiceError(VggflowError):
+    """A server vggflow needs (Prefect's API, a stack service) is down or unreachable."""
+
+    exit_code = 3
+
+
 class BackboneError(VggflowError):
     """The backbone weights cannot be obtained."""
 

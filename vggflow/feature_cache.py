@@ -54,6 +54,10 @@ class FeatureSet(BaseModel):
         """Identifies the pooled features alone (data, backbone, size), whatever prefix layers sit beside them."""
         return self.directory.name
 
+    def with_absolute_paths(self) -> FeatureSet:
+        """The same reference with absolute paths (for a process with another working directory)."""
+        return self.model_copy(update={"directory": self.directory.resolve(), "rows_file": self.rows_file.resolve()})
+
 
 def feature_cache_key(
     fingerprint: str, weights_identity: str, image_size: int, layers: list[str], precision: str = "float32"
@@ -155,22 +159,7 @@ def extract_features(
             input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
         )
         total = len(rows)
-        # Plain sequential writes (header, then each batch), not a writable memory map: a mapped
-        # array's pages count in the process's resident memory, which then grows with the dataset.
-        # Each file is hashed as it is written rather than read back afterwards. No fsync: the
-        # checksum in meta.json is verified before every reuse, so an array a crash left
-        # incomplete is rebuilt, never used.
-        handles, temps, shapes = {}, {}, {}
-        for name in missing:
-            shapes[name] = (total, *extractor.output[name].shape[1:])
-            temps[name] = directory / f".{name}.{os.getpid()}.tmp.npy"
-            handles[name] = _HashingFile(temps[name])
-            header = {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                "fortran_order": False,
-                "shape": shapes[name],
-            }
-            np.lib.format.write_array_header_1_0(handles[name], header)
+        writers = {name: LayerWriter(directory, name, (total, *extractor.output[name].shape[1:])) for name in missing}
         paths = [Path(data_dir) / p for p in rows["path"]]
         done = 0
         try:
@@ -179,40 +168,41 @@ def extract_features(
                     outputs = forward(batch)
                     n = int(batch.shape[0])
                     for name in missing:
-                        handles[name].write(np.ascontiguousarray(outputs[name].numpy(), dtype=np.float32).data)
+                        writers[name].write(np.ascontiguousarray(outputs[name].numpy(), dtype=np.float32).data)
                     done += n
                     if progress:
                         progress(done, total)
         finally:
-            for handle in handles.values():
-                handle.close()
+            for writer in writers.values():
+                writer.close()
         if done != total:
             raise RuntimeError(f"feature extraction produced {done} rows for {total} images")
-        meta = read_meta(directory)
-        if meta.get("paths_sha256") != _paths_digest(rows):
-            meta = {}  # arrays aligned to another row order: none of them stays valid
-        meta.setdefault("layers", {})
-        for name in missing:
-            final = directory / f"{name}.npy"
-            os.replace(temps[name], final)
-            meta["layers"][name] = {
-                "file": final.name,
-                "shape": list(shapes[name]),
-                "bytes": final.stat().st_size,
-                "sha256": handles[name].digest.hexdigest(),
-            }
-        meta["paths_sha256"] = _paths_digest(rows)
-        meta["n_images"] = len(rows)
-        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
+        record_layers(directory, rows, writers.values())
     return {name: directory / f"{name}.npy" for name in missing}
 
 
-class _HashingFile:
-    """A file opened for writing that keeps the sha256 of everything written to it."""
+class LayerWriter:
+    """Writes one layer's float32 ``.npy`` array of a known shape, batch by batch, hashing as it goes.
 
-    def __init__(self, path: Path) -> None:
-        self.handle = open(path, "wb")
+    Plain sequential writes (header, then each batch), not a writable memory map: a mapped
+    array's pages count in the process's resident memory, which then grows with the dataset.
+    The file is hashed as it is written rather than read back afterwards. It goes to a temporary
+    name; :func:`record_layers` renames it into place. No fsync: the checksum in ``meta.json``
+    is verified before every reuse, so an array a crash left incomplete is rebuilt, never used.
+    """
+
+    def __init__(self, directory: Path, name: str, shape: tuple[int, ...]) -> None:
+        self.name, self.shape = name, tuple(int(n) for n in shape)
+        self.final = directory / f"{name}.npy"
+        self.temporary = directory / f".{name}.{os.getpid()}.tmp.npy"
+        self.handle = open(self.temporary, "wb")
         self.digest = hashlib.sha256()
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+            "fortran_order": False,
+            "shape": self.shape,
+        }
+        np.lib.format.write_array_header_1_0(self, header)
 
     def write(self, data) -> int:
         self.digest.update(data)
@@ -220,6 +210,100 @@ class _HashingFile:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def record_layers(directory: Path, rows: pd.DataFrame, writers) -> None:
+    """Move finished :class:`LayerWriter` files into place and record them in ``meta.json`` (written last)."""
+    meta = read_meta(directory)
+    if meta.get("paths_sha256") != _paths_digest(rows):
+        meta = {}  # arrays aligned to another row order: none of them stays valid
+    meta.setdefault("layers", {})
+    for writer in writers:
+        os.replace(writer.temporary, writer.final)
+        meta["layers"][writer.name] = {
+            "file": writer.final.name,
+            "shape": list(writer.shape),
+            "bytes": writer.final.stat().st_size,
+            "sha256": writer.digest.hexdigest(),
+        }
+    meta["paths_sha256"] = _paths_digest(rows)
+    meta["n_images"] = len(rows)
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1))
+
+
+class ShardPart(BaseModel):
+    """One shard's array of one layer, somewhere its assembler can read it (a path or an fsspec URL).
+
+    Attributes:
+        url: where the ``.npy`` file is.
+        sha256: of the whole file, as its writer computed it.
+        rows: how many rows it holds.
+    """
+
+    url: str
+    sha256: str
+    rows: int
+
+
+def assemble_layers(directory: Path, rows: pd.DataFrame, parts: dict[str, list[ShardPart]], open_part) -> None:
+    """Concatenate shards' arrays into the cache's layer files, as if one pass had written them.
+
+    Each shard's file is checksummed while it streams through (never loaded whole); a shard
+    that does not match its checksum or row count stops the assembly before anything is recorded.
+
+    Args:
+        directory: the cache folder (:func:`layer_cache_dir`, or its ``test/`` folder).
+        rows: the rows the arrays are aligned with, in order (the shards cover them in order).
+        parts: layer name → its shards' parts, in row order.
+        open_part: ``open_part(url)`` → a binary file object (``fsspec.open(url, "rb").open`` …).
+
+    Raises:
+        ValueError: a shard is corrupt, or the shards do not cover the rows.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    writers = []
+    try:
+        for name, layer_parts in parts.items():
+            if sum(part.rows for part in layer_parts) != len(rows):
+                raise ValueError(f"the shards of {name} hold {sum(p.rows for p in layer_parts)} rows, not {len(rows)}")
+            writer = None
+            for part in layer_parts:
+                with open_part(part.url) as handle:
+                    reader = _HashingReader(handle)
+                    version = np.lib.format.read_magic(reader)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, _ = read_header(reader)
+                    if writer is None:
+                        writer = LayerWriter(directory, name, (len(rows), *shape[1:]))
+                        writers.append(writer)
+                    while chunk := reader.read(1 << 23):
+                        writer.write(chunk)
+                if reader.digest.hexdigest() != part.sha256 or shape[0] != part.rows:
+                    raise ValueError(f"shard {part.url} of {name} does not match its checksum or row count")
+    except BaseException:
+        for writer in writers:
+            writer.close()
+            writer.temporary.unlink(missing_ok=True)
+        raise
+    for writer in writers:
+        writer.close()
+    record_layers(directory, rows, writers)
+
+
+class _HashingReader:
+    """A binary file's reader that keeps the sha256 of everything read."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.digest.update(data)
+        return data
 
 
 def load_layer(features: FeatureSet, layer: str, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:

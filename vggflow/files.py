@@ -34,18 +34,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (synced before the rename)."""
-    with atomic_path(path) as tmp, open(tmp, "xb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+def atomic_write_bytes(path: str | Path, data: bytes, private: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (synced before the rename).
+
+    ``private``: readable and writable by its owner only (0600) from the moment it exists, for
+    credentials.
+    """
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+        with open(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
     return Path(path)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | Path, text: str, private: bool = False) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (``private``: mode 0600)."""
+    return atomic_write_bytes(path, text.encode("utf-8"), private)
 
 
 #: Columns of a validated rows file: each usable image, its class, its split and its decoded

@@ -22,8 +22,9 @@ CODE_VERSION = "vggflow.code_version"  # vggflow.caching.code_version of the tra
 CONFIG_FILE = "vggflow.config_file"  # --config as given (the effective config is an artifact)
 
 # Runs
-KIND = "vggflow.kind"  # "training" (a flow run's parent run) or "stage" (a nested run)
+KIND = "vggflow.kind"  # "training" (a flow run's parent run), "trial" (a sweep configuration) or "stage"
 STAGE = "vggflow.stage"
+TRIAL = "vggflow.trial"  # a sweep configuration's index
 PREFECT_FLOW_RUN_ID = "vggflow.prefect_flow_run_id"
 REUSED_FROM_RUN = "vggflow.reused_from_run"
 TEST_SCORED_FROM = "vggflow.test_scored_from"

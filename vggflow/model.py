@@ -51,6 +51,10 @@ class ResolvedWeights(BaseModel):
     random_init: bool
     note: str
 
+    def with_absolute_path(self) -> ResolvedWeights:
+        """The same weights with an absolute path (for a process with another working directory)."""
+        return self.model_copy(update={"path": Path(self.path).resolve()})
+
 
 def keras_cache_dir() -> Path:
     """Keras's download cache (``$KERAS_HOME`` or ``~/.keras``) + ``models``."""

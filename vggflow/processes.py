@@ -8,9 +8,16 @@ answering 200, or any callable) or the process exits; a start-up error quotes th
 Stopping signals the whole group (the launcher and any workers it forked): SIGTERM, a grace
 period, then SIGKILL for whatever is left.
 
+A service that must outlive the command starting it (``vggflow stack up``) is started with
+``die_with_parent=False``; another process stops it later by its group id
+(:func:`stop_process_group`). A server that refuses to run as root (PostgreSQL) is started as
+another system user (``user=``), and one whose clean stop is another signal (PostgreSQL's fast
+shutdown is SIGINT) says so with ``stop_signal=``.
+
 Also here, for commands that supervise several processes: free and busy TCP ports, stopping
 every remaining descendant of this process, becoming a subreaper (so that descendants orphaned
-by a killed child can still be found), and turning SIGINT/SIGTERM/SIGHUP into an event.
+by a killed child can still be found), and turning SIGINT/SIGTERM/SIGHUP into an event. Finding
+processes by an environment marker (what a group stop cannot reach): :mod:`vggflow.marked_processes`.
 
 Nothing here imports a heavy library: the HTTP check uses ``urllib``, and psutil is imported by
 :func:`stop_descendants` alone.
@@ -78,6 +85,10 @@ class SupervisedProcess:
         grace: seconds between SIGTERM and SIGKILL in :meth:`stop`.
         exit_hint: appended to the error when it exits while starting (what to check).
         timeout_hint: appended to the error when it is not healthy in time (what to try).
+        die_with_parent: (Linux) receive SIGTERM when the starting thread dies; False for a
+            service that outlives the command starting it.
+        user: run as this system user (its uid, gid, no supplementary groups); needs root.
+        stop_signal: what :meth:`stop` sends first (SIGKILL follows after ``grace``).
     """
 
     def __init__(
@@ -92,6 +103,9 @@ class SupervisedProcess:
         grace: float = STOP_GRACE_S,
         exit_hint: str = "",
         timeout_hint: str = "",
+        die_with_parent: bool = True,
+        user: str | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
     ) -> None:
         self.command = [str(part) for part in command]
         self.name = name
@@ -102,6 +116,9 @@ class SupervisedProcess:
         self.grace = grace
         self.exit_hint = exit_hint
         self.timeout_hint = timeout_hint
+        self.die_with_parent = die_with_parent
+        self.user = user
+        self.stop_signal = stop_signal
         self.process: subprocess.Popen[bytes] | None = None
         self._stopped = False
 
@@ -114,12 +131,14 @@ class SupervisedProcess:
         """Start the command in its own session; returns at once (see :meth:`wait_until_healthy`)."""
         if self.process is not None:
             raise RuntimeError(f"{self.name} was already started")
+        with_parent = self.die_with_parent and sys.platform == "linux"
         options = dict(
             stdin=subprocess.DEVNULL,
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,  # own group: terminal signals reach only us; we stop the group
-            preexec_fn=functools.partial(_die_with_parent, os.getpid()) if sys.platform == "linux" else None,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()) if with_parent else None,
+            **run_as(self.user),
         )
         if self.log_path is None:
             self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, **options)
@@ -196,7 +215,9 @@ class SupervisedProcess:
         if self.process is None:
             return None
         if not self._stopped:
-            _stop_group(self.process, self.grace if grace is None else grace)
+            if self.process.poll() is None or group_members(self.process.pid):
+                # Otherwise all gone: signalling the id could reach an unrelated group that reuses it.
+                stop_process_group(self.process.pid, self.grace if grace is None else grace, self.stop_signal)
             self._stopped = True
         return self.process.wait()
 
@@ -228,24 +249,25 @@ class SupervisedProcess:
         self.stop()
 
 
-def _stop_group(process: subprocess.Popen, grace: float) -> None:
-    """SIGTERM ``process``'s group, wait up to ``grace`` s for every member, then SIGKILL the rest."""
-    pgid = process.pid
-    if process.poll() is not None and not group_members(pgid):
-        return  # all gone: signalling the id could reach an unrelated group that reuses it
-    _signal_group(pgid, signal.SIGTERM)
+def stop_process_group(pgid: int, grace: float = STOP_GRACE_S, first: signal.Signals = signal.SIGTERM) -> bool:
+    """Stop process group ``pgid``: ``first`` (SIGTERM), wait up to ``grace`` s, then SIGKILL what is left.
+
+    Works for a group another process started (``vggflow stack down``): exited members that are
+    not yet reaped (zombies) do not count. Returns True when something had to be killed.
+    """
+    if not group_members(pgid):
+        return False
+    _signal_group(pgid, first)
     deadline = time.monotonic() + grace
-    with suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace)
-    # Workers may outlive the launcher by a moment (or hang): wait for the group, then kill it.
     while group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if group_members(pgid):
-        _signal_group(pgid, signal.SIGKILL)
-        kill_deadline = time.monotonic() + 5
-        while group_members(pgid) and time.monotonic() < kill_deadline:
-            time.sleep(0.05)
-    process.wait()
+    if not group_members(pgid):
+        return False
+    _signal_group(pgid, signal.SIGKILL)
+    kill_deadline = time.monotonic() + 5
+    while group_members(pgid) and time.monotonic() < kill_deadline:
+        time.sleep(0.05)
+    return True
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -280,6 +302,27 @@ def group_members(pgid: int) -> list[int]:
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             members.append(int(entry.name))
     return members
+
+
+def run_as(user: str | None) -> dict:
+    """``subprocess.Popen`` options running a command as system user ``user`` (None: as ourselves).
+
+    Raises:
+        ProcessError: no such user, or we are not root and ``user`` is not us.
+    """
+    if user is None:
+        return {}
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ProcessError(f"there is no system user {user!r} to run as") from None
+    if entry.pw_uid == os.geteuid():
+        return {}
+    if os.geteuid() != 0:
+        raise ProcessError(f"only root can run a process as {user!r}")
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 def _die_with_parent(parent: int) -> None:

@@ -6,8 +6,8 @@ serves), ``@previous`` (the champion before it, what a rollback restores) and ``
 the commands ``vggflow registry``, ``vggflow promote`` and ``vggflow rollback`` move them under
 one :func:`promotion_lock`.
 
-Cheap to import (the retraining's skip path reads the aliases): MLflow, pandas and filelock are
-imported inside the functions that use them.
+Cheap to import (the retraining's skip path reads the aliases): MLflow, pandas, filelock and
+psycopg are imported inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -72,22 +72,29 @@ def current_champion(client, name: str):
         return None
 
 
-def promotion_lock(lock_dir: Path):
+def promotion_lock(lock_dir: Path, lock_url: str | None = None, model_name: str = ""):
     """A lock held while one run reads the champion, compares and moves aliases.
 
     Two runs finishing together (the scheduler and a manual run) would otherwise both compare
-    against the same champion and the last writer would win, whatever the metrics. The lock
-    lives beside a sqlite store (see :func:`vggflow.tracking.lock_dir`), so every process using
-    that store on this machine shares it.
+    against the same champion and the last writer would win, whatever the metrics. With
+    ``lock_url`` (``registry.lock_url``: a shared registry), a PostgreSQL advisory lock named
+    after the model that every client of that database shares, on any machine
+    (:class:`vggflow.locks.AdvisoryLock`). Otherwise a file lock beside a sqlite store (see
+    :func:`vggflow.tracking.lock_dir`), shared by every process using that store on this machine.
     """
+    if lock_url:
+        from vggflow.locks import AdvisoryLock
+
+        return AdvisoryLock(lock_url, f"vggflow-promotion:{model_name}")
     from filelock import FileLock
 
     lock_dir.mkdir(parents=True, exist_ok=True)
     return FileLock(str(lock_dir / "promotion.lock"), timeout=3600)
 
 
-def promote_manually(client, name: str, version: str, reason: str, lock_dir: Path) -> str | None:
-    """Make ``version`` the champion by hand (the former champion becomes ``previous``).
+def promote_manually(client, name: str, version: str, reason: str, lock) -> str | None:
+    """Make ``version`` the champion by hand (the former champion becomes ``previous``), under ``lock``
+    (:func:`promotion_lock`).
 
     Returns the former champion's version, if any.
 
@@ -100,7 +107,7 @@ def promote_manually(client, name: str, version: str, reason: str, lock_dir: Pat
         client.get_model_version(name, str(version))
     except MlflowException:
         raise VggflowError(f"{name} has no version {version} (see `vggflow registry`)") from None
-    with promotion_lock(lock_dir):
+    with lock:
         champion = current_champion(client, name)
         former = str(champion.version) if champion is not None else None
         if former == str(version):
@@ -116,8 +123,9 @@ def promote_manually(client, name: str, version: str, reason: str, lock_dir: Pat
     return former
 
 
-def rollback(client, name: str, lock_dir: Path, reason: str, by: str | None = None) -> Rollback:
-    """Move ``champion`` back to ``previous``; the rolled-back version becomes ``previous``.
+def rollback(client, name: str, lock, reason: str, by: str | None = None) -> Rollback:
+    """Move ``champion`` back to ``previous`` under ``lock`` (:func:`promotion_lock`); the rolled-back
+    version becomes ``previous``.
 
     Rolling back twice is therefore an undo (it clears the first rollback's record). The rollback
     is recorded (:class:`Rollback`) as a tag of the rolled-back version and of the registered model.
@@ -129,7 +137,7 @@ def rollback(client, name: str, lock_dir: Path, reason: str, by: str | None = No
     Raises:
         VggflowError: there is no ``previous`` version.
     """
-    with promotion_lock(lock_dir):
+    with lock:
         current, restored = _alias_version(client, name, CHAMPION), _alias_version(client, name, PREVIOUS)
         if restored is None:
             raise VggflowError(f"{name} has no @previous version to roll back to (see `vggflow registry`)")

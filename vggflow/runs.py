@@ -58,39 +58,58 @@ def log_params(client, run_id: str, params: dict[str, str]) -> None:
         client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
 
-def open_stage_run(
-    experiment_id: str, parent_run_id: str, stage: str, unfreeze_from: str | None, learning_rate: float
+def open_nested_run(
+    experiment_id: str, parent_run_id: str, run_name: str, tags: dict[str, str], params: dict[str, object]
 ) -> str:
-    """Create the nested run of a stage, named after its freeze configuration.
-
-    It repeats the parent's data version (tag, param, dataset input) and MLflow system tags (user,
-    source, git) and carries its own freeze configuration under the parent's tag key, so stage
-    rows fill the same columns in the UI.
-    """
+    """Create a run nested under ``parent_run_id`` that repeats its data version (tag, param, dataset input)
+    and its MLflow system tags (user, source, git)."""
     client = mlflow_client()
     parent = client.get_run(parent_run_id)
     data_version = parent.data.tags.get(mlflow_tags.DATA_VERSION, "unknown")
     tags = {
         **{key: value for key, value in parent.data.tags.items() if key in mlflow_tags.SYSTEM_TAGS},
         mlflow_tags.MLFLOW_PARENT_RUN_ID: parent_run_id,
-        mlflow_tags.STAGE: stage,
-        mlflow_tags.FREEZE_CONFIGURATION: stage,
         mlflow_tags.DATA_VERSION: data_version,
-        mlflow_tags.KIND: "stage",
         **owner_tags(),
+        **tags,
     }
-    run = client.create_run(experiment_id, run_name=f"stage-{stage}", tags=tags)
-    params = {
-        "stage": stage,
-        "unfreeze_from": unfreeze_from or "none",
-        "learning_rate": learning_rate,
-        "data_version": data_version,
-    }
-    log_params(client, run.info.run_id, params)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    log_params(client, run.info.run_id, {**params, "data_version": data_version})
     inputs = parent.inputs.dataset_inputs if parent.inputs else []
     if inputs:
         client.log_inputs(run.info.run_id, datasets=list(inputs))
     return run.info.run_id
+
+
+def open_stage_run(
+    experiment_id: str, parent_run_id: str, stage: str, unfreeze_from: str | None, learning_rate: float
+) -> str:
+    """Create the nested run of a stage, named after its freeze configuration.
+
+    It repeats the parent's data version and carries its own freeze configuration under the
+    parent's tag key, so stage rows fill the same columns in the UI.
+    """
+    tags = {mlflow_tags.STAGE: stage, mlflow_tags.FREEZE_CONFIGURATION: stage, mlflow_tags.KIND: "stage"}
+    params = {"stage": stage, "unfreeze_from": unfreeze_from or "none", "learning_rate": learning_rate}
+    return open_nested_run(experiment_id, parent_run_id, f"stage-{stage}", tags, params)
+
+
+@contextlib.contextmanager
+def trial_run(run: TrainingRun, index: int, overrides: dict[str, object]) -> Iterator[TrainingRun]:
+    """A nested run for one sweep configuration; the stages trained in it nest under it.
+
+    Yields the run as a :class:`TrainingRun` (same experiment and reports folder), closed
+    FINISHED when the block succeeds, FAILED/KILLED when it raises.
+    """
+    tags = {mlflow_tags.KIND: "trial", mlflow_tags.TRIAL: str(index)}
+    params = {f"sweep.{key}": value for key, value in overrides.items()}
+    run_id = open_nested_run(run.experiment_id, run.run_id, f"trial-{index}", tags, params)
+    try:
+        yield run.model_copy(update={"run_id": run_id})
+    except BaseException as error:
+        end_run_for(run_id, error)
+        raise
+    end_run(run_id, "FINISHED")
 
 
 def close_stage_run(stage_run_id: str, result: StageResult) -> None:

@@ -68,7 +68,8 @@ def check_store(cfg: TrackingConfig) -> str:
         except requests.RequestException as err:
             raise TrackingError(
                 f"the MLflow tracking server {uri} is not reachable: {err.__class__.__name__}.\n"
-                "Start it (`vggflow ui`), or unset MLFLOW_TRACKING_URI to use the local store."
+                "Start it (`vggflow stack up` for the shared stack, `vggflow stack status` to check it), or unset "
+                "MLFLOW_TRACKING_URI to use the local store."
             ) from None
     if db is not None or urlparse(uri).scheme in ("", "file"):
         root = cfg.artifact_root

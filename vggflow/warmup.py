@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 
 from vggflow.config import TrackingConfig
-from vggflow.errors import ConfigError
-from vggflow.processes import SupervisedProcess, free_port
+from vggflow.errors import ConfigError, ServiceError
+from vggflow.processes import SupervisedProcess, free_port, http_ok
 
 
 def start_store_creation(tracking: TrackingConfig) -> subprocess.Popen | None:
@@ -83,15 +83,23 @@ def start_local_prefect_server() -> SupervisedProcess | None:
 
 
 def wait_until_ready(server: SupervisedProcess | None) -> None:
-    """Wait for a server from :func:`start_local_prefect_server` (None: nothing to wait for).
+    """Wait for a server from :func:`start_local_prefect_server`; None: check the configured one answers.
 
     The limit is Prefect's own start-up setting, ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``.
 
     Raises:
         ProcessError: it exited or did not answer in time.
+        ServiceError: ``PREFECT_API_URL`` is set and nothing answers there (before any work starts).
     """
     if server is not None:
         server.wait_until_healthy(startup_timeout())
+        return
+    url = os.environ.get("PREFECT_API_URL")
+    if url and not http_ok(url.rstrip("/") + "/health", timeout=10):
+        raise ServiceError(
+            f"the Prefect server at PREFECT_API_URL={url} is not reachable. Start it (`vggflow stack up` for the "
+            "shared stack, `vggflow stack status` to check it), or unset PREFECT_API_URL to use a temporary local one."
+        )
 
 
 def startup_timeout() -> float:

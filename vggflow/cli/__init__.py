@@ -23,6 +23,7 @@ from vggflow.cli.inputs import cmd_completion, cmd_config, cmd_validate
 from vggflow.cli.lineage import cmd_lineage
 from vggflow.cli.models import cmd_predict, cmd_promote, cmd_registry, cmd_rollback
 from vggflow.cli.schedule import cmd_schedule
+from vggflow.cli.stack import ACTIONS, cmd_stack
 from vggflow.cli.training import cmd_retrain, cmd_train
 from vggflow.cli.ui import cmd_ui
 from vggflow.errors import EXIT_USAGE, VggflowError
@@ -65,6 +66,13 @@ COMMANDS = {
             json_option("the end-of-run summary"),
             option("--metrics", metavar="FILE.json", help="also write the test metrics there (for `dvc metrics show`)"),
             option("--plots", metavar="DIR", help="also write curves and predictions there (for `dvc plots show`)"),
+            option(
+                "--sweep",
+                action="append",
+                metavar="KEY=[V1,V2]",
+                help="try each value of a head.* / finetune.* key (repeatable: every combination), e.g. "
+                "--sweep 'head.learning_rate=[1e-3, 3e-4]'; the best on validation data is evaluated and gated",
+            ),
         ],
     ),
     "validate": (
@@ -170,6 +178,20 @@ COMMANDS = {
                 default="127.0.0.1",
                 help="interface to bind (default: 127.0.0.1; the UI has no authentication)",
             ),
+        ],
+    ),
+    "stack": (
+        cmd_stack,
+        "start, stop or check the shared production stack on this machine (docs/production.md)",
+        "up: start PostgreSQL, an S3 object store, MLflow's and Prefect's servers, a process work pool with a "
+        "worker (and a Dask cluster with --dask N), all on 127.0.0.1, in stack.dir; deploy prefect.yaml to it. "
+        "down: stop every process it started. status: each service's health (exit 3 when one is down). env: the "
+        'settings pointing vggflow, MLflow, Prefect, DVC and boto3 at it, for `eval "$(vggflow stack env)"`.',
+        [
+            option("action", choices=ACTIONS, help="up, down, status or env"),
+            option("--dask", type=int, metavar="N", help="up: also start N Dask workers (default: stack.dask_workers)"),
+            option("--project", default=".", metavar="DIR", help="up: deploy DIR/prefect.yaml (default: .)"),
+            option("--no-deploy", action="store_true", help="up: deploy nothing"),
         ],
     ),
     "config": (cmd_config, "print the effective configuration", "Print the effective configuration as YAML.", []),

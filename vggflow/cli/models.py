@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from vggflow.errors import TrackingError, VggflowError
-from vggflow.registry import promote_manually, registry_table, registry_versions, rollback
+from vggflow.registry import promote_manually, promotion_lock, registry_table, registry_versions, rollback
 
 
 class _NoStore(TrackingError):
@@ -34,7 +34,7 @@ def missing_store_message(uri: str, db: Path) -> str:
 
 
 def registry_client(args: argparse.Namespace):
-    """The config, an MLflow client on its store, and the registry lock folder.
+    """The config, an MLflow client on its store, and the promotion lock (:func:`vggflow.registry.promotion_lock`).
 
     Raises:
         _NoStore: the configured sqlite store does not exist. A command that reads or moves
@@ -52,7 +52,8 @@ def registry_client(args: argparse.Namespace):
         from vggflow.tracking import connect, lock_dir
 
         client, _ = connect(cfg.tracking)
-    return cfg, client, lock_dir(cfg.tracking, cfg.work_dir)
+    lock = promotion_lock(lock_dir(cfg.tracking, cfg.work_dir), cfg.registry.lock_url, cfg.registry.model_name)
+    return cfg, client, lock
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -81,9 +82,9 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    cfg, client, locks = registry_client(args)
+    cfg, client, lock = registry_client(args)
     name = cfg.registry.model_name
-    former = promote_manually(client, name, args.version, args.reason, locks)
+    former = promote_manually(client, name, args.version, args.reason, lock)
     if former == str(args.version):
         print(f"{name} version {args.version} is already @champion")
     else:
@@ -92,8 +93,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    cfg, client, locks = registry_client(args)
-    record = rollback(client, cfg.registry.model_name, locks, args.reason)
+    cfg, client, lock = registry_client(args)
+    record = rollback(client, cfg.registry.model_name, lock, args.reason)
     current = record.rolled_back_version or "none"
     print(
         f"{cfg.registry.model_name}: @champion -> version {record.restored_version} (rolled back from {current}; "

@@ -16,10 +16,11 @@ from vggflow.errors import VggflowError
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vggflow.config import load_config
+    from vggflow.config_tree import sweep_grid
     from vggflow.runtime import import_tensorflow_quietly
     from vggflow.warmup import start_local_prefect_server, start_store_creation, wait_until_ready
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, values={"sweep": sweep_grid(args.sweep) if args.sweep else None})
     # Overlap the fixed costs (see vggflow/warmup.py): Prefect's server and a new tracking store
     # start in subprocesses while this process imports TensorFlow. The server must be started
     # before Prefect is imported.
@@ -49,6 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides=list(args.overrides),
             data_dir=args.data,
             promote=False if args.no_promote else None,
+            sweep=args.sweep,
         )
     write_dvc_outputs(summary, args.metrics, args.plots)
     if args.json:
