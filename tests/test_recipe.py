@@ -4,41 +4,18 @@ augmentation in training only, and the compute precision."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 pytest.importorskip("keras")
 
-from vggflow.config import BackboneConfig, Config, FinetuneConfig, HeadConfig, StageConfig
+from tests.conftest import stage_config
+from vggflow.config import FinetuneConfig, HeadConfig, StageConfig
 from vggflow.feature_cache import load_layer
-from vggflow.model import augmentation, resolve_weights
+from vggflow.model import augmentation
 from vggflow.precision import FLOAT32, MIXED_BFLOAT16, cpu_flags, resolve_precision
-from vggflow.tasks.features import compute_features
 from vggflow.tasks.finetune import run_stage, stage_key
 from vggflow.tasks.train_head import train_head_on_features as train_head
 from vggflow.training import StageResult, block_lr_multipliers, stage_optimizer, warmup_cosine
-
-
-@pytest.fixture
-def features(tmp_path, tiny_dataset):
-    paths = sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.png"))
-    rows = pd.DataFrame(
-        {"path": paths, "label": [p.split("/")[0] for p in paths], "split": ["train", "train", "val"] * 12}
-    )
-    weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=1)
-    fs = compute_features(
-        rows, tiny_dataset, weights, 32, 12, tmp_path / "cache", "fp", ["block4_pool"], sorted(rows["label"].unique())
-    )
-    return fs, weights
-
-
-def _config(data_dir, precision: str = FLOAT32, **sections) -> Config:
-    return Config(
-        seed=7,
-        data={"dir": str(data_dir)},
-        backbone={"weights": "none", "image_size": 32, "precision": precision},
-        **{"finetune": {"batch_size": 8}, **sections},
-    )
 
 
 def test_standardisation_is_adapted_on_training_features_only_and_saved_in_the_model(tmp_path, features):
@@ -139,7 +116,7 @@ def test_an_augmenting_stage_streams_images_and_saves_no_augmentation(tmp_path, 
 
     fs, weights = features
     head = train_head(fs, weights, 32, HeadConfig(dense_units=8, epochs=1, patience=1), 7, tmp_path / "h.keras")
-    cfg = _config(
+    cfg = stage_config(
         tiny_dataset,
         augment={"translate": 0.1, "flip": "horizontal"},
         finetune={"batch_size": 8, "schedule": "constant"},
@@ -176,7 +153,7 @@ def test_precision_is_part_of_the_stage_key(tmp_path, features):
         trainable_layers=0, trainable_params=0, epochs_run=0, seconds=0.0, images_per_second=0.0, cache_key="head",
     )  # fmt: skip
     stage = StageConfig(unfreeze_from="block5", learning_rate=1e-3)
-    keys = {stage_key(_config(tmp_path, p), previous, stage, fs) for p in (FLOAT32, MIXED_BFLOAT16)}
+    keys = {stage_key(stage_config(tmp_path, p), previous, stage, fs) for p in (FLOAT32, MIXED_BFLOAT16)}
     assert len(keys) == 2
 
 
@@ -186,7 +163,7 @@ def test_a_bfloat16_stage_saves_a_float32_classifier(tmp_path, tiny_dataset, fea
     fs, weights = features
     head = train_head(fs, weights, 32, HeadConfig(dense_units=8, epochs=1, patience=1), 7, tmp_path / "h.keras")
     stage = StageConfig(unfreeze_from="block5", learning_rate=1e-3, epochs=2)
-    tuned = run_stage(head, stage, _config(tiny_dataset, MIXED_BFLOAT16), fs, "block4_pool", tmp_path / "b5.keras")
+    tuned = run_stage(head, stage, stage_config(tiny_dataset, MIXED_BFLOAT16), fs, "block4_pool", tmp_path / "b5.keras")
     model = keras.saving.load_model(tuned.checkpoint)
     assert {w.dtype for w in model.weights if "float" in w.dtype} == {"float32"}
     assert {layer.dtype_policy.name for layer in model.get_layer("vgg19").layers} == {"float32"}

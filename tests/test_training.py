@@ -4,40 +4,15 @@ weights kept, stages start from the previous stage's checkpoint."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 pytest.importorskip("keras")
 
-from vggflow.config import BackboneConfig, Config, HeadConfig, StageConfig
-from vggflow.model import resolve_weights
-from vggflow.tasks.features import compute_features
+from tests.conftest import stage_config
+from vggflow.config import HeadConfig, StageConfig
 from vggflow.tasks.finetune import run_stage
 from vggflow.tasks.train_head import train_head_on_features as train_head
 from vggflow.training import checkpoint_is_valid
-
-
-def stage_config(data_dir, **finetune) -> Config:
-    """A config for one stage on the tiny dataset: 32x32, seed 7, float32."""
-    return Config(
-        seed=7,
-        data={"dir": str(data_dir)},
-        backbone={"weights": "none", "image_size": 32, "precision": "float32"},
-        finetune={"batch_size": 8, **finetune},
-    )
-
-
-@pytest.fixture
-def features(tmp_path, tiny_dataset):
-    paths = sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.png"))
-    rows = pd.DataFrame(
-        {"path": paths, "label": [p.split("/")[0] for p in paths], "split": ["train", "train", "val"] * 12}
-    )
-    weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=1)
-    fs = compute_features(
-        rows, tiny_dataset, weights, 32, 12, tmp_path / "cache", "fp", ["block4_pool"], sorted(rows["label"].unique())
-    )
-    return fs, weights
 
 
 def test_head_and_stage_training_are_reproducible(tmp_path, tiny_dataset, features):
@@ -142,7 +117,7 @@ def test_stage_batches_do_not_depend_on_other_users_of_the_global_random_state(t
                 run_stage(
                     head,
                     stage,
-                    stage_config(tiny_dataset, batch_size=4, patience=3),
+                    stage_config(tiny_dataset, finetune={"batch_size": 4, "patience": 3}),
                     fs,
                     "block4_pool",
                     tmp_path / f"b5-{attempt}.keras",
