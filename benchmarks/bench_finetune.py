@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    from vggflow.config import BackboneConfig, FeaturesConfig, FinetuneConfig, HeadConfig, StageConfig
+    from vggflow.config import BackboneConfig, Config, FeaturesConfig, FinetuneConfig, HeadConfig, StageConfig
     from vggflow.model import resolve_weights
     from vggflow.stages import plan_prefix_caches
     from vggflow.tasks.features import compute_features
@@ -78,14 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     weights = resolve_weights(BackboneConfig(weights="none", image_size=args.size), common.cache_root(), seed=SEED)
     scratch = Path(tempfile.mkdtemp(prefix="finetune-", dir=common.cache_root()))
     defaults = FinetuneConfig()
-    cfg = FinetuneConfig(
-        stages=[
-            StageConfig(unfreeze_from=s.unfreeze_from, learning_rate=s.learning_rate, epochs=args.epochs)
-            for s in defaults.stages[: 1 if args.smoke else None]
-        ],
-        patience=args.epochs,  # never stop early: both variants run every epoch
+    cfg = Config(
+        seed=SEED,
+        data={"dir": str(folder)},
+        backbone={"weights": "none", "image_size": args.size, "precision": "float32"},
+        finetune=FinetuneConfig(
+            stages=[
+                StageConfig(unfreeze_from=s.unfreeze_from, learning_rate=s.learning_rate, epochs=args.epochs)
+                for s in defaults.stages[: 1 if args.smoke else None]
+            ],
+            patience=args.epochs,  # never stop early: both variants run every epoch
+        ),
     )
-    plan = plan_prefix_caches(cfg, args.size, len(rows))
+    plan = plan_prefix_caches(cfg.finetune, args.size, len(rows))
     layers = sorted({layer for layer in plan.values() if layer})
     batch = FeaturesConfig().batch_size
     try:
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 gc.collect()
                 keras.backend.clear_session()
                 t = time.perf_counter()
-                result = run_stage(head, stage, cfg, features, prefix, folder, args.size, SEED, scratch / "stage.keras")
+                result = run_stage(head, stage, cfg, features, prefix, scratch / "stage.keras")
                 return {
                     "images_s": result.images_per_second,
                     "fit_s": result.seconds,
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return run
 
         variants = {}
-        for stage in cfg.stages:
+        for stage in cfg.finetune.stages:
             variants[f"{stage.label} | vggflow (cached {plan[stage.label]})"] = variant(stage, plan[stage.label])
             variants[f"{stage.label} | naive (full model on images)"] = variant(stage, None)
         results = alternate(variants, args.rounds)
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     table_rows, speedups = [], []
-    for stage in cfg.stages:
+    for stage in cfg.finetune.stages:
         cached = results[f"{stage.label} | vggflow (cached {plan[stage.label]})"]
         naive = results[f"{stage.label} | naive (full model on images)"]
         speed = med(cached, "images_s") / med(naive, "images_s")
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "python benchmarks/bench_finetune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         f"{args.images} Fashion-MNIST PNG files at {args.size}² ({n_train} training images), {args.epochs} epochs per "
         f"stage, "
-        f"finetune.batch_size {cfg.batch_size}, seed {SEED}; every run starts from the same head checkpoint; "
+        f"finetune.batch_size {cfg.finetune.batch_size}, seed {SEED}; every run starts from the same head checkpoint; "
         f"VGG19 = a seeded random init. {args.rounds} alternating rounds in one process, medians.",
     )
     text += (

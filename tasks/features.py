@@ -51,6 +51,7 @@ from vggflow.feature_cache import (
 )
 from vggflow.files import ROWS_COLUMNS, atomic_write_text, read_rows
 from vggflow.hashing import stable_hash
+from vggflow.precision import resolve_precision
 from vggflow.progress import progress_logger
 from vggflow.stages import plan_prefix_caches, prefix_layers
 
@@ -71,6 +72,7 @@ def compute_features(
     layers: list[str],
     class_names: list[str],
     progress=None,
+    precision: str = "float32",
 ) -> FeatureSet:
     """Load the base and make sure the wanted layers are cached for the train and val rows.
 
@@ -78,17 +80,20 @@ def compute_features(
         A reference to the cached arrays (``rows_file`` lists their rows, in order).
     """
     from vggflow.model import build_base, set_aside_base
+    from vggflow.precision import FLOAT32, dtype_policy
 
     rows = cached_rows(rows)
-    directory = layer_cache_dir(cache_dir, fingerprint, weights.identity, image_size)
+    directory = layer_cache_dir(cache_dir, fingerprint, weights.identity, image_size, precision)
     started = time.perf_counter()
     wanted = set(layers) | {"avg_pool"}
     missing = sorted(wanted - verified_layers(directory, rows))
     if missing:
         check_disk_space(Path(cache_dir), required_bytes(len(rows), bytes_per_image(layers, image_size), 0))
-        base = build_base(weights, image_size)
+        with dtype_policy(precision):
+            base = build_base(weights, image_size)
         extract_features(rows, data_dir, base, missing, image_size, batch_size, directory, progress)
-        set_aside_base(base, weights, image_size)  # the head's classifier needs the same, untouched base
+        if precision == FLOAT32:
+            set_aside_base(base, weights, image_size)  # the head's classifier needs the same, untouched base
     rows_file = directory / "rows.csv"
     listing = rows[[c for c in ROWS_COLUMNS if c in rows.columns]].to_csv(index=False)
     # Rewritten when it differs: the folder may hold the rows of another validation of the same data.
@@ -96,7 +101,7 @@ def compute_features(
         atomic_write_text(rows_file, listing)
     return FeatureSet(
         directory=directory,
-        key=feature_cache_key(fingerprint, weights.identity, image_size, layers),
+        key=feature_cache_key(fingerprint, weights.identity, image_size, layers, precision),
         layers=sorted(wanted),
         rows_file=rows_file,
         class_names=class_names,
@@ -106,20 +111,31 @@ def compute_features(
 
 
 def prefix_plan(cfg: Config, validated: ValidatedData) -> dict[str, str | None]:
-    """Which frozen-prefix output each fine-tuning stage trains from (None: the whole model)."""
+    """Which frozen-prefix output each fine-tuning stage trains from (None: the whole model).
+
+    Stages that augment see images, so they have none.
+    """
+    if cfg.augment.enabled:
+        return {stage.label: None for stage in cfg.finetune.stages}
     return plan_prefix_caches(cfg.finetune, cfg.backbone.image_size, validated.n_valid)
 
 
 def _key(parameters: dict[str, Any]) -> str:
     cfg, validated = parameters["cfg"], parameters["validated"]
     layers = prefix_layers(prefix_plan(cfg, validated))
-    return feature_cache_key(validated.fingerprint, parameters["weights"].identity, cfg.backbone.image_size, layers)
+    precision = resolve_precision(cfg.backbone.precision)
+    return feature_cache_key(
+        validated.fingerprint, parameters["weights"].identity, cfg.backbone.image_size, layers, precision
+    )
 
 
 def _outputs_valid(parameters: dict[str, Any]) -> bool:
     cfg, validated = parameters["cfg"], parameters["validated"]
     size = cfg.backbone.image_size
-    directory = layer_cache_dir(cfg.features.cache_dir, validated.fingerprint, parameters["weights"].identity, size)
+    precision = resolve_precision(cfg.backbone.precision)
+    directory = layer_cache_dir(
+        cfg.features.cache_dir, validated.fingerprint, parameters["weights"].identity, size, precision
+    )
     wanted = set(prefix_layers(prefix_plan(cfg, validated))) | {"avg_pool"}
     return (directory / "rows.csv").is_file() and wanted <= verified_layers(directory, read_rows(validated.rows_file))
 
@@ -139,6 +155,7 @@ def extract_features_task(cfg: Config, weights: ResolvedWeights, validated: Vali
         prefix_layers(plan),
         validated.class_names,
         progress_logger("feature extraction"),
+        resolve_precision(cfg.backbone.precision),
     )
     return features.model_copy(update={"prefix_plan": plan})
 
@@ -160,6 +177,7 @@ class ShardJob(BaseModel):
         batch_size: images per forward pass.
         layers: the layers to compute.
         target: where the shard writes its arrays (a folder path or an fsspec URL).
+        precision: the base's compute precision (``float32`` or ``mixed_bfloat16``).
     """
 
     index: int
@@ -172,6 +190,7 @@ class ShardJob(BaseModel):
     batch_size: int
     layers: list[str]
     target: str
+    precision: str = "float32"
 
 
 class ShardOutput(BaseModel):
@@ -200,10 +219,11 @@ def shard_jobs(
     layers: list[str],
     target: str,
     shard_size: int,
+    precision: str = "float32",
 ) -> list[ShardJob]:
     """The shards of a pass over ``rows`` (in order), writing under ``target``/<what they compute>/."""
     paths = [str(p) for p in rows["path"]]
-    work = stable_hash(paths, sorted(layers), weights.identity, image_size, batch_size)
+    work = stable_hash(paths, sorted(layers), weights.identity, image_size, batch_size, precision)
     return [
         ShardJob(
             index=index,
@@ -216,6 +236,7 @@ def shard_jobs(
             batch_size=batch_size,
             layers=sorted(layers),
             target=f"{target.rstrip('/')}/{work}/{start:09d}-{stop:09d}",
+            precision=precision,
         )
         for index, (start, stop) in enumerate(shard_bounds(len(paths), shard_size, batch_size))
     ]
@@ -230,23 +251,26 @@ class ClusterPass(BaseModel):
     data_dir: Path
     layers: list[str]
     directory: Path
+    precision: str = "float32"
 
 
 def train_val_pass(cfg: Config, weights: ResolvedWeights, validated: ValidatedData) -> ClusterPass:
     """The train and val images' pass (pooled features and the stages' frozen prefixes), as the local step caches it."""
-    size = cfg.backbone.image_size
+    size, precision = cfg.backbone.image_size, resolve_precision(cfg.backbone.precision)
     return ClusterPass(
         rows=cached_rows(read_rows(validated.rows_file)),
         data_dir=cfg.data.dir,
         layers=[*prefix_layers(prefix_plan(cfg, validated)), "avg_pool"],
-        directory=layer_cache_dir(cfg.features.cache_dir, validated.fingerprint, weights.identity, size),
+        directory=layer_cache_dir(cfg.features.cache_dir, validated.fingerprint, weights.identity, size, precision),
+        precision=precision,
     )
 
 
 def test_prefix_pass(cfg: Config, validated: ValidatedData, features: FeatureSet, chosen: StageResult):
     """The test images' output of the chosen model's frozen part (None: an ``all`` stage, nothing frozen).
 
-    It goes to the cache's ``test/`` folder, where evaluation (``tasks/evaluate.py``) finds it.
+    It goes to the cache's ``test/`` folder, where evaluation (``tasks/evaluate.py``) finds it,
+    computed in float32 as the saved model computes.
     """
     layer = scoring_prefix_layer(chosen.prefix_cache)
     if layer is None:
@@ -274,7 +298,9 @@ def plan_shards(cfg: FeaturesConfig, weights: ResolvedWeights, image_size: int, 
         return []
     check_disk_space(job.directory, required_bytes(len(job.rows), bytes_per_image(missing, image_size), 0))
     target = shard_target(cfg, job.directory)
-    return shard_jobs(job.rows, job.data_dir, weights, image_size, cfg.batch_size, missing, target, cfg.shard_size)
+    return shard_jobs(
+        job.rows, job.data_dir, weights, image_size, cfg.batch_size, missing, target, cfg.shard_size, job.precision
+    )
 
 
 def assemble_shards(cfg: FeaturesConfig, job: ClusterPass, shards: list[ShardJob], outputs: list[ShardOutput]) -> None:
@@ -313,7 +339,7 @@ def extract_shard_task(job: ShardJob) -> ShardOutput:
     done = _read_manifest(fs, f"{root}/{SHARD_MANIFEST}")
     if done is not None and set(job.layers) <= set(done.parts):
         return done.model_copy(update={"reused": True, "seconds": time.perf_counter() - started})
-    base = _worker_base(json.dumps(job.weights, sort_keys=True), job.image_size)
+    base = _worker_base(json.dumps(job.weights, sort_keys=True), job.image_size, job.precision)
     with tempfile.TemporaryDirectory(prefix="vggflow-shard-") as scratch:
         rows = pd.DataFrame({"path": job.paths, "label": ""})
         extract_features(rows, job.data_dir, base, job.layers, job.image_size, job.batch_size, Path(scratch))
@@ -338,9 +364,10 @@ def _read_manifest(fs, path: str) -> ShardOutput | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _worker_base(weights_json: str, image_size: int):
+def _worker_base(weights_json: str, image_size: int, precision: str):
     """The frozen base, built once per worker process (shards after the first reuse it)."""
     from vggflow.model import ResolvedWeights, build_base
+    from vggflow.precision import dtype_policy
 
     weights = ResolvedWeights.model_validate_json(weights_json)
     if not weights.path.is_file():
@@ -356,7 +383,8 @@ def _worker_base(weights_json: str, image_size: int):
         # This worker's own Keras cache (or a download), checked against the published hash.
         found = keras.utils.get_file(IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_URL, file_hash=IMAGENET_NOTOP_MD5)
         weights = weights.model_copy(update={"path": Path(found)})
-    return build_base(weights, image_size)
+    with dtype_policy(precision):
+        return build_base(weights, image_size)
 
 
 def _worker_name() -> str:

@@ -15,10 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from vggflow.caching import cached_task, code_version
-from vggflow.config import Config, FinetuneConfig, StageConfig
+from vggflow.config import Config, StageConfig
 from vggflow.feature_cache import FeatureSet, load_layer
 from vggflow.files import read_rows
 from vggflow.hashing import stable_hash
+from vggflow.precision import resolve_precision
 from vggflow.runs import TrainingRun, in_stage_run
 from vggflow.training import (
     StageResult,
@@ -36,12 +37,9 @@ STAGE_TRAINING_EXCLUDES = {"stages", "selection_metric", "min_improvement", "sto
 def run_stage(
     previous: StageResult,
     stage: StageConfig,
-    cfg: FinetuneConfig,
+    cfg: Config,
     features: FeatureSet,
     prefix: str | None,
-    data_dir: Path,
-    image_size: int,
-    seed: int,
     checkpoint: Path,
     on_epoch=None,
 ) -> StageResult:
@@ -49,44 +47,51 @@ def run_stage(
 
     Args:
         previous: the stage to start from (its checkpoint is loaded).
-        stage: which blocks to unfreeze and the learning rate.
-        cfg: shared fine-tuning settings (batch size, patience).
+        stage: which blocks to unfreeze and the head's learning rate.
+        cfg: the config (fine-tuning, augmentation, precision, data folder, image size, seed).
         features: cached arrays (prefix outputs) and the row order.
         prefix: cached prefix layer to train from, or None to stream images through the full model.
-        data_dir: dataset root (for streaming images).
-        image_size: square input side.
-        seed: reproducible shuffling and dropout.
-        checkpoint: where this stage's best classifier is saved.
+        checkpoint: where this stage's best classifier is saved (float32, whatever trained it).
         on_epoch: optional ``callable(epoch, logs)``.
     """
+    import math
+
     import keras
 
     from vggflow.datasets import array_dataset, common_image_shape, file_errors_as_data_errors, image_dataset
-    from vggflow.model import suffix_model, unfreeze_to
-    from vggflow.training import finish_stage, fit_stage
+    from vggflow.model import augmentation, suffix_model, unfreeze_to
+    from vggflow.precision import copy_weights, resolve_precision, twin
+    from vggflow.training import finish_stage, fit_stage, stage_optimizer
 
+    finetune, size, seed = cfg.finetune, cfg.backbone.image_size, cfg.seed
     keras.utils.set_random_seed(seed)
-    model = keras.saving.load_model(previous.checkpoint)
+    model = keras.saving.load_model(previous.checkpoint, compile=False)
     freeze = unfreeze_to(model, stage.unfreeze_from, stage.label)
+    trained = twin(model, resolve_precision(cfg.backbone.precision))
+    unfreeze_to(trained, stage.unfreeze_from, stage.label)
     if prefix is not None:
-        trainable = suffix_model(model, stage.unfreeze_from)
+        trainable = suffix_model(trained, stage.unfreeze_from)
         x_train, y_train = load_layer(features, prefix, "train")
         x_val, y_val = load_layer(features, prefix, "val")
-        train = array_dataset(x_train, y_train, cfg.batch_size, shuffle=True, seed=seed)
-        val = array_dataset(x_val, y_val, cfg.batch_size, shuffle=False, seed=seed)
+        train = array_dataset(x_train, y_train, finetune.batch_size, shuffle=True, seed=seed)
+        val = array_dataset(x_val, y_val, finetune.batch_size, shuffle=False, seed=seed)
         n_train = len(y_train)
     else:
-        trainable = model
+        # Images through the whole model, augmented in training only; a wrapper is what gets
+        # compiled, so the saved classifier carries no optimizer state.
+        images = keras.Input(shape=(size, size, 3), name="image")
+        augment = augmentation(size, cfg.augment.translate, cfg.augment.flip, seed)
+        trainable = keras.Model(images, trained(augment(images) if augment else images), name="stage")
         rows = read_rows(features.rows_file)
         index = {name: i for i, name in enumerate(features.class_names)}
         split = {name: rows[rows["split"] == name] for name in ("train", "val")}
         same_shape = common_image_shape(rows)
         train, val = (
             image_dataset(
-                [Path(data_dir) / p for p in split[name]["path"]],
+                [Path(cfg.data.dir) / p for p in split[name]["path"]],
                 split[name]["label"].map(index).to_numpy(),
-                image_size,
-                cfg.batch_size,
+                size,
+                finetune.batch_size,
                 shuffle=name == "train",
                 seed=seed,
                 same_shape=same_shape,
@@ -94,25 +99,30 @@ def run_stage(
             for name in ("train", "val")
         )
         n_train = len(split["train"])
+    optimizer = stage_optimizer(finetune, stage, math.ceil(n_train / finetune.batch_size))
     with file_errors_as_data_errors():  # an image that changed since validation: named, one line
-        fit = fit_stage(trainable, train, val, stage.learning_rate, stage.epochs, cfg.patience, on_epoch)
+        fit = fit_stage(
+            trainable,
+            train,
+            val,
+            optimizer,
+            stage.epochs,
+            finetune.patience,
+            on_epoch,
+            label_smoothing=finetune.label_smoothing,
+        )
+    copy_weights(trained, model)
     return finish_stage(
-        model,
-        checkpoint,
-        stage.label,
-        stage.unfreeze_from,
-        stage.learning_rate,
-        freeze,
-        fit,
-        n_train,
-        prefix,
+        model, checkpoint, stage.label, stage.unfreeze_from, stage.learning_rate, freeze, fit, n_train, prefix
     )
 
 
 def stage_key(cfg: Config, previous: StageResult, stage: StageConfig, features: FeatureSet) -> str:
     """A stage's cache key: chained from the stage it starts from, plus its own settings, input and code."""
     shared = cfg.finetune.model_dump(exclude=STAGE_TRAINING_EXCLUDES)
-    return stable_hash(previous.cache_key, stage, shared, features.prefix_plan.get(stage.label), code_version(__name__))
+    precision = resolve_precision(cfg.backbone.precision)
+    prefix = features.prefix_plan.get(stage.label)
+    return stable_hash(previous.cache_key, stage, shared, prefix, cfg.augment, precision, code_version(__name__))
 
 
 def _stage_key(parameters: dict) -> str:
@@ -139,16 +149,7 @@ def finetune_stage_task(
         f"stage {stage.label}: training from {previous.stage}, lr {stage.learning_rate:g}, "
         f"{'on cached ' + prefix if prefix else 'on images'}",
         lambda on_epoch: run_stage(
-            previous,
-            stage,
-            cfg.finetune,
-            features,
-            prefix,
-            cfg.data.dir,
-            cfg.backbone.image_size,
-            cfg.seed,
-            checkpoint_path(cfg.work_dir, key),
-            on_epoch,
+            previous, stage, cfg, features, prefix, checkpoint_path(cfg.work_dir, key), on_epoch
         ),
     )
 

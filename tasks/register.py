@@ -88,7 +88,6 @@ class _PyfuncWithKerasFlavor:
     @staticmethod
     def save_model(path, mlflow_model, **kwargs) -> None:
         import keras
-
         import mlflow
 
         mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
@@ -109,9 +108,9 @@ def log_classifier(
     """
     import shutil
 
+    import mlflow
     from mlflow.models import Model
 
-    import mlflow
     from vggflow.tracking import without_type_hint_advice
 
     package = work_dir / "model-package"

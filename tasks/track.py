@@ -27,6 +27,7 @@ from vggflow.config import Config
 from vggflow.feature_cache import FeatureSet
 from vggflow.files import atomic_write_text
 from vggflow.lineage import TRAINING_FLOW
+from vggflow.precision import resolve_precision
 from vggflow.runs import (
     TrainingRun,
     close_abandoned_runs,
@@ -89,6 +90,7 @@ def start_training_run(
         "git_commit": commit,
         "backbone.weights_identity": weights_identity,
         "backbone.random_init": str(random_init),
+        "backbone.resolved_precision": resolve_precision(cfg.backbone.precision),
     }
     params |= {f"package.{name}": version for name, version in versions.items()}
     log_params(client, run_id, params)

@@ -46,8 +46,8 @@ def train_head_on_features(
     import keras
     import numpy as np
 
-    from vggflow.model import build_classifier, head_model, take_base, unfreeze_to
-    from vggflow.training import finish_stage, fit_stage
+    from vggflow.model import build_classifier, head_model, standardize_head, take_base, unfreeze_to
+    from vggflow.training import adam, finish_stage, fit_stage
 
     base = take_base(weights, image_size)
     # The initial weights come from `seed` alone (build_classifier); the global seed is for
@@ -59,15 +59,22 @@ def train_head_on_features(
     # shuffle, exactly as `model.fit` over images through the frozen base would.
     x_train, y_train = (np.asarray(a[: len(a)]) for a in load_layer(features, "avg_pool", "train"))
     x_val, y_val = (np.asarray(a[: len(a)]) for a in load_layer(features, "avg_pool", "val"))
+    standardize_head(model, x_train)  # on the training rows only: validation stays unseen
+    # Trained to its plateau: the rate drops when validation loss stalls, early stopping ends it.
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        monitor="val_loss", factor=cfg.lr_plateau_factor, patience=cfg.lr_plateau_patience, min_lr=1e-6
+    )
     fit = fit_stage(
         head_model(model),
         (x_train, y_train),
         (x_val, y_val),
-        cfg.learning_rate,
+        adam(cfg.learning_rate, cfg.weight_decay),
         cfg.epochs,
         cfg.patience,
         on_epoch,
         batch_size=cfg.batch_size,
+        label_smoothing=cfg.label_smoothing,
+        callbacks=[plateau],
     )
     return finish_stage(model, checkpoint, HEAD_STAGE, None, cfg.learning_rate, freeze, fit, len(y_train), "avg_pool")
 

@@ -63,6 +63,33 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data")
 
 
+def stage_config(data_dir: Path, precision: str = "float32", **sections):
+    """A config for fine-tuning stages on the tiny dataset: 32x32, random base, seed 7, batches of 8."""
+    from vggflow.config import Config
+
+    backbone = {"weights": "none", "image_size": 32, "precision": precision}
+    return Config(seed=7, data={"dir": str(data_dir)}, backbone=backbone, **{"finetune": {"batch_size": 8}, **sections})
+
+
+@pytest.fixture
+def features(tmp_path: Path, tiny_dataset: Path):
+    """The tiny dataset's cached features (avg_pool and block4_pool; 2/3 train, 1/3 val) and its random weights."""
+    import pandas as pd
+
+    from vggflow.config import BackboneConfig
+    from vggflow.model import resolve_weights
+    from vggflow.tasks.features import compute_features
+
+    paths = sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.png"))
+    rows = pd.DataFrame(
+        {"path": paths, "label": [p.split("/")[0] for p in paths], "split": ["train", "train", "val"] * 12}
+    )
+    weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=1)
+    classes = sorted(rows["label"].unique())
+    fs = compute_features(rows, tiny_dataset, weights, 32, 12, tmp_path / "cache", "fp", ["block4_pool"], classes)
+    return fs, weights
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A throw-away project folder as the cwd, with its own MLflow sqlite store."""
@@ -98,6 +125,7 @@ def tiny_overrides(**extra: str) -> list[str]:
         "finetune.stages": "[{unfreeze_from: block5, learning_rate: 1.0e-4, epochs: 1},"
         " {unfreeze_from: block4, learning_rate: 1.0e-5, epochs: 1},"
         " {unfreeze_from: all, learning_rate: 1.0e-5, epochs: 1}]",
+        "finetune.warmup_epochs": "0",  # one-epoch stages: no room for a warm-up
         "finetune.stop_when_no_improvement": "false",
         "registry.thresholds": "{accuracy: 0.0}",
         "validation.min_images_per_class": "3",

@@ -29,6 +29,8 @@ SCRIPTS = [
     "bench_rerun",
     "bench_photos",
     "bench_cli",
+    "bench_recipe",
+    "bench_precision",
 ]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -187,6 +187,7 @@ def _read_lines(stream: io.TextIOBase, lines: queue.Queue[str | None]) -> None:
 def served(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> Iterator[Dashboard]:
     """One tiny training run, then `vggflow ui --port <free>` over its store (stopped at the end)."""
     import mlflow
+
     from vggflow.flows.train import train_flow
 
     root = tmp_path_factory.mktemp("dashboard")

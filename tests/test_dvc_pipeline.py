@@ -62,13 +62,13 @@ def test_dvc_runs_the_pipeline_and_its_experiments(tmp_path: Path, environment):
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "baseline results")
 
-    run(project, environment, "dvc", "exp", "run", "-S", "head.learning_rate=0.003")
+    run(project, environment, "dvc", "exp", "run", "-S", "head.learning_rate=0.002")
     experiments = dvc_json(project, environment, "exp", "show")
     runs = [e for row in experiments for e in [row, *(x for x in row.get("experiments") or [] for x in x["revs"])]]
     tried = [
         r["data"]
         for r in runs
-        if r.get("data") and r["data"]["params"]["params.yaml"]["data"]["head"]["learning_rate"] == 0.003
+        if r.get("data") and r["data"]["params"]["params.yaml"]["data"]["head"]["learning_rate"] == 0.002
     ]
     assert tried and "test" in tried[0]["metrics"]["reports/metrics.json"]["data"]
     assert tried[0]["metrics"]["reports/metrics.json"]["data"]["model_version"] == 2  # a second registered version

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("keras")
 
-from vggflow.config import BackboneConfig, EvaluateConfig, FinetuneConfig, HeadConfig, StageConfig
+from vggflow.config import BackboneConfig, Config, EvaluateConfig, HeadConfig, StageConfig
 from vggflow.feature_cache import TEST_DIR
 from vggflow.model import resolve_weights
 from vggflow.tasks.evaluate import compute_scoring_prefix, evaluate_classifier
@@ -37,9 +37,13 @@ def trained(tmp_path, tiny_dataset):
         features, weights, 32, HeadConfig(dense_units=16, epochs=3, patience=3), 7, tmp_path / "head.keras"
     )
     stage = StageConfig(unfreeze_from="block5", learning_rate=1e-4, epochs=1)
-    block5 = run_stage(
-        head, stage, FinetuneConfig(batch_size=8), features, "block4_pool", tiny_dataset, 32, 7, tmp_path / "b5.keras"
+    cfg = Config(
+        seed=7,
+        data={"dir": str(tiny_dataset)},
+        backbone={"weights": "none", "image_size": 32, "precision": "float32"},
+        finetune={"batch_size": 8},
     )
+    block5 = run_stage(head, stage, cfg, features, "block4_pool", tmp_path / "b5.keras")
     return rows, classes, weights, features, head, block5
 
 

@@ -264,7 +264,7 @@ def test_deleted_data_is_restored_with_dvc_pull(trained_project: Path):
 
 @pytest.mark.slow
 def test_same_data_new_head_learning_rate_reuses_cached_features(trained_project: Path):
-    outcome, flow_run_id, seconds = run_retrain("head.learning_rate=0.003", force=True)
+    outcome, flow_run_id, seconds = run_retrain("head.learning_rate=0.002", force=True)
     print(f"forced re-run, new head lr: {seconds:.1f} s")
     assert not outcome.skipped and "forced" in outcome.reason
     (training,) = subflow_runs(flow_run_id)

@@ -25,6 +25,7 @@ import yaml
 
 from tests.conftest import PROJECT_ROOT, tiny_overrides, write_dataset
 from vggflow.config import load_config
+from vggflow.precision import resolve_precision
 from vggflow.stack import objectstore, postgres
 from vggflow.stack.folder import MARKER, StackError, StackFolder, tcp_open
 
@@ -175,7 +176,7 @@ def test_train_on_the_cluster_and_the_stores_behind_the_servers(stack: Stack) ->
     assert any("/models/m-" in k and k.endswith("/MLmodel") for k in keys)
 
 
-def local_reference(stack: Stack, image_size: int, layers: list[str], cache: Path):
+def local_reference(stack: Stack, image_size: int, layers: list[str], cache: Path, precision: str = "float32"):
     """The single-process pass over the project's train and val images (the arrays to compare with)."""
     from vggflow.feature_cache import cached_rows
     from vggflow.files import read_rows
@@ -186,7 +187,9 @@ def local_reference(stack: Stack, image_size: int, layers: list[str], cache: Pat
     rows_file = next(p for p in (stack.project / ".vggflow").rglob("rows.csv") if ",test," in p.read_text())
     rows = read_rows(rows_file)
     weights = resolve_weights(cfg.backbone, cfg.features.cache_dir, cfg.seed)
-    features = compute_features(rows, cfg.data.dir, weights, image_size, 16, cache, "reference", layers, ["x"])
+    features = compute_features(
+        rows, cfg.data.dir, weights, image_size, 16, cache, "reference", layers, ["x"], precision=precision
+    )
     return features.directory, cached_rows(rows), weights, cfg
 
 
@@ -196,7 +199,9 @@ def test_dask_features_equal_the_local_pass_and_went_through_the_bucket(stack: S
     assert len(cluster) == 1
     layers = sorted(json.loads((cluster[0] / "meta.json").read_text())["layers"])
     assert "avg_pool" in layers and len(layers) > 1  # the head's features and the stages' frozen prefixes
-    reference, _, _, _ = local_reference(stack, 32, layers, stack.base / "reference")
+    # In the precision the training flow ran in (`auto`: bfloat16 where the CPU has it).
+    precision = resolve_precision(cfg.backbone.precision)
+    reference, _, _, _ = local_reference(stack, 32, layers, stack.base / "reference", precision)
     for layer in layers:
         assert (cluster[0] / f"{layer}.npy").read_bytes() == (reference / f"{layer}.npy").read_bytes(), layer
     assert (cluster[0] / "meta.json").read_text() == (reference / "meta.json").read_text()
@@ -212,6 +217,7 @@ KILLED_RUN = """
 import json, sys
 from pathlib import Path
 from vggflow.config import load_config
+from vggflow.precision import resolve_precision
 from vggflow.feature_cache import cached_rows
 from vggflow.files import read_rows
 from vggflow.flows.extract import extract_on_cluster
@@ -405,6 +411,7 @@ import json, sys, time
 import mlflow
 import pandas as pd
 from vggflow.config import load_config
+from vggflow.precision import resolve_precision
 from vggflow.files import read_rows
 from vggflow.registry import promotion_lock
 from vggflow.tasks.promote import promote_if_better

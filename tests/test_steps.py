@@ -47,7 +47,8 @@ def test_prefix_layers_and_sizes():
 
 
 def test_prefix_cache_plan_only_uses_untouched_blocks():
-    descending = FinetuneConfig()
+    three = [StageConfig(unfreeze_from=block, learning_rate=1e-4) for block in ("block5", "block4", "all")]
+    descending = FinetuneConfig(stages=three)
     assert plan_prefix_caches(descending, 64, 100) == {
         "block5": "block4_pool",
         "block4": "block3_pool",
@@ -61,7 +62,7 @@ def test_prefix_cache_plan_only_uses_untouched_blocks():
         ]
     )
     assert plan_prefix_caches(ascending, 64, 100) == {"block4": "block3_pool", "block5": None}
-    assert plan_prefix_caches(FinetuneConfig(cache_frozen_prefix=False), 64, 100) == {
+    assert plan_prefix_caches(FinetuneConfig(stages=three, cache_frozen_prefix=False), 64, 100) == {
         "block5": None,
         "block4": None,
         "all": None,

@@ -4,30 +4,15 @@ weights kept, stages start from the previous stage's checkpoint."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 pytest.importorskip("keras")
 
-from vggflow.config import BackboneConfig, FinetuneConfig, HeadConfig, StageConfig
-from vggflow.model import resolve_weights
-from vggflow.tasks.features import compute_features
+from tests.conftest import stage_config
+from vggflow.config import HeadConfig, StageConfig
 from vggflow.tasks.finetune import run_stage
 from vggflow.tasks.train_head import train_head_on_features as train_head
 from vggflow.training import checkpoint_is_valid
-
-
-@pytest.fixture
-def features(tmp_path, tiny_dataset):
-    paths = sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.png"))
-    rows = pd.DataFrame(
-        {"path": paths, "label": [p.split("/")[0] for p in paths], "split": ["train", "train", "val"] * 12}
-    )
-    weights = resolve_weights(BackboneConfig(weights="none", image_size=32), tmp_path, seed=1)
-    fs = compute_features(
-        rows, tiny_dataset, weights, 32, 12, tmp_path / "cache", "fp", ["block4_pool"], sorted(rows["label"].unique())
-    )
-    return fs, weights
 
 
 def test_head_and_stage_training_are_reproducible(tmp_path, tiny_dataset, features):
@@ -39,17 +24,7 @@ def test_head_and_stage_training_are_reproducible(tmp_path, tiny_dataset, featur
     runs = []
     for attempt in range(2):
         head = train_head(fs, weights, 32, head_cfg, 7, tmp_path / f"head{attempt}.keras")
-        tuned = run_stage(
-            head,
-            stage,
-            FinetuneConfig(batch_size=8),
-            fs,
-            "block4_pool",
-            tiny_dataset,
-            32,
-            7,
-            tmp_path / f"b5{attempt}.keras",
-        )
+        tuned = run_stage(head, stage, stage_config(tiny_dataset), fs, "block4_pool", tmp_path / f"b5{attempt}.keras")
         runs.append((head, tuned))
     (h0, s0), (h1, s1) = runs
     assert h0.history == h1.history and s0.history == s1.history
@@ -87,9 +62,7 @@ def test_stage_on_streamed_images_ends_epochs_cleanly(tmp_path, tiny_dataset, fe
     stage = StageConfig(unfreeze_from="block5", learning_rate=1e-4, epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tuned = run_stage(
-            head, stage, FinetuneConfig(batch_size=8), fs, None, tiny_dataset, 32, 7, tmp_path / "b5.keras"
-        )
+        tuned = run_stage(head, stage, stage_config(tiny_dataset), fs, None, tmp_path / "b5.keras")
     assert tuned.epochs_run == 2 and tuned.prefix_cache is None and checkpoint_is_valid(tuned.checkpoint)
     assert tuned.images_per_second > 0
     # Keras knows where each epoch ends, and is not told to shuffle a dataset that shuffles itself.
@@ -144,12 +117,9 @@ def test_stage_batches_do_not_depend_on_other_users_of_the_global_random_state(t
                 run_stage(
                     head,
                     stage,
-                    FinetuneConfig(batch_size=4, patience=3),
+                    stage_config(tiny_dataset, finetune={"batch_size": 4, "patience": 3}),
                     fs,
                     "block4_pool",
-                    tiny_dataset,
-                    32,
-                    7,
                     tmp_path / f"b5-{attempt}.keras",
                 )
             )

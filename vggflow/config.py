@@ -73,6 +73,11 @@ class BackboneConfig(Section):
         False, description="Train on a randomly initialised base when `weights` cannot be obtained (or is `none`)."
     )
     image_size: int = Field(224, ge=32, le=1024, description="Square input side; VGG19 needs at least 32.")
+    precision: Literal["auto", "float32", "mixed_bfloat16"] = Field(
+        "auto",
+        description="Compute precision of extraction and training; `auto` = mixed_bfloat16 where the CPU runs "
+        "bfloat16 natively (AMX or AVX-512 BF16), else float32. The registered model always computes in float32.",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -107,12 +112,19 @@ class FeaturesConfig(Section):
 class HeadConfig(Section):
     """Feature-extraction training: the new classification head on cached features."""
 
-    dense_units: int = Field(128, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    epochs: int = Field(30, ge=1)
+    dense_units: int = Field(128, ge=0, description="Hidden ReLU units; 0 = a linear classifier (logistic regression).")
+    dropout: float = Field(0.3, ge=0, lt=1)
+    standardize: bool = Field(
+        True, description="Standardise the pooled features (a Normalization layer adapted on the training rows)."
+    )
+    learning_rate: float = Field(3e-3, gt=0, description="Starting learning rate (Adam, or AdamW with weight_decay).")
+    epochs: int = Field(200, ge=1, description="Upper bound: early stopping ends training at its plateau.")
     batch_size: int = Field(32, ge=1)
-    patience: int = Field(5, ge=1, description="Early stopping on validation loss.")
+    patience: int = Field(10, ge=1, description="Early stopping on validation loss (the best epoch is kept).")
+    lr_plateau_factor: float = Field(0.3, gt=0, lt=1, description="ReduceLROnPlateau: multiply the rate by this...")
+    lr_plateau_patience: int = Field(3, ge=1, description="...after this many epochs without a better val_loss.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay; 0 = Adam.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 StageUnfreeze = Literal["block1", "block2", "block3", "block4", "block5", "all"]
@@ -123,8 +135,8 @@ class StageConfig(Section):
 
     name: str | None = Field(None, description="Defaults to `unfreeze_from`; names the nested MLflow run.")
     unfreeze_from: StageUnfreeze
-    learning_rate: float = Field(gt=0)
-    epochs: int = Field(5, ge=1)
+    learning_rate: float = Field(gt=0, description="Peak learning rate of the head's layers in this stage.")
+    epochs: int = Field(10, ge=1)
 
     @property
     def label(self) -> str:
@@ -133,9 +145,8 @@ class StageConfig(Section):
 
 def _default_stages() -> list[StageConfig]:
     return [
-        StageConfig(unfreeze_from="block5", learning_rate=1e-4),
-        StageConfig(unfreeze_from="block4", learning_rate=1e-5),
-        StageConfig(unfreeze_from="all", learning_rate=1e-5),
+        StageConfig(unfreeze_from="block5", learning_rate=1e-3),
+        StageConfig(unfreeze_from="block4", learning_rate=3e-4),
     ]
 
 
@@ -156,6 +167,28 @@ class FinetuneConfig(Section):
         True, description="Train a stage on cached outputs of its frozen lower blocks instead of recomputing them."
     )
     prefix_cache_max_gb: float = Field(8.0, ge=0, description="Larger frozen-prefix caches are not built.")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="Learning rate within a stage: linear warm-up, then cosine decay; or constant."
+    )
+    warmup_epochs: int = Field(1, ge=0, description="Linear warm-up from 0 (cosine); at most a stage's epochs.")
+    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="Where the cosine ends, as a fraction of the peak.")
+    block_lr_multiplier: float = Field(
+        0.03, gt=0, le=1, description="Discriminative rates: the top unfrozen block learns at this × the head's rate..."
+    )
+    lower_block_lr_decay: float = Field(0.3, gt=0, le=1, description="...and each block below it this much slower.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay; 0 = Adam.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _warmup_within_stages(self) -> FinetuneConfig:
+        if self.schedule == "cosine":
+            for index, stage in enumerate(self.stages):
+                if self.warmup_epochs > stage.epochs:
+                    raise ValueError(
+                        f"warmup_epochs ({self.warmup_epochs}) is longer than stage {stage.label}'s "
+                        f"{stage.epochs} epochs (finetune.stages.{index}.epochs): shorten the warm-up"
+                    )
+        return self
 
     @field_validator("stages")
     @classmethod
@@ -167,6 +200,20 @@ class FinetuneConfig(Section):
         if "head" in labels:
             raise ValueError("`head` is reserved for the feature-extraction stage")
         return stages
+
+
+class AugmentConfig(Section):
+    """Random augmentation of the training images, for the stages that see images (never at inference).
+
+    A stage that augments cannot train on cached frozen-block outputs: it streams images.
+    """
+
+    translate: float = Field(0.0, ge=0, lt=0.5, description="Random shift, as a fraction of the image side; 0 = off.")
+    flip: Literal["none", "horizontal"] = Field("none", description="Random mirror; only where labels allow it.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.translate > 0 or self.flip != "none"
 
 
 class EvaluateConfig(Section):
@@ -265,6 +312,7 @@ class Config(BaseModel):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
@@ -321,6 +369,16 @@ class Config(BaseModel):
                 "features": self.features.model_copy(update={"cache_dir": Path(self.features.cache_dir).resolve()}),
             }
         )
+
+    @model_validator(mode="after")
+    def _augmentation_fits_the_image(self) -> Config:
+        shift = self.augment.translate * self.backbone.image_size
+        if 0 < shift < 1:
+            raise ValueError(
+                f"augment.translate {self.augment.translate} shifts images of {self.backbone.image_size} px by "
+                f"less than one pixel: use at least {1 / self.backbone.image_size:.3g}, or 0 to turn it off"
+            )
+        return self
 
     def as_yaml(self) -> str:
         """The effective config, as YAML (what gets logged)."""

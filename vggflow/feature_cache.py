@@ -34,7 +34,7 @@ TEST_DIR = "test"
 
 #: The code that computes the cached outputs (the extraction loop and the graph it runs), with
 #: every vggflow module they use: part of the cache folder's key.
-FEATURE_CODE = ("vggflow.feature_cache", "vggflow.model")
+FEATURE_CODE = ("vggflow.feature_cache", "vggflow.model", "vggflow.precision")
 
 
 class FeatureSet(BaseModel):
@@ -59,14 +59,20 @@ class FeatureSet(BaseModel):
         return self.model_copy(update={"directory": self.directory.resolve(), "rows_file": self.rows_file.resolve()})
 
 
-def feature_cache_key(fingerprint: str, weights_identity: str, image_size: int, layers: list[str]) -> str:
-    """Identifies a cache entry's content: the dataset, the backbone weights, the input size, the layers, the code."""
-    return stable_hash(fingerprint, weights_identity, image_size, sorted(layers), code_version(*FEATURE_CODE))
+def feature_cache_key(
+    fingerprint: str, weights_identity: str, image_size: int, layers: list[str], precision: str = "float32"
+) -> str:
+    """Identifies a cache entry's content: dataset, backbone weights, input size, precision, layers and code."""
+    return stable_hash(
+        fingerprint, weights_identity, image_size, precision, sorted(layers), code_version(*FEATURE_CODE)
+    )
 
 
-def layer_cache_dir(cache_dir: Path, fingerprint: str, weights_identity: str, image_size: int) -> Path:
-    """One folder per dataset/backbone/size/code; each layer is a file in it, computed when first needed."""
-    key = stable_hash(fingerprint, weights_identity, image_size, code_version(*FEATURE_CODE))
+def layer_cache_dir(
+    cache_dir: Path, fingerprint: str, weights_identity: str, image_size: int, precision: str = "float32"
+) -> Path:
+    """One folder per dataset/backbone/size/precision/code; each layer is a file in it, computed when first needed."""
+    key = stable_hash(fingerprint, weights_identity, image_size, precision, code_version(*FEATURE_CODE))
     return Path(cache_dir) / "features" / key
 
 

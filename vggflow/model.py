@@ -28,7 +28,12 @@ IMAGENET_NOTOP_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_NOTOP_MD5 = "253f8cb515780f3b799900260a226db6"
 BASE_NAME = "vgg19"
-HEAD_LAYERS = ("head_dense", "head_dropout", "predictions")
+HEAD_LAYERS = ("head_norm", "head_dense", "head_dropout", "predictions")
+
+#: Pooled features whose variance on the training rows is below this fraction of the median
+#: variance are scaled as if they had this much: a random base has dead units, and a test image
+#: that wakes one up must not be multiplied by the inverse square root of almost nothing.
+VARIANCE_FLOOR = 1e-3
 
 
 class ResolvedWeights(BaseModel):
@@ -204,7 +209,8 @@ def build_classifier(
 
     The graph carries its own resize and VGG19's own ``preprocess_input`` (RGB→BGR, ImageNet mean
     subtraction), so a client needs nothing else: VGG19 conv base → GlobalAveragePooling2D →
-    Dense(units, relu) → [Dropout] → Dense(n_classes, softmax), as in the article's examples.
+    [standardisation] → Dense(units, relu) → [Dropout] → Dense(n_classes, softmax), the article's
+    head with its input standardised (adapted by :func:`standardize_head` on the training rows).
     With ``seed``, the head's initial weights and its dropout masks depend on ``seed`` alone
     (:func:`seeded_initial_weights`).
     """
@@ -216,15 +222,58 @@ def build_classifier(
     outputs = _head(features, n_classes, head, seed)
     model = keras.Model(images, outputs, name="vggflow_classifier")
     if seed is not None:
-        seeded_initial_weights(head_layers(model), seed)
+        # The standardisation has no initial weights: it is adapted on the training features.
+        seeded_initial_weights([layer for layer in head_layers(model) if layer.trainable_weights], seed)
     return model
 
 
 def _head(features: keras.KerasTensor, n_classes: int, head: HeadConfig, seed: int | None) -> keras.KerasTensor:
-    x = keras.layers.Dense(head.dense_units, activation="relu", name="head_dense")(features)
+    x = features
+    if head.standardize:
+        x = keras.layers.Normalization(axis=-1, dtype="float32", name="head_norm")(x)
+    if head.dense_units:  # 0: a linear classifier on the (standardised) pooled features
+        x = keras.layers.Dense(head.dense_units, activation="relu", name="head_dense")(x)
     if head.dropout > 0:
         x = keras.layers.Dropout(head.dropout, seed=seed, name="head_dropout")(x)
-    return keras.layers.Dense(n_classes, activation="softmax", name="predictions")(x)
+    return keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="predictions")(x)
+
+
+def standardize_head(model: keras.Model, train_features: np.ndarray) -> None:
+    """Adapt the head's standardisation (if it has one) on the training rows' pooled features only.
+
+    The mean and variance are weights of the model: they travel with every checkpoint and the
+    registered model, so serving standardises exactly as training did.
+    """
+    if "head_norm" not in {layer.name for layer in model.layers}:
+        return
+    norm = model.get_layer("head_norm")
+    norm.adapt(np.asarray(train_features, dtype=np.float32))
+    variance = np.asarray(norm.adapt_variance.numpy())
+    positive = variance[variance > 0]
+    floor = VARIANCE_FLOOR * (float(np.median(positive)) if positive.size else 1.0)
+    norm.adapt_variance.assign(np.maximum(variance, floor).astype(np.float32))
+    norm.finalize_state()
+
+
+def augmentation(image_size: int, translate: float, flip: str, seed: int) -> keras.Model | None:
+    """Random shifts (and mirrors) of resized images, a training-time layer: identity at inference.
+
+    Shifted-in pixels are black, as the background of product photos on a plain ground is.
+    """
+    layers = []
+    if translate > 0:
+        layers.append(
+            keras.layers.RandomTranslation(translate, translate, fill_mode="constant", seed=seed, name="aug_shift")
+        )
+    if flip != "none":
+        layers.append(keras.layers.RandomFlip(flip, seed=seed, name="aug_flip"))
+    if not layers:
+        return None
+    images = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = images
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(images, x, name="augment")
 
 
 def base_of(model: keras.Model) -> keras.Model:
@@ -291,7 +340,7 @@ def unfreeze_to(model: keras.Model, unfreeze_from: str | None, stage: str) -> Fr
     for layer in head_layers(model):
         layer.trainable = True
     trainable = [layer for layer in base.layers if layer.trainable and layer.weights] + [
-        layer for layer in head_layers(model) if layer.weights
+        layer for layer in head_layers(model) if layer.trainable_weights
     ]
     first = trainable[0].name if trainable else ""
     return FreezeInfo(

@@ -72,10 +72,9 @@ def passes_gate(candidate: dict[str, float], champion: dict[str, float] | None, 
     """MLflow's validation of the candidate's metrics against the thresholds and the champion's."""
     import logging
 
+    import mlflow
     from mlflow.models import EvaluationResult
     from mlflow.models.evaluation.validation import ModelValidationFailedException
-
-    import mlflow
 
     def result(metrics: dict[str, float]) -> EvaluationResult:
         return EvaluationResult({MLFLOW_METRICS[k]: v for k, v in metrics.items() if k in MLFLOW_METRICS}, {})

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import numpy as np
 import pandas as pd
-
-import mlflow
 
 
 class VggflowClassifier(mlflow.pyfunc.PythonModel):

@@ -121,6 +121,7 @@ def evaluate_registered(
 
     def predict_test_set():
         import mlflow
+
         from vggflow.datasets import predict_in_batches
         from vggflow.tracking import without_type_hint_advice
 
@@ -161,9 +162,8 @@ def mlflow_evaluation(
     import logging
 
     import matplotlib.pyplot as plt
-    from mlflow.tracking import MlflowClient
-
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     data = mlflow.data.from_pandas(
         pd.DataFrame({"label": labels, "predicted": predicted}),

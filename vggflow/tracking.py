@@ -109,10 +109,9 @@ def connect(cfg: TrackingConfig):
 
     The experiment is created with its artifacts under ``cfg.artifact_root`` when new.
     """
+    import mlflow
     from filelock import FileLock
     from mlflow.tracking import MlflowClient
-
-    import mlflow
 
     uri = check_store(cfg)
     mlflow.set_tracking_uri(uri)

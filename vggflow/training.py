@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from vggflow.config import FinetuneConfig, StageConfig
 from vggflow.files import atomic_path, atomic_write_text
 from vggflow.hashing import file_sha256
 
@@ -90,22 +91,101 @@ def is_better(candidate: float, best: float, metric: str, margin: float = 0.0) -
     return candidate > best + margin
 
 
+def adam(learning_rate, weight_decay: float = 0.0):
+    """Adam, or AdamW with decoupled weight decay (biases excluded) when ``weight_decay`` > 0."""
+    import keras
+
+    if not weight_decay:
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=["bias"])
+    return optimizer
+
+
+def warmup_cosine(peak: float, total_steps: int, warmup_steps: int, final_fraction: float):
+    """Linear warm-up from 0 to ``peak``, then cosine decay to ``peak × final_fraction`` at the last step."""
+    import keras
+
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else peak,
+        decay_steps=max(total_steps - warmup_steps, 1),
+        alpha=final_fraction,
+        warmup_target=peak if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+def block_lr_multipliers(unfreeze_from: str, top: float, decay: float) -> dict[str, float]:
+    """Discriminative rates: the top block at ``top`` × the head's rate, each lower unfrozen block ``decay`` × more.
+
+    Keys are patterns on variable paths (``block5_.*``), as :class:`keras.optimizers.OptimizerMap` takes.
+    """
+    blocks = ["block5", "block4", "block3", "block2", "block1"]
+    lowest = blocks.index("block1" if unfreeze_from == "all" else unfreeze_from)
+    return {f"{block}_.*": top * decay**depth for depth, block in enumerate(blocks[: lowest + 1])}
+
+
+def stage_optimizer(cfg: FinetuneConfig, stage: StageConfig, steps_per_epoch: int):
+    """The optimizer of a fine-tuning stage: one per layer group, each on its own schedule.
+
+    The head's layers learn at the stage's ``learning_rate``; each unfrozen block at its
+    :func:`block_lr_multipliers` fraction of it (fastai's gradual unfreezing), all warmed up and
+    decayed together (``finetune.schedule``).
+    """
+    import keras
+
+    total = steps_per_epoch * stage.epochs
+
+    def optimizer(multiplier: float):
+        peak = stage.learning_rate * multiplier
+        if cfg.schedule == "constant":
+            return adam(peak, cfg.weight_decay)
+        return adam(
+            warmup_cosine(peak, total, steps_per_epoch * cfg.warmup_epochs, cfg.final_lr_fraction), cfg.weight_decay
+        )
+
+    groups = keras.optimizers.OptimizerMap(default_optimizer=optimizer(1.0))
+    for pattern, multiplier in block_lr_multipliers(
+        stage.unfreeze_from, cfg.block_lr_multiplier, cfg.lower_block_lr_decay
+    ).items():
+        groups[pattern] = optimizer(multiplier)
+    return keras.optimizers.MultiOptimizer(groups)
+
+
+def sparse_crossentropy(label_smoothing: float = 0.0):
+    """Cross-entropy on class indices, with label smoothing (Keras's sparse loss has none)."""
+    import keras
+
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy()
+
+    def loss(y_true, y_pred):
+        classes = keras.ops.shape(y_pred)[-1]
+        one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, [-1]), "int32"), classes)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=label_smoothing)
+
+    return loss
+
+
 def fit_stage(
     trainable,
     train_data,
     val_data,
-    learning_rate: float,
+    optimizer,
     epochs: int,
     patience: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     batch_size: int | None = None,
+    label_smoothing: float = 0.0,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[list[dict[str, float]], int, float]:
     """Compile ``trainable`` (a Keras model) and fit it with early stopping on validation loss.
 
     ``train_data``/``val_data`` are datasets yielding batches, or ``(x, y)`` arrays fitted with
     ``batch_size`` and Keras's own per-epoch shuffle (as a plain ``model.fit`` does). The best
     epoch's weights are restored at the end (also when training ran to the last epoch), so the
-    model leaves this function in its best state.
+    model leaves this function in its best state. ``callbacks`` come after early stopping (e.g. a
+    ``ReduceLROnPlateau``).
 
     Returns:
         (per-epoch history, best epoch index, seconds spent fitting)
@@ -122,12 +202,12 @@ def fit_stage(
     # Same data + config + seed must give the same weights and the same chosen stage.
     tf.config.experimental.enable_op_determinism()
     trainable.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        optimizer=optimizer,
+        loss=sparse_crossentropy(label_smoothing),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
-    callbacks: list[keras.callbacks.Callback] = [stopper, keras.callbacks.TerminateOnNaN()]
+    callbacks = [stopper, keras.callbacks.TerminateOnNaN(), *callbacks]
     if on_epoch:
         # One report per epoch (MLflow metrics, a progress line), never per batch.
         callbacks.append(

@@ -112,9 +112,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from vggflow.runtime import import_tensorflow_quietly, imports_without_gc
 
     with imports_without_gc():
+        import mlflow
         from mlflow.exceptions import MlflowException
 
-        import mlflow
         from vggflow.predict import expand_inputs, format_prediction, predict_files, prediction_json
         from vggflow.progress import ItemProgress
         from vggflow.tracking import without_type_hint_advice
