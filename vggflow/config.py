@@ -155,7 +155,9 @@ class FinetuneConfig(Section):
 
     stages: list[StageConfig] = Field(default_factory=_default_stages)
     batch_size: int = Field(32, ge=1)
-    patience: int = Field(2, ge=1, description="Early stopping on validation loss within a stage.")
+    patience: int = Field(
+        10, ge=1, description="Early stopping on validation loss within a stage; the cosine settles in its last epochs."
+    )
     selection_metric: Literal["val_accuracy", "val_loss"] = Field(
         "val_accuracy", description="Chooses the freeze configuration (head-only included)."
     )
