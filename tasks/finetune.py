@@ -60,7 +60,7 @@ def run_stage(
 
     from vggflow.datasets import array_dataset, common_image_shape, file_errors_as_data_errors, image_dataset
     from vggflow.model import augmentation, suffix_model, unfreeze_to
-    from vggflow.precision import copy_weights, resolve_precision, twin
+    from vggflow.precision import copy_weights, twin
     from vggflow.training import finish_stage, fit_stage, stage_optimizer
 
     finetune, size, seed = cfg.finetune, cfg.backbone.image_size, cfg.seed

@@ -3,6 +3,9 @@
 A config is built from (later wins): the defaults below, a YAML file (``--config``),
 environment variables ``VGGFLOW__<SECTION>__<KEY>=value`` and ``--set section.key=value``
 overrides. Each task receives only its own section; the whole config is logged to MLflow.
+
+One module over ~400 lines on purpose: the whole schema (every key, default and check) in one
+place, its sections in pipeline order; the parsing of override trees lives in ``config_tree.py``.
 """
 
 from __future__ import annotations

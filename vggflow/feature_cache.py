@@ -4,8 +4,10 @@ Layout: ``<cache_dir>/features/<key>/<layer>.npy`` for the train and val rows (i
 ``rows.csv``), plus ``meta.json`` (shapes, sha256 of every array, a digest of the row order);
 ``<key>/test/`` holds the test images' output of the chosen model's frozen part. ``meta.json`` is
 written last, atomically: an entry without it, or whose checksums do not match, is rebuilt,
-never used. The key covers the dataset fingerprint, the backbone weights, the image size and the
-code that computes the outputs (:data:`FEATURE_CODE`).
+never used. The key covers the dataset fingerprint, the backbone weights, the image size, the
+compute precision and the code that computes the outputs (:data:`FEATURE_CODE`).
+
+One module over ~400 lines on purpose: the layout, its checks and the readers change together.
 """
 
 from __future__ import annotations

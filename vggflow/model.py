@@ -2,7 +2,8 @@
 
 Shared by the feature-extraction, fine-tuning, evaluation and registration steps so they all
 build exactly the same graph. Importing this module imports Keras (slow): import it only where
-a model is needed.
+a model is needed. Slightly over ~400 lines on purpose: weights, graph and freezing share the
+layer names and must agree.
 """
 
 from __future__ import annotations
