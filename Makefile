@@ -29,8 +29,10 @@ data: install
 demo: data
 	$(BIN)/vggflow train --config configs/demo.yaml
 
+# Two pytest workers (pytest-xdist): most tests wait on subprocesses and servers. A file with
+# module-wide fixtures (the shared stack, a trained project) is one xdist_group: one worker, in order.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"

@@ -72,7 +72,7 @@ class Cluster:
 
     def __init__(self, root: Path, workers: int, store_env: dict[str, str]) -> None:
         from vggflow.config import StackConfig
-        from vggflow.processes import free_port
+        from vggflow.ports import free_port
         from vggflow.stack import dask_cluster
         from vggflow.stack.folder import StackFolder
 
@@ -104,7 +104,7 @@ class Cluster:
 def object_store(root: Path):
     """An ``rclone serve s3`` (the stack's object store) with a bucket; returns (process, folder)."""
     from vggflow.config import StackConfig
-    from vggflow.processes import free_port
+    from vggflow.ports import free_port
     from vggflow.stack import objectstore
     from vggflow.stack.folder import StackFolder
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vggflow.processes import free_port
+from vggflow.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VGGFLOW = str(Path(sys.executable).with_name("vggflow"))

@@ -134,6 +134,9 @@ from vggflow.scoring import registered_scores_file
 import pandas as pd
 import vggflow
 
+# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
+pytestmark = pytest.mark.xdist_group("code_version")
+
 rows = pd.DataFrame({"path": ["a/1.png"], "label": ["a"]})
 
 assert str(Path(vggflow.__file__).parent).startswith(sys.argv[1]), vggflow.__file__  # the copy

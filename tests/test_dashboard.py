@@ -29,9 +29,12 @@ import requests
 from PIL import Image
 
 from tests.conftest import tiny_overrides, write_dataset
-from vggflow import dashboard, processes
+from vggflow import dashboard, ports, processes
 from vggflow.cli import main
 from vggflow.scoring import EVALUATION_DATASET
+
+# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
+pytestmark = pytest.mark.xdist_group("dashboard")
 
 VGGFLOW = [sys.executable, "-m", "vggflow.cli"]
 STAGES = ["head", "block5", "block4", "all"]
@@ -100,7 +103,7 @@ def test_spec_uses_the_project_store_with_absolute_paths(project: Path, monkeypa
 
 
 def test_ui_names_an_unreachable_tracking_server(project: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from vggflow.processes import free_port
+    from vggflow.ports import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -202,7 +205,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> Iterator
 
     import psutil
 
-    port = processes.free_port()
+    port = ports.free_port()
     cli = subprocess.Popen(
         [*VGGFLOW, "ui", "--port", str(port)],
         cwd=folder,
@@ -451,7 +454,7 @@ def test_ctrl_c_stops_the_server_group_and_frees_the_port(served: Dashboard) -> 
     assert processes.group_members(served.server_pgid) == []
     leftovers = [pid for pid in served.server_pids if Path(f"/proc/{pid}").exists() and _state(pid) not in ("Z", "X")]
     assert leftovers == [], f"server processes left behind: {leftovers}"
-    assert not processes.port_in_use("127.0.0.1", served.port)
+    assert not ports.port_in_use("127.0.0.1", served.port)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{served.url}/health", timeout=5)
 

@@ -20,7 +20,8 @@ import yaml
 from tests.conftest import tiny_overrides, write_dataset
 from tests.test_retrain import dvc
 
-pytestmark = pytest.mark.slow
+# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("lineage")]
 VGGFLOW = [sys.executable, "-m", "vggflow.cli"]
 
 
@@ -29,9 +30,10 @@ def git(cwd: Path, *args: str) -> str:
 
 
 def tiny_config() -> dict:
-    """tiny_overrides() as a config file's content."""
+    """tiny_overrides() as a config file's content, one fine-tuning stage."""
     tree: dict = {}
-    for override in tiny_overrides():
+    one_stage = "[{unfreeze_from: block5, learning_rate: 1.0e-4, epochs: 1}]"
+    for override in tiny_overrides(**{"finetune.stages": one_stage}):
         key, _, value = override.partition("=")
         *sections, last = key.split(".")
         node = tree

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from vggflow import processes
-from vggflow.processes import ProcessError, SupervisedProcess, free_port, group_members, http_ok, port_in_use
+from vggflow.ports import free_port, port_in_use
+from vggflow.processes import ProcessError, SupervisedProcess, group_members, http_ok
 
 PYTHON = sys.executable
 #: A launcher that forks a worker into its own group (as uvicorn and gunicorn do), then signals readiness.

@@ -22,7 +22,7 @@ from tests.conftest import write_dataset
 from vggflow.config import Config, HeadConfig, RegistryConfig
 from vggflow.images import load_rgb
 from vggflow.model import build_base, build_classifier, resolve_weights
-from vggflow.processes import free_port
+from vggflow.ports import free_port
 from vggflow.promotion import RegisteredVersion
 from vggflow.registry import CHALLENGER, CHAMPION, PREVIOUS, promotion_lock, rollback
 from vggflow.scoring import score

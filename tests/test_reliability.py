@@ -92,7 +92,8 @@ def assert_registry_sound() -> None:
 
 def test_kill_during_feature_extraction_then_rerun_completes(project, env):
     data = write_dataset(project / "data", classes=3, per_class=80, size=64)
-    args = train_args(data, "backbone.image_size=64", "features.batch_size=8")
+    # No stages: the kill and the re-run are about extraction.
+    args = train_args(data, "backbone.image_size=64", "features.batch_size=8", "finetune.stages=[]")
     process, _ = run_until(args, env, project, "feature extraction:")
     kill9(process)
     validation = sorted((project / ".vggflow" / "validation").glob("*/rows.csv"))
@@ -143,7 +144,7 @@ def test_kill_during_a_finetuning_stage_resumes_at_that_stage(project, env, tiny
 
 
 def test_corrupted_checkpoint_is_detected_and_rebuilt(project, env, tiny_dataset):
-    args = train_args(tiny_dataset)
+    args = train_args(tiny_dataset, "finetune.stages=[]")  # the head's checkpoint is the one broken
     run_to_end(args, env, project)
     checkpoints = sorted((project / ".vggflow" / "checkpoints").glob("*.keras"), key=lambda p: p.stat().st_mtime_ns)
     head = checkpoints[0]
@@ -170,7 +171,7 @@ def test_two_trainings_at_once_on_one_store(project, env, tiny_dataset):
 
     def train(name: str, epochs: str) -> None:
         results[name] = subprocess.run(
-            train_args(tiny_dataset, f"head.epochs={epochs}"),
+            train_args(tiny_dataset, f"head.epochs={epochs}", "finetune.stages=[]"),
             cwd=project,
             env=env,
             capture_output=True,

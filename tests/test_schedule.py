@@ -25,7 +25,11 @@ from tests.test_retrain import make_dvc_project
 from vggflow.cli.schedule import LocalServer, deployment_parameters, resolve_schedule, serving_message
 from vggflow.config import ScheduleConfig
 from vggflow.errors import ConfigError
-from vggflow.processes import SupervisedProcess, free_port
+from vggflow.ports import free_port
+from vggflow.processes import SupervisedProcess
+
+# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
+pytestmark = pytest.mark.xdist_group("schedule")
 
 DEPLOYMENT = "vggflow-retrain/nightly"
 VGGFLOW = str(Path(sys.executable).parent / "vggflow")

@@ -29,7 +29,8 @@ from vggflow.precision import resolve_precision
 from vggflow.stack import objectstore, postgres
 from vggflow.stack.folder import MARKER, StackError, StackFolder, tcp_open
 
-pytestmark = [pytest.mark.slow, pytest.mark.stack]
+# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
+pytestmark = [pytest.mark.slow, pytest.mark.stack, pytest.mark.xdist_group("stack")]
 
 BIN = Path(sys.executable).parent
 MODEL = "vgg19-classifier"
@@ -92,7 +93,7 @@ def make_project(stack: Stack) -> None:
 
 
 def first_free_port(start: int) -> int:
-    from vggflow.processes import port_in_use
+    from vggflow.ports import port_in_use
 
     return next(p for p in range(start, start + 200) if not port_in_use("127.0.0.1", p))
 
@@ -362,7 +363,8 @@ def test_mlflow_models_serve_the_champion_from_the_stack(stack: Stack) -> None:
     import urllib.request
 
     from tests.test_schedule import ProcessTree, wait_for
-    from vggflow.processes import free_port, group_members, http_ok
+    from vggflow.ports import free_port
+    from vggflow.processes import group_members, http_ok
 
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)} | stack.env

@@ -25,7 +25,8 @@ from urllib.parse import quote, urlparse
 
 from vggflow import mlflow_tags
 from vggflow.errors import VggflowError
-from vggflow.processes import SupervisedProcess, port_in_use, stop_on_signals
+from vggflow.ports import port_in_use
+from vggflow.processes import SupervisedProcess, stop_on_signals
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000

@@ -14,10 +14,11 @@ A service that must outlive the command starting it (``vggflow stack up``) is st
 another system user (``user=``), and one whose clean stop is another signal (PostgreSQL's fast
 shutdown is SIGINT) says so with ``stop_signal=``.
 
-Also here, for commands that supervise several processes: free and busy TCP ports, stopping
-every remaining descendant of this process, becoming a subreaper (so that descendants orphaned
+Also here, for commands that supervise several processes: stopping every remaining descendant
+of this process, becoming a subreaper (so that descendants orphaned
 by a killed child can still be found), and turning SIGINT/SIGTERM/SIGHUP into an event. Finding
-processes by an environment marker (what a group stop cannot reach): :mod:`vggflow.marked_processes`.
+processes by an environment marker (what a group stop cannot reach): :mod:`vggflow.marked_processes`;
+free and busy TCP ports: :mod:`vggflow.ports`.
 
 Nothing here imports a heavy library: the HTTP check uses ``urllib``, and psutil is imported by
 :func:`stop_descendants` alone.
@@ -30,7 +31,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -371,29 +371,6 @@ def stop_descendants(exclude: set[int], timeout: float = STOP_GRACE_S) -> list[i
             proc.kill()
     psutil.wait_procs(alive, timeout=5)
     return [p.pid for p in left]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (for tests, ``--port 0``, temporary servers)."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether ``host:port`` cannot be bound (something listens there, or is about to)."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        # Same option uvicorn uses: a port in TIME_WAIT after a clean stop counts as free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 @contextmanager

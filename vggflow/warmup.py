@@ -29,7 +29,8 @@ from pathlib import Path
 
 from vggflow.config import TrackingConfig
 from vggflow.errors import ConfigError, ServiceError
-from vggflow.processes import SupervisedProcess, free_port, http_ok
+from vggflow.ports import free_port
+from vggflow.processes import SupervisedProcess, http_ok
 
 
 def start_store_creation(tracking: TrackingConfig) -> subprocess.Popen | None:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vggflow.errors import ConfigError, VggflowError
-from vggflow.processes import SupervisedProcess, become_subreaper, http_ok, port_in_use, stop_descendants
+from vggflow.ports import port_in_use
+from vggflow.processes import SupervisedProcess, become_subreaper, http_ok, stop_descendants
 
 if TYPE_CHECKING:
     from vggflow.config import ScheduleConfig

@@ -10,7 +10,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     from vggflow.config import load_config
     from vggflow.dashboard import serve, show_server, spec_from_config
-    from vggflow.processes import free_port
+    from vggflow.ports import free_port
     from vggflow.tracking import check_store
 
     cfg = load_config(args.config, args.overrides)

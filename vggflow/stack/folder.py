@@ -21,7 +21,8 @@ from pathlib import Path
 from vggflow.config import StackConfig
 from vggflow.errors import ServiceError
 from vggflow.files import atomic_write_text
-from vggflow.processes import SupervisedProcess, group_members, port_in_use
+from vggflow.ports import port_in_use
+from vggflow.processes import SupervisedProcess, group_members
 from vggflow.runtime import OFFLINE_DEFAULTS
 
 HOST = "127.0.0.1"
