@@ -20,6 +20,9 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 from vggflow.caching import code_closure, code_version
 
+# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
+pytestmark = pytest.mark.xdist_group("code_version")
+
 PACKAGE = {
     "__init__.py": "",
     "steps.py": """
@@ -133,9 +136,6 @@ from vggflow.tracking import DvcState
 from vggflow.scoring import registered_scores_file
 import pandas as pd
 import vggflow
-
-# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
-pytestmark = pytest.mark.xdist_group("code_version")
 
 rows = pd.DataFrame({"path": ["a/1.png"], "label": ["a"]})
 
