@@ -309,13 +309,11 @@ def assemble_shards(cfg: FeaturesConfig, job: ClusterPass, shards: list[ShardJob
     Shards in the cache folder are deleted once assembled (redundant); in a shard store they
     stay: any client assembles the same pass from them without computing it.
     """
-    import fsspec
-
-    from vggflow.executors import filesystem
+    from vggflow.executors import filesystem, open_written
 
     outputs = sorted(outputs, key=lambda output: output.index)
     parts = {layer: [output.parts[layer] for output in outputs] for layer in shards[0].layers}
-    assemble_layers(job.directory, job.rows, parts, lambda url: fsspec.open(url, "rb").open())
+    assemble_layers(job.directory, job.rows, parts, open_written)
     if not cfg.shard_store:
         fs, work = filesystem(shards[0].target.rsplit("/", 1)[0])
         fs.rm(work, recursive=True)

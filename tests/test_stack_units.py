@@ -138,6 +138,21 @@ def test_shards_are_whole_batches_covering_every_row_once() -> None:
     assert shard_bounds(5, 1, 8) == [(0, 5)] and shard_bounds(0, 8, 8) == []
 
 
+def test_a_written_part_that_shows_up_late_is_read_and_a_missing_one_is_an_error(tmp_path: Path) -> None:
+    import threading
+
+    from vggflow.executors import open_written
+
+    late = tmp_path / "late.npy"
+    threading.Timer(0.5, late.write_bytes, args=(b"part",)).start()  # a store that shows the upload late
+    with open_written(late.as_uri(), attempts=6, first_wait=0.1) as handle:
+        assert handle.read() == b"part"
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        open_written((tmp_path / "never.npy").as_uri(), attempts=3, first_wait=0.05)
+    assert time.monotonic() - started >= 0.15  # looked again, waiting in between
+
+
 def test_assembled_shards_equal_one_array_and_a_corrupt_shard_is_refused(tmp_path: Path) -> None:
     import numpy as np
     import pandas as pd

@@ -10,6 +10,8 @@ it. Workers preload :mod:`vggflow.dask_worker`. Shards write their outputs to
 from __future__ import annotations
 
 import os
+import time
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 from vggflow.config import FeaturesConfig
@@ -40,6 +42,32 @@ def filesystem(url: str):
     from fsspec.core import url_to_fs
 
     return url_to_fs(url)
+
+
+def open_written(url: str, attempts: int = 8, first_wait: float = 0.25) -> BinaryIO:
+    """Open, for reading, an object a worker reported written (a shard's part).
+
+    Some S3 servers answer 404 for a moment after an upload completed (``rclone serve s3`` while
+    the new file settles in its VFS: rclone issue 8188), so a missing object is looked up again a
+    few times, about 15 s in all, before it counts as missing.
+
+    Raises:
+        FileNotFoundError: the object is still missing after the last attempt.
+    """
+    import fsspec
+
+    wait = first_wait
+    for attempt in range(1, attempts + 1):
+        try:
+            return fsspec.open(url, "rb").open()
+        except FileNotFoundError:
+            if attempt == attempts:
+                raise
+            fs, path = filesystem(url)
+            fs.invalidate_cache(path)  # s3fs remembers listings: ask the server again
+            time.sleep(wait)
+            wait = min(2 * wait, 4.0)
+    raise AssertionError("unreachable")
 
 
 def store_name(url: str) -> str:
