@@ -29,10 +29,10 @@ data: install
 demo: data
 	$(BIN)/vggflow train --config configs/demo.yaml
 
-# Two pytest workers (pytest-xdist): most tests wait on subprocesses and servers. A file with
-# module-wide fixtures (the shared stack, a trained project) is one xdist_group: one worker, in order.
+# Two pytest workers (pytest-xdist): most tests wait on subprocesses and servers. Whole files per
+# worker, in order: a module-wide fixture (the shared stack) must not be torn down between its tests.
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"

@@ -20,9 +20,6 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 from vggflow.caching import code_closure, code_version
 
-# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
-pytestmark = pytest.mark.xdist_group("code_version")
-
 PACKAGE = {
     "__init__.py": "",
     "steps.py": """

@@ -33,9 +33,6 @@ from vggflow import dashboard, ports, processes
 from vggflow.cli import main
 from vggflow.scoring import EVALUATION_DATASET
 
-# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
-pytestmark = pytest.mark.xdist_group("dashboard")
-
 VGGFLOW = [sys.executable, "-m", "vggflow.cli"]
 STAGES = ["head", "block5", "block4", "all"]
 PNG_ARTIFACTS = [

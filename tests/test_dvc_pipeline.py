@@ -16,8 +16,7 @@ from tests.test_lineage import environment, git  # noqa: F401  (a fixture)
 from tests.test_retrain import dvc
 from vggflow.config import load_config
 
-# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc_pipeline")]
+pytestmark = pytest.mark.slow
 
 
 def dvc_json(cwd: Path, env: dict[str, str], *args: str):

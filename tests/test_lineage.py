@@ -20,8 +20,7 @@ import yaml
 from tests.conftest import tiny_overrides, write_dataset
 from tests.test_retrain import dvc
 
-# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("lineage")]
+pytestmark = pytest.mark.slow
 VGGFLOW = [sys.executable, "-m", "vggflow.cli"]
 
 

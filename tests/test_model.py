@@ -22,9 +22,6 @@ from vggflow.model import (  # noqa: E402
     unfreeze_to,
 )
 
-# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
-pytestmark = pytest.mark.xdist_group("model")
-
 SIZE = 32
 
 

@@ -32,9 +32,6 @@ from vggflow.tasks.sync_data import (
 )
 from vggflow.tracking import read_dvc_md5
 
-# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
-pytestmark = pytest.mark.xdist_group("retrain")
-
 MODEL = "vgg19-classifier"
 
 

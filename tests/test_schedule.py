@@ -28,9 +28,6 @@ from vggflow.errors import ConfigError
 from vggflow.ports import free_port
 from vggflow.processes import SupervisedProcess
 
-# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
-pytestmark = pytest.mark.xdist_group("schedule")
-
 DEPLOYMENT = "vggflow-retrain/nightly"
 VGGFLOW = str(Path(sys.executable).parent / "vggflow")
 PREFECT = str(Path(sys.executable).parent / "prefect")

@@ -29,8 +29,7 @@ from vggflow.precision import resolve_precision
 from vggflow.stack import objectstore, postgres
 from vggflow.stack.folder import MARKER, StackError, StackFolder, tcp_open
 
-# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
-pytestmark = [pytest.mark.slow, pytest.mark.stack, pytest.mark.xdist_group("stack")]
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
 BIN = Path(sys.executable).parent
 MODEL = "vgg19-classifier"

@@ -42,9 +42,6 @@ from vggflow.validation import (
     write_validation_outputs,
 )
 
-# Module-wide fixtures: under `make test` (pytest-xdist, --dist loadgroup) this file runs in one worker, in order.
-pytestmark = pytest.mark.xdist_group("validate")
-
 DATA_CFG = DataConfig()
 SERIAL = ValidationConfig(workers=1, min_side=8, drop_small_classes=True)
 
