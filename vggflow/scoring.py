@@ -120,13 +120,10 @@ def evaluate_registered(
     paths = [Path(data_dir) / p for p in test_rows["path"]]
 
     def predict_test_set():
-        import mlflow
-
         from vggflow.datasets import predict_in_batches
-        from vggflow.tracking import without_type_hint_advice
+        from vggflow.tracking import load_pyfunc
 
-        with without_type_hint_advice():
-            model = mlflow.pyfunc.load_model(model_uri)
+        model = load_pyfunc(model_uri)
 
         def predict(batch):
             labels = model.predict(batch)["label"]

@@ -112,12 +112,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from vggflow.runtime import import_tensorflow_quietly, imports_without_gc
 
     with imports_without_gc():
-        import mlflow
+        import mlflow.pyfunc  # noqa: F401  (load_pyfunc's big import, with the collector paused)
         from mlflow.exceptions import MlflowException
 
         from vggflow.predict import expand_inputs, format_prediction, predict_files, prediction_json
         from vggflow.progress import ItemProgress
-        from vggflow.tracking import without_type_hint_advice
+        from vggflow.tracking import load_pyfunc
 
         try:
             cfg, _, _ = registry_client(args)  # a bad config or store fails before TensorFlow's import
@@ -128,8 +128,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         import_tensorflow_quietly()  # the model's flavour imports it; without its start-up noise
     uri = args.model or f"models:/{cfg.registry.model_name}@champion"
     try:
-        with without_type_hint_advice():
-            model = mlflow.pyfunc.load_model(uri)
+        model = load_pyfunc(uri)
     except (MlflowException, OSError) as err:
         raise VggflowError(f"cannot load model {uri}: {err}") from None
     predicted = failed = 0
