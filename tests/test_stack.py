@@ -307,7 +307,17 @@ def test_registry_commands_predict_and_ui_against_the_stack(stack: Stack) -> Non
     assert "@champion -> version 2" in stack.run("promote", "2", "--reason", "stack test").stdout
     assert "@champion -> version 1" in stack.run("rollback", "--reason", "stack test").stdout
     image = next((stack.project / "data" / "class_0").iterdir())
-    assert stack.run("predict", str(image)).stdout.startswith(str(image))
+    # The model comes from the server, so MLflow copies it into a new folder of TMPDIR and leaves it
+    # there; vggflow deletes its copy once the model is loaded.
+    copies = lambda folder: [p for p in folder.iterdir() if (p / "MLmodel").is_file()]  # noqa: E731
+    mlflow_tmp, vggflow_tmp = stack.base / "tmp-mlflow", stack.base / "tmp-vggflow"
+    mlflow_tmp.mkdir()
+    vggflow_tmp.mkdir()
+    load = f"import mlflow; mlflow.pyfunc.load_model('models:/{MODEL}@champion')"
+    stack.command([str(BIN / "python"), "-c", load], TMPDIR=str(mlflow_tmp))
+    assert copies(mlflow_tmp), "MLflow no longer leaves a copy of a model it loads: load_pyfunc can go"
+    assert stack.run("predict", str(image), TMPDIR=str(vggflow_tmp)).stdout.startswith(str(image))
+    assert copies(vggflow_tmp) == []
     ui = stack.run("ui", timeout=60)
     assert "served by the tracking server itself" in ui.stdout and "latest run" in ui.stdout
 
@@ -368,6 +378,7 @@ def test_mlflow_models_serve_the_champion_from_the_stack(stack: Stack) -> None:
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)} | stack.env
     environment["PATH"] = f"{BIN}{os.pathsep}{environment['PATH']}"  # mlflow starts uvicorn from PATH
+    environment["TMPDIR"] = str(stack.base)  # where MLflow leaves its copy of the model
     server = ProcessTree(
         subprocess.Popen(
             [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
