@@ -7,7 +7,6 @@ Both run the training flow end to end against a real Prefect test server and an 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ def test_a_local_sweep_trains_each_configuration_as_a_nested_run(
 ) -> None:
     import os
 
+    import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
     from vggflow.flows.train import train_flow
@@ -45,7 +45,7 @@ def test_a_local_sweep_trains_each_configuration_as_a_nested_run(
         assert [h.data.tags["vggflow.stage"] for h in heads] == ["head"]
     parent = client.get_run(summary.run_id)
     best = int(parent.data.params["sweep.best_trial"])
-    table = json.loads(Path(client.download_artifacts(summary.run_id, "sweep/trials.json")).read_text())["trials"]
+    table = mlflow.artifacts.load_dict(f"runs:/{summary.run_id}/sweep/trials.json")["trials"]
     assert [row["won"] for row in table].index(True) == best
     # The winner is the trial with the best validation accuracy (the earlier one on a tie).
     scores = [row["val_accuracy"] for row in table]

@@ -138,6 +138,8 @@ def lab(project: Path) -> Lab:
 
 
 def test_gate_promotes_rejects_promotes_and_rolls_back(lab: Lab) -> None:
+    import mlflow.artifacts
+
     shares = lab.test_rows["label"].value_counts()
     common, rare = shares.idxmax(), shares.idxmin()
 
@@ -153,7 +155,7 @@ def test_gate_promotes_rejects_promotes_and_rolls_back(lab: Lab) -> None:
     assert lab.alias(CHAMPION) == first.version and lab.alias(CHALLENGER) == worse.version
     tags = lab.client.get_model_version(NAME, worse.version).tags
     assert tags["vggflow.rejection_reason"] == decision.reason
-    logged = json.loads(Path(lab.client.download_artifacts(worse.run_id, "promotion/decision.json")).read_text())
+    logged = mlflow.artifacts.load_dict(f"runs:/{worse.run_id}/promotion/decision.json")
     assert logged["promoted"] is False and logged["champion_version"] == first.version
 
     better, better_metrics = lab.register(lab.trained_checkpoint(epochs=40))
