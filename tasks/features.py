@@ -17,7 +17,6 @@ are the same bytes.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import tempfile
@@ -33,7 +32,7 @@ from pydantic import BaseModel
 from vggflow.caching import cached_task
 from vggflow.checks import check_disk_space, required_bytes
 from vggflow.config import Config, FeaturesConfig
-from vggflow.errors import DataError
+from vggflow.dask_worker import worker_base, worker_extractor, worker_name
 from vggflow.feature_cache import (
     TEST_DIR,
     FeatureSet,
@@ -337,10 +336,14 @@ def extract_shard_task(job: ShardJob) -> ShardOutput:
     done = _read_manifest(fs, f"{root}/{SHARD_MANIFEST}")
     if done is not None and set(job.layers) <= set(done.parts):
         return done.model_copy(update={"reused": True, "seconds": time.perf_counter() - started})
-    base = _worker_base(json.dumps(job.weights, sort_keys=True), job.image_size, job.precision)
+    weights_json = json.dumps(job.weights, sort_keys=True)
+    base = worker_base(weights_json, job.image_size, job.precision)
+    compiled = worker_extractor(weights_json, job.image_size, job.precision, tuple(sorted(set(job.layers))))
     with tempfile.TemporaryDirectory(prefix="vggflow-shard-") as scratch:
         rows = pd.DataFrame({"path": job.paths, "label": ""})
-        extract_features(rows, job.data_dir, base, job.layers, job.image_size, job.batch_size, Path(scratch))
+        extract_features(
+            rows, job.data_dir, base, job.layers, job.image_size, job.batch_size, Path(scratch), compiled=compiled
+        )
         meta = read_meta(Path(scratch))["layers"]
         fs.makedirs(root, exist_ok=True)
         parts = {}
@@ -349,7 +352,7 @@ def extract_shard_task(job: ShardJob) -> ShardOutput:
             parts[layer] = ShardPart(
                 url=fs.unstrip_protocol(f"{root}/{layer}.npy"), sha256=meta[layer]["sha256"], rows=len(rows)
             )
-    output = ShardOutput(index=job.index, parts=parts, worker=_worker_name(), seconds=time.perf_counter() - started)
+    output = ShardOutput(index=job.index, parts=parts, worker=worker_name(), seconds=time.perf_counter() - started)
     fs.pipe_file(f"{root}/{SHARD_MANIFEST}", output.model_dump_json().encode())
     return output
 
@@ -359,38 +362,3 @@ def _read_manifest(fs, path: str) -> ShardOutput | None:
         return ShardOutput.model_validate_json(fs.cat_file(path))
     except (FileNotFoundError, ValueError):
         return None
-
-
-@functools.lru_cache(maxsize=1)
-def _worker_base(weights_json: str, image_size: int, precision: str):
-    """The frozen base, built once per worker process (shards after the first reuse it)."""
-    from vggflow.model import ResolvedWeights, build_base
-    from vggflow.precision import dtype_policy
-
-    weights = ResolvedWeights.model_validate_json(weights_json)
-    if not weights.path.is_file():
-        if not weights.identity.startswith("imagenet:"):
-            raise DataError(
-                f"the backbone weights {weights.path} are not on Dask worker {_worker_name()}: put them where every "
-                "worker reads them at the same path (a shared folder), or use backbone.weights=imagenet"
-            )
-        import keras
-
-        from vggflow.model import IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_MD5, IMAGENET_NOTOP_URL
-
-        # This worker's own Keras cache (or a download), checked against the published hash.
-        found = keras.utils.get_file(IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_URL, file_hash=IMAGENET_NOTOP_MD5)
-        weights = weights.model_copy(update={"path": Path(found)})
-    with dtype_policy(precision):
-        return build_base(weights, image_size)
-
-
-def _worker_name() -> str:
-    import socket
-
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().name)
-    except (ImportError, ValueError):
-        return socket.gethostname()

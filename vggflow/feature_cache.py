@@ -117,6 +117,24 @@ def _paths_digest(rows: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(rows["path"] + "\t" + rows["label"]).encode()).hexdigest()
 
 
+def compiled_extractor(base, layers: list[str], image_size: int) -> tuple:
+    """``(extractor, forward)``: the base's model for ``layers`` and its compiled forward pass.
+
+    A compiled loop because on these CPUs ``model.predict`` intermittently used one core; traced
+    once for any batch size, so the last, smaller batch does not trace it again.
+    """
+    import tensorflow as tf
+
+    from vggflow.model import feature_extractor
+
+    extractor = feature_extractor(base, sorted(set(layers)), image_size)
+    forward = tf.function(
+        lambda x: extractor(x, training=False),
+        input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
+    )
+    return extractor, forward
+
+
 def extract_features(
     rows: pd.DataFrame,
     data_dir: Path,
@@ -126,6 +144,7 @@ def extract_features(
     batch_size: int,
     directory: Path,
     progress=None,
+    compiled: tuple | None = None,
 ) -> dict[str, Path]:
     """Compute the named base layers' outputs for ``rows`` into ``directory``.
 
@@ -141,25 +160,18 @@ def extract_features(
         batch_size: images per forward pass.
         directory: the cache folder (see :func:`layer_cache_dir`).
         progress: optional ``callable(done, total)`` for progress reporting.
+        compiled: ``compiled_extractor(base, layers, image_size)`` made earlier, for a caller
+            that extracts the same layers again and again (a Dask worker's shards).
 
     Returns:
         Layer name → ``.npy`` path.
     """
-    import tensorflow as tf
-
     from vggflow.datasets import common_image_shape, file_errors_as_data_errors, image_dataset
-    from vggflow.model import feature_extractor
 
     directory.mkdir(parents=True, exist_ok=True)
     missing = sorted(set(layers))
     if missing:
-        extractor = feature_extractor(base, missing, image_size)
-        # A compiled forward loop: on these CPUs `model.predict` intermittently used one core.
-        # Traced once for any batch size, so the last, smaller batch does not trace it again.
-        forward = tf.function(
-            lambda x: extractor(x, training=False),
-            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
-        )
+        extractor, forward = compiled or compiled_extractor(base, missing, image_size)
         total = len(rows)
         writers = {name: LayerWriter(directory, name, (total, *extractor.output[name].shape[1:])) for name in missing}
         paths = [Path(data_dir) / p for p in rows["path"]]
