@@ -2,7 +2,7 @@
 
 Run (from the repository root; writes benchmarks/results/recipe.md)::
 
-    .venv/bin/python benchmarks/bench_recipe.py                 # 3 seeds of every row (~1.5 h on 2 cores)
+    .venv/bin/python benchmarks/bench_recipe.py                 # 3 seeds of every row (~1 h on 2 idle cores)
     .venv/bin/python benchmarks/bench_recipe.py --rows vggflow   # only some rows
     .venv/bin/python benchmarks/bench_recipe.py --smoke          # minutes; checks the script runs
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     base_args(parser, default_rounds=3)
     parser.add_argument("--rows", nargs="+", default=["examples", "probe", "vggflow"])
-    parser.add_argument("--precisions", nargs="+", default=["auto", "float32"])
+    parser.add_argument("--precisions", nargs="+", default=["float32", "auto"])
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=10, help="the examples' epochs (as written: 10)")
     parser.add_argument("--child", choices=["example", "probe", "score"], help=argparse.SUPPRESS)
