@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: install data demo test test-fast lint format lock clean-runs stack stack-down
+.PHONY: install data demo test test-fast test-benchmarks lint format lock clean-runs stack stack-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +31,15 @@ demo: data
 
 # Two pytest workers (pytest-xdist): most tests wait on subprocesses and servers. Whole files per
 # worker, in order: a module-wide fixture (the shared stack) must not be torn down between its tests.
+# The benchmark scripts' smoke runs are a tier of their own (make test-benchmarks; CI runs both).
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not benchmarks"
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not benchmarks"
+
+test-benchmarks: install
+	$(BIN)/python -m pytest -m benchmarks
 
 # ruff: lint rules and the formatter, one line length (pyproject.toml, [tool.ruff]).
 lint: install

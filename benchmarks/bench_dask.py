@@ -9,7 +9,7 @@ Run (from the repository root; writes benchmarks/results/dask.md)::
 In one run, alternating (medians over the rounds), the frozen VGG19 base (seeded random init: same
 FLOPs as ImageNet weights) over the same Fashion-MNIST PNG files, pooled features only:
 
-- **single process**: today's local pass (`vggflow.feature_cache.extract_features`) in a child
+- **single process**: today's local pass (`vggflow.extraction.extract_features`) in a child
   process with TensorFlow's default threads (both cores);
 - **dask, 1 worker** / **dask, 2 workers**: `flows.extract.extract_on_cluster` (the path of
   `features.executor: dask`) on a running cluster of 1 or 2 single-threaded workers (`dask worker
@@ -50,7 +50,7 @@ def child_single(args) -> None:
 
     import_tensorflow_quietly()
     from vggflow.config import BackboneConfig
-    from vggflow.feature_cache import extract_features
+    from vggflow.extraction import extract_features
     from vggflow.model import build_base, resolve_weights
 
     folder = Path(args.folder)

@@ -8,7 +8,7 @@ Run (from the repository root; writes benchmarks/results/extraction.md)::
 
 For each image size, in one process and alternating (A, B, C, D, …; medians over the rounds):
 
-- **files → `extract_features`** (vggflow): `tasks.features.extract_features` on the PNG files
+- **files → `extract_features`** (vggflow): `vggflow.extraction.extract_features` on the PNG files
   (tf.data decode/resize, compiled forward loop, `.npy` files written batch by batch), pooled features only;
 - **files → `extract_features`, flow layers**: the same call with the layers the training flow
   asks for (pooled features + every fine-tuning stage's frozen-prefix output);
@@ -69,7 +69,7 @@ def measure_size(image_size: int, n_images: int, batch_size: int, rounds: int, s
 
     from vggflow.config import BackboneConfig
     from vggflow.datasets import image_dataset
-    from vggflow.feature_cache import extract_features
+    from vggflow.extraction import extract_features
     from vggflow.model import build_base, resolve_weights
 
     folder = fashion_mnist_folder(n_images)

@@ -17,7 +17,7 @@ is its own; a fresh TensorFlow each time):
 - **decode**: ``vggflow.images.load_rgb`` vs the copying path it replaced (``ImageOps.exif_transpose``
   returned a copy of every image without an orientation tag, ``convert("RGB")`` copied RGB
   images). CPU ms per photo; the pixels must be identical.
-- **extract**: ``tasks.features.extract_features`` at 224² with vggflow's pixel cap
+- **extract**: ``vggflow.extraction.extract_features`` at 224² with vggflow's pixel cap
   (``vggflow.images.BATCH_MAX_PIXELS``: decode groups over 4 MP are resized image by image) vs
   without it (the cap raised, so a group of 8 photos is resized in one op, on a float32 copy of
   the group). Wall time and the process's growth in peak RSS; the features must be identical.
@@ -167,7 +167,7 @@ def measure_extract(variant: str, paths: list[Path], scratch: Path, image_size: 
     import numpy as np
     import pandas as pd
 
-    from vggflow.feature_cache import extract_features
+    from vggflow.extraction import extract_features
 
     _set_cap(variant == "capped")
     base = _base(image_size, scratch)

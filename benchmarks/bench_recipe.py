@@ -150,7 +150,8 @@ def child_probe(args) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from vggflow.feature_cache import extract_features, load_layer
+    from vggflow.extraction import extract_features
+    from vggflow.feature_cache import load_layer
     from vggflow.model import build_base
     from vggflow.tasks.features import compute_features
 

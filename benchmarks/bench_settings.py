@@ -9,7 +9,7 @@ Run (from the repository root; writes benchmarks/results/settings.md)::
 oneDNN (`TF_ENABLE_ONEDNN_OPTS`) and the thread pools are fixed when TensorFlow starts, so each
 setting runs in its own child process; the processes are alternated round by round (A, B, C, D,
 B, C, D, A, …; medians). Inside the default process (oneDNN on, TensorFlow's default threads),
-the feature-extraction batch size is swept at 64² and 224² (`tasks.features.extract_features` on
+the feature-extraction batch size is swept at 64² and 224² (`vggflow.extraction.extract_features` on
 PNG files, pooled features), and XLA (`jit_compile=True`) is compared with the plain compiled
 forward loop over in-memory arrays at 64². The other processes measure the default batch size.
 """
@@ -64,7 +64,7 @@ def child(args) -> dict:
 
     from vggflow.config import BackboneConfig
     from vggflow.datasets import image_dataset
-    from vggflow.feature_cache import extract_features
+    from vggflow.extraction import extract_features
     from vggflow.model import build_base, resolve_weights
 
     scratch = Path(tempfile.mkdtemp(dir=args.scratch))

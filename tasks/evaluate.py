@@ -25,13 +25,13 @@ from prefect import task
 from vggflow.caching import code_version
 from vggflow.checks import check_disk_space, required_bytes
 from vggflow.config import Config, EvaluateConfig
+from vggflow.extraction import extract_features
 from vggflow.feature_cache import (
     TEST_DIR,
     FeatureSet,
     RowView,
     ScoringPrefix,
     bytes_per_image,
-    extract_features,
     scoring_prefix_layer,
     verified_arrays,
 )

@@ -32,7 +32,8 @@ from pydantic import BaseModel
 from vggflow.caching import cached_task
 from vggflow.checks import check_disk_space, required_bytes
 from vggflow.config import Config, FeaturesConfig
-from vggflow.dask_worker import worker_base, worker_extractor, worker_name
+from vggflow.dask_worker import worker_extractor, worker_name
+from vggflow.extraction import extract_features, write_features
 from vggflow.feature_cache import (
     TEST_DIR,
     FeatureSet,
@@ -40,7 +41,6 @@ from vggflow.feature_cache import (
     assemble_layers,
     bytes_per_image,
     cached_rows,
-    extract_features,
     feature_cache_key,
     layer_cache_dir,
     read_meta,
@@ -337,13 +337,10 @@ def extract_shard_task(job: ShardJob) -> ShardOutput:
     if done is not None and set(job.layers) <= set(done.parts):
         return done.model_copy(update={"reused": True, "seconds": time.perf_counter() - started})
     weights_json = json.dumps(job.weights, sort_keys=True)
-    base = worker_base(weights_json, job.image_size, job.precision)
     compiled = worker_extractor(weights_json, job.image_size, job.precision, tuple(sorted(set(job.layers))))
     with tempfile.TemporaryDirectory(prefix="vggflow-shard-") as scratch:
         rows = pd.DataFrame({"path": job.paths, "label": ""})
-        extract_features(
-            rows, job.data_dir, base, job.layers, job.image_size, job.batch_size, Path(scratch), compiled=compiled
-        )
+        write_features(rows, job.data_dir, compiled, job.batch_size, Path(scratch))
         meta = read_meta(Path(scratch))["layers"]
         fs.makedirs(root, exist_ok=True)
         parts = {}

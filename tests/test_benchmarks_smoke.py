@@ -4,7 +4,7 @@ The benchmarks themselves never run in the test suite: they take minutes to hour
 meaningful on a quiet machine (see BENCHMARKS.md). This only checks that every script still
 works against the current code: it runs each ``main(["--smoke", ...])`` in this process (one
 TensorFlow start-up for all), with data and caches in a temporary folder, and checks that a
-results file is written.
+results file is written. A tier of its own: ``make test-benchmarks`` (CI runs it after ``make test``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("keras")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.benchmarks]
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = [

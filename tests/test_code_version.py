@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT
 from vggflow.caching import code_closure, code_version
+from vggflow.feature_cache import FEATURE_CODE
 
 PACKAGE = {
     "__init__.py": "",
@@ -111,8 +112,8 @@ def test_vggflow_steps_depend_on_the_modules_they_use():
     head = code_closure("vggflow.tasks.train_head")
     assert {"vggflow.tasks.train_head", "vggflow.training", "vggflow.model", "vggflow.datasets"} <= set(head)
     assert not {"vggflow.registry", "vggflow.dashboard", "vggflow.tasks.promote", "vggflow.cli"} & set(head)
-    features = code_closure("vggflow.feature_cache", "vggflow.model")
-    assert {"vggflow.images", "vggflow.datasets"} <= set(features)  # imported inside extract_features
+    features = code_closure(*FEATURE_CODE)
+    assert {"vggflow.images", "vggflow.datasets"} <= set(features)  # imported inside write_features
     assert "vggflow.training" not in features
 
 

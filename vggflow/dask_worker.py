@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 
 from vggflow.errors import DataError
-from vggflow.feature_cache import compiled_extractor
+from vggflow.extraction import CompiledExtractor, compiled_extractor
 
 
 def dask_setup(worker) -> None:
@@ -57,7 +57,7 @@ def worker_base(weights_json: str, image_size: int, precision: str):
 
 
 @functools.lru_cache(maxsize=4)
-def worker_extractor(weights_json: str, image_size: int, precision: str, layers: tuple[str, ...]) -> tuple:
+def worker_extractor(weights_json: str, image_size: int, precision: str, layers: tuple[str, ...]) -> CompiledExtractor:
     """The base's compiled forward pass for ``layers``, traced once per worker, not once per shard."""
     return compiled_extractor(worker_base(weights_json, image_size, precision), list(layers), image_size)
 

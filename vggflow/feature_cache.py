@@ -6,8 +6,6 @@ Layout: ``<cache_dir>/features/<key>/<layer>.npy`` for the train and val rows (i
 written last, atomically: an entry without it, or whose checksums do not match, is rebuilt,
 never used. The key covers the dataset fingerprint, the backbone weights, the image size, the
 compute precision and the code that computes the outputs (:data:`FEATURE_CODE`).
-
-One module over ~400 lines on purpose: the layout, its checks and the readers change together.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ TEST_DIR = "test"
 
 #: The code that computes the cached outputs (the extraction loop and the graph it runs), with
 #: every vggflow module they use: part of the cache folder's key.
-FEATURE_CODE = ("vggflow.feature_cache", "vggflow.model", "vggflow.precision")
+FEATURE_CODE = ("vggflow.extraction", "vggflow.feature_cache", "vggflow.model", "vggflow.precision")
 
 
 class FeatureSet(BaseModel):
@@ -115,84 +113,6 @@ def verified_arrays(directory: Path, rows: pd.DataFrame) -> set[str]:
 
 def _paths_digest(rows: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(rows["path"] + "\t" + rows["label"]).encode()).hexdigest()
-
-
-def compiled_extractor(base, layers: list[str], image_size: int) -> tuple:
-    """``(extractor, forward)``: the base's model for ``layers`` and its compiled forward pass.
-
-    A compiled loop because on these CPUs ``model.predict`` intermittently used one core; traced
-    once for any batch size, so the last, smaller batch does not trace it again.
-    """
-    import tensorflow as tf
-
-    from vggflow.model import feature_extractor
-
-    extractor = feature_extractor(base, sorted(set(layers)), image_size)
-    forward = tf.function(
-        lambda x: extractor(x, training=False),
-        input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
-    )
-    return extractor, forward
-
-
-def extract_features(
-    rows: pd.DataFrame,
-    data_dir: Path,
-    base,  # keras.Model: annotated loosely so this module imports without TensorFlow
-    layers: list[str],
-    image_size: int,
-    batch_size: int,
-    directory: Path,
-    progress=None,
-    compiled: tuple | None = None,
-) -> dict[str, Path]:
-    """Compute the named base layers' outputs for ``rows`` into ``directory``.
-
-    Images stream from disk (``tf.data``); outputs are appended batch by batch to ``.npy``
-    files, so memory does not grow with the dataset.
-
-    Args:
-        rows: usable manifest rows (``path`` relative to ``data_dir``, ``label``), in cache order.
-        data_dir: dataset root.
-        base: the VGG19 conv base (frozen).
-        layers: the layers to compute (``avg_pool`` for pooled features, or prefix layer names).
-        image_size: square input side.
-        batch_size: images per forward pass.
-        directory: the cache folder (see :func:`layer_cache_dir`).
-        progress: optional ``callable(done, total)`` for progress reporting.
-        compiled: ``compiled_extractor(base, layers, image_size)`` made earlier, for a caller
-            that extracts the same layers again and again (a Dask worker's shards).
-
-    Returns:
-        Layer name → ``.npy`` path.
-    """
-    from vggflow.datasets import common_image_shape, file_errors_as_data_errors, image_dataset
-
-    directory.mkdir(parents=True, exist_ok=True)
-    missing = sorted(set(layers))
-    if missing:
-        extractor, forward = compiled or compiled_extractor(base, missing, image_size)
-        total = len(rows)
-        writers = {name: LayerWriter(directory, name, (total, *extractor.output[name].shape[1:])) for name in missing}
-        paths = [Path(data_dir) / p for p in rows["path"]]
-        done = 0
-        try:
-            with file_errors_as_data_errors():
-                for batch in image_dataset(paths, None, image_size, batch_size, same_shape=common_image_shape(rows)):
-                    outputs = forward(batch)
-                    n = int(batch.shape[0])
-                    for name in missing:
-                        writers[name].write(np.ascontiguousarray(outputs[name].numpy(), dtype=np.float32).data)
-                    done += n
-                    if progress:
-                        progress(done, total)
-        finally:
-            for writer in writers.values():
-                writer.close()
-        if done != total:
-            raise RuntimeError(f"feature extraction produced {done} rows for {total} images")
-        record_layers(directory, rows, writers.values())
-    return {name: directory / f"{name}.npy" for name in missing}
 
 
 class LayerWriter:
