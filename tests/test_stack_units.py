@@ -69,6 +69,16 @@ def test_status_and_env_without_a_stack_say_so(tmp_path: Path, capsys) -> None:
     assert main(["stack", "down", "--set", f"stack.dir={tmp_path / 'none'}"]) == 0
 
 
+def test_the_commands_printed_after_up_find_the_same_stack() -> None:
+    from argparse import Namespace
+
+    from vggflow.cli.stack import same_stack_command
+
+    args = Namespace(config="team.yaml", overrides=["stack.dir=/srv/my stack", "head.epochs=3"])
+    assert same_stack_command(args, "env") == "vggflow stack env --config team.yaml --set 'stack.dir=/srv/my stack'"
+    assert same_stack_command(Namespace(config=None, overrides=[]), "down") == "vggflow stack down"
+
+
 def test_an_unreachable_lock_database_is_one_message_naming_it() -> None:
     from vggflow.locks import AdvisoryLock
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import threading
 from pathlib import Path
 
@@ -29,10 +31,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
             env = orchestrate.up(folder, project, say, stop)
         print(
             "\nPoint vggflow, MLflow, Prefect, DVC and boto3 at it (no secret is printed):\n"
-            '    eval "$(.venv/bin/vggflow stack env)"\n'
+            f'    eval "$({same_stack_command(args, "env")})"\n'
             f"MLflow UI   {env['MLFLOW_TRACKING_URI']}\n"
             f"Prefect UI  {env['PREFECT_API_URL'].removesuffix('/api')}\n"
-            "Stop it:    .venv/bin/vggflow stack down"
+            f"Stop it:    {same_stack_command(args, 'down')}"
         )
         return 0
     if args.action == "down":
@@ -52,3 +54,15 @@ def cmd_stack(args: argparse.Namespace) -> int:
         address = folder.address("prefect" if name == "worker" else name)
         print(f"{name:<9} {'OK  ' if health.ok else 'DOWN'}  {address:<16} {health.detail}")
     return 0 if all(h.ok for h in healths.values()) else 3
+
+
+def same_stack_command(args: argparse.Namespace, action: str) -> str:
+    """The command that finds this stack again: the program as invoked, its config file and ``stack.*`` overrides."""
+    program = sys.argv[0] if Path(sys.argv[0]).name == "vggflow" else "vggflow"
+    words = [program, "stack", action]
+    if args.config:
+        words += ["--config", str(args.config)]
+    for text in args.overrides:
+        if text.startswith("stack."):
+            words += ["--set", text]
+    return shlex.join(words)
