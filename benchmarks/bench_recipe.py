@@ -8,8 +8,9 @@ Run (from the repository root; writes benchmarks/results/recipe.md)::
 
 Data: 1,000 Fashion-MNIST images of the train split (100 per class, none of them in ``data/``)
 to train on, and 1,000 other ones (100 per class) to test on, 28x28 PNGs resized to 64². Every
-row starts from the same backbone weights (a seeded random init: ImageNet weights cannot be
-downloaded here) and trains on the same images: vggflow's content-hash split of the 1,000 into
+row starts from the same backbone weights (``--weights``: by default a seeded random init, as
+ImageNet weights cannot be downloaded here; ``--weights imagenet`` or a weights file where they
+can) and trains on the same images: vggflow's content-hash split of the 1,000 into
 train / val / test (the examples and the probe train on its train split and validate on its val
 split; vggflow holds its test split out for its own evaluation and gate). Rows, each in a fresh
 process, for each seed (the seed moves shuffling, dropout and the head's initial weights):
@@ -80,11 +81,12 @@ def recipe_data(per_class: int) -> tuple[Path, Path]:
     return pool, test
 
 
-def shared_weights():
+def shared_weights(choice: str):
+    """The backbone every row starts from: ``none`` (a seeded random init), ``imagenet`` or a weights file."""
     from vggflow.config import BackboneConfig
     from vggflow.model import resolve_weights
 
-    return resolve_weights(BackboneConfig(weights="none", image_size=SIZE), common.cache_root(), seed=WEIGHTS_SEED)
+    return resolve_weights(BackboneConfig(weights=choice, image_size=SIZE), common.cache_root(), seed=WEIGHTS_SEED)
 
 
 def _arrays(folder: Path, rows, classes: list[str]):
@@ -119,7 +121,7 @@ def child_example(args) -> dict:
     x_test, y_test = _arrays(test, _test_rows(test), classes)
     keras.utils.set_random_seed(args.seed)
     base_model = VGG19(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3))
-    base_model.load_weights(str(shared_weights().path))
+    base_model.load_weights(str(shared_weights(args.weights).path))
     if args.example == 1:
         base_model.trainable = False
     elif args.example == 2:
@@ -158,7 +160,7 @@ def child_probe(args) -> dict:
     pool, test = recipe_data(args.per_class)
     rows = dataset_rows(pool)
     classes = sorted(rows["label"].unique())
-    weights = shared_weights()
+    weights = shared_weights(args.weights)
     scratch = Path(tempfile.mkdtemp(dir=args.scratch))
     started = time.perf_counter()
     features = compute_features(rows, pool, weights, SIZE, 32, scratch, common.fingerprint(rows), [], classes)
@@ -195,7 +197,7 @@ def vggflow_row(args, seed: int, precision: str) -> dict:
     pool, _ = recipe_data(args.per_class)
     project = common.new_project(Path(args.scratch), f"vggflow-{precision}-{seed}")
     (project / "bench.yaml").write_text(
-        f"seed: {seed}\nbackbone:\n  weights: {shared_weights().path}\n  image_size: {SIZE}\n"
+        f"seed: {seed}\nbackbone:\n  weights: {shared_weights(args.weights).path}\n  image_size: {SIZE}\n"
         f"  precision: {precision}\nregistry:\n  thresholds: {{accuracy: 0.0}}\n"
     )
     argv = [str(common.VGGFLOW), "train", "--config", "bench.yaml", "--data", str(pool)]
@@ -212,7 +214,7 @@ def vggflow_row(args, seed: int, precision: str) -> dict:
 def _child_args(args, kind: str, seed: int, example: int = 0) -> list[str]:
     return [
         "--child", kind, "--seed", str(seed), "--example", str(example), "--scratch", str(args.scratch),
-        "--per-class", str(args.per_class), "--epochs", str(args.epochs),
+        "--per-class", str(args.per_class), "--epochs", str(args.epochs), "--weights", args.weights,
     ]  # fmt: skip
 
 
@@ -263,11 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", nargs="+", default=["float32", "auto"])
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=10, help="the examples' epochs (as written: 10)")
+    parser.add_argument("--weights", default="none", help="every row's backbone: none (random init), imagenet, a file")
     parser.add_argument("--child", choices=["example", "probe", "score"], help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     parser.add_argument("--example", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from vggflow.errors import BackboneError
+
     if args.child:
         emit({"example": child_example, "probe": child_probe, "score": child_score}[args.child](args))
         return 0
@@ -277,8 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     out = resolve_out(args, NAME)
     seeds = [42 + i for i in range(args.rounds)]
     args.scratch = tempfile.mkdtemp(prefix="vggflow-bench-recipe-", dir=common.cache_root())
+    try:
+        backbone = shared_weights(args.weights)
+    except BackboneError as err:
+        print(f"bench_recipe.py: --weights {args.weights}: {err}", file=sys.stderr)
+        return 2
     recipe_data(args.per_class)
-    shared_weights()
+    backbone_name = "a seeded random init" if backbone.random_init else backbone.identity
     results: dict[str, list[dict]] = {}
     for done, seed in enumerate(seeds, 1):  # seeds outermost: a drift of the machine hits every row alike
         if "vggflow" in args.rows:
@@ -301,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "Training recipe: vggflow train vs the article's examples and a linear probe",
             "python benchmarks/bench_recipe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             f"{10 * args.per_class} training images and {10 * args.per_class} test images (Fashion-MNIST train "
-            f"split, none in data/), {SIZE}², one shared random-init backbone, seeds {seeds[:done]}"
+            f"split, none in data/), {SIZE}², one shared backbone ({backbone_name}), seeds {seeds[:done]}"
             f"{'' if done == len(seeds) else f' (of {seeds}: the run was cut short)'}. See the script's docstring.",
         )
         body += "\n## Results\n\n" + text + "\n\n" + goal_lines(results) + "\n"
