@@ -29,6 +29,26 @@ def pytest_configure(config) -> None:
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 
+#: The test files that take longest (a few minutes each on 2 cores), longest first. They are
+#: collected first so that pytest-xdist (`--dist loadfile`, which hands out whole files in
+#: collection order) starts them early and its two workers finish close together.
+LONGEST_FILES = (
+    "test_stack.py",
+    "test_reliability.py",
+    "test_retrain.py",
+    "test_flow_e2e.py",
+    "test_schedule.py",
+    "test_dvc_pipeline.py",
+    "test_lineage.py",
+    "test_executors_local.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: file order kept
+
+
 def make_image(label_index: int, variant: int, size: int = 32) -> Image.Image:
     """A small RGB image whose class is easy to learn: a coloured shape on a noisy background."""
     rng = np.random.default_rng(1000 * label_index + variant)
