@@ -197,7 +197,7 @@ def vggflow_row(args, seed: int, precision: str) -> dict:
     pool, _ = recipe_data(args.per_class)
     project = common.new_project(Path(args.scratch), f"vggflow-{precision}-{seed}")
     (project / "bench.yaml").write_text(
-        f"seed: {seed}\nbackbone:\n  weights: {shared_weights(args.weights).path}\n  image_size: {SIZE}\n"
+        f"seed: {seed}\nbackbone:\n  weights: {args.backbone_path}\n  image_size: {SIZE}\n"
         f"  precision: {precision}\nregistry:\n  thresholds: {{accuracy: 0.0}}\n"
     )
     argv = [str(common.VGGFLOW), "train", "--config", "bench.yaml", "--data", str(pool)]
@@ -271,23 +271,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--example", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from vggflow.errors import BackboneError
-
     if args.child:
         emit({"example": child_example, "probe": child_probe, "score": child_score}[args.child](args))
         return 0
     if args.smoke:
         args.per_class, args.epochs, args.rounds, args.precisions = 6, 1, 1, args.precisions[:1]
     info = start(args)
-    out = resolve_out(args, NAME)
-    seeds = [42 + i for i in range(args.rounds)]
-    args.scratch = tempfile.mkdtemp(prefix="vggflow-bench-recipe-", dir=common.cache_root())
+    from vggflow.errors import BackboneError
+
     try:
         backbone = shared_weights(args.weights)
     except BackboneError as err:
         print(f"bench_recipe.py: --weights {args.weights}: {err}", file=sys.stderr)
         return 2
+    out = resolve_out(args, NAME)
+    seeds = [42 + i for i in range(args.rounds)]
+    args.scratch = tempfile.mkdtemp(prefix="vggflow-bench-recipe-", dir=common.cache_root())
     recipe_data(args.per_class)
+    args.backbone_path = backbone.path  # resolved once for every vggflow row (the children resolve their own)
     backbone_name = "a seeded random init" if backbone.random_init else backbone.identity
     results: dict[str, list[dict]] = {}
     for done, seed in enumerate(seeds, 1):  # seeds outermost: a drift of the machine hits every row alike
