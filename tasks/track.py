@@ -31,6 +31,7 @@ from vggflow.precision import resolve_precision
 from vggflow.runs import (
     TrainingRun,
     close_abandoned_runs,
+    log_dataset_inputs,
     log_params,
     metric_key,
     mlflow_client,
@@ -100,7 +101,7 @@ def start_training_run(
     client.log_dict(run_id, versions, "environment/package_versions.json")
     for path in validation_files.values():
         client.log_artifact(run_id, str(path), "validation")
-    client.log_inputs(run_id, datasets=[dataset_input(data, cfg.data.dir)])
+    log_dataset_inputs(client, run_id, [dataset_input(data, cfg.data.dir)])
     save_compare_view(client, experiment_id, cfg.registry.primary_metric)
     return run_id
 

@@ -200,6 +200,40 @@ def test_two_trainings_at_once_on_one_store(project, env, tiny_dataset):
     assert champion == promoted[-1].data.params["promotion.registered_version"]
 
 
+def test_a_dataset_logged_by_another_run_between_lookup_and_insert_is_linked_not_an_error(project):
+    """The store's race, made to happen every time: while one run's log_inputs has looked the
+    dataset up (missing) and is about to insert it, another run logs the same dataset first."""
+    import sqlalchemy
+    from mlflow.entities import Dataset, DatasetInput
+    from mlflow.exceptions import MlflowException
+
+    from vggflow.runs import log_dataset_inputs
+
+    experiment_id = client().create_experiment("race")
+    runs = [client().create_run(experiment_id).info.run_id for _ in range(4)]
+
+    def the_same_new_dataset(index: int) -> list:
+        return [DatasetInput(Dataset(name="data", digest=f"digest-{index}", source_type="local", source="{}"))]
+
+    pending: list[tuple[str, list]] = []
+
+    def another_run_first(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO DATASETS") and pending:
+            client().log_inputs(*pending.pop())  # nested: the listener sees it with `pending` empty
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", another_run_first)
+    try:
+        pending.append((runs[1], the_same_new_dataset(1)))
+        with pytest.raises(MlflowException, match="(?i)unique"):  # the plain call loses the race
+            client().log_inputs(runs[0], datasets=the_same_new_dataset(1))
+        pending.append((runs[3], the_same_new_dataset(2)))
+        log_dataset_inputs(client(), runs[2], the_same_new_dataset(2))
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", another_run_first)
+    linked = [client().get_run(run).inputs.dataset_inputs for run in runs[2:]]
+    assert [[item.dataset.digest for item in inputs] for inputs in linked] == [["digest-2"], ["digest-2"]]
+
+
 def test_dead_tracking_server_fails_fast_with_a_clear_message(project, tiny_dataset):
     env = os.environ | {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # nothing listens on the discard port
     started = time.monotonic()

@@ -58,6 +58,25 @@ def log_params(client, run_id: str, params: dict[str, str]) -> None:
         client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
 
+def log_dataset_inputs(client, run_id: str, datasets: list) -> None:
+    """Log dataset inputs to a run, safe when other runs log the same dataset at the same moment.
+
+    The store looks a dataset up by (experiment, name, digest) and inserts it when missing; two
+    trainings on the same data can both miss it, and the later insert fails on the store's unique
+    key. Logging again then finds the row the other run wrote and only links it to this run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as err:
+            if attempt == 2 or "unique" not in str(err).lower():
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def open_nested_run(
     experiment_id: str, parent_run_id: str, run_name: str, tags: dict[str, str], params: dict[str, object]
 ) -> str:
@@ -77,7 +96,7 @@ def open_nested_run(
     log_params(client, run.info.run_id, {**params, "data_version": data_version})
     inputs = parent.inputs.dataset_inputs if parent.inputs else []
     if inputs:
-        client.log_inputs(run.info.run_id, datasets=list(inputs))
+        log_dataset_inputs(client, run.info.run_id, list(inputs))
     return run.info.run_id
 
 
