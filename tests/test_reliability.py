@@ -3,6 +3,7 @@ on one store, a dead tracking server, a read-only store."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -200,10 +201,25 @@ def test_two_trainings_at_once_on_one_store(project, env, tiny_dataset):
     assert champion == promoted[-1].data.params["promotion.registered_version"]
 
 
-def test_a_dataset_logged_by_another_run_between_lookup_and_insert_is_linked_not_an_error(project):
-    """The store's race, made to happen every time: while one run's log_inputs has looked the
-    dataset up (missing) and is about to insert it, another run logs the same dataset first."""
+@contextlib.contextmanager
+def another_client_first(table: str, actions: list):
+    """Make the store's check-then-insert race happen every time: just before this process inserts
+    into ``table``, the next of ``actions`` runs (as another client would, between the check and
+    the insert). Each action runs once, with nothing pending while it runs."""
     import sqlalchemy
+
+    def before_insert(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(f"INSERT INTO {table.upper()}") and actions:
+            actions.pop(0)()
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", before_insert)
+    try:
+        yield
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", before_insert)
+
+
+def test_a_dataset_logged_by_another_run_between_lookup_and_insert_is_linked_not_an_error(project):
     from mlflow.entities import Dataset, DatasetInput
     from mlflow.exceptions import MlflowException
 
@@ -215,23 +231,26 @@ def test_a_dataset_logged_by_another_run_between_lookup_and_insert_is_linked_not
     def the_same_new_dataset(index: int) -> list:
         return [DatasetInput(Dataset(name="data", digest=f"digest-{index}", source_type="local", source="{}"))]
 
-    pending: list[tuple[str, list]] = []
-
-    def another_run_first(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith("INSERT INTO DATASETS") and pending:
-            client().log_inputs(*pending.pop())  # nested: the listener sees it with `pending` empty
-
-    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", another_run_first)
-    try:
-        pending.append((runs[1], the_same_new_dataset(1)))
-        with pytest.raises(MlflowException, match="(?i)unique"):  # the plain call loses the race
-            client().log_inputs(runs[0], datasets=the_same_new_dataset(1))
-        pending.append((runs[3], the_same_new_dataset(2)))
+    first = [lambda: client().log_inputs(runs[1], datasets=the_same_new_dataset(1))]
+    with another_client_first("datasets", first), pytest.raises(MlflowException, match="(?i)unique"):
+        client().log_inputs(runs[0], datasets=the_same_new_dataset(1))  # the plain call loses the race
+    first = [lambda: client().log_inputs(runs[3], datasets=the_same_new_dataset(2))]
+    with another_client_first("datasets", first):
         log_dataset_inputs(client(), runs[2], the_same_new_dataset(2))
-    finally:
-        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", another_run_first)
     linked = [client().get_run(run).inputs.dataset_inputs for run in runs[2:]]
     assert [[item.dataset.digest for item in inputs] for inputs in linked] == [["digest-2"], ["digest-2"]]
+
+
+def test_an_experiment_created_by_another_client_first_is_used_not_an_error(project):
+    from vggflow.config import TrackingConfig
+    from vggflow.tracking import connect
+
+    client().search_experiments()  # the store exists (its own Default experiment is inserted)
+    created: list[str] = []
+    first = [lambda: created.append(client().create_experiment("vggflow"))]
+    with another_client_first("experiments", first):
+        _, experiment_id = connect(TrackingConfig(uri=os.environ["MLFLOW_TRACKING_URI"], experiment="vggflow"))
+    assert created and experiment_id == created[0]
 
 
 def test_dead_tracking_server_fails_fast_with_a_clear_message(project, tiny_dataset):

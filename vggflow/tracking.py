@@ -127,6 +127,7 @@ def connect(cfg: TrackingConfig):
     """
     import mlflow
     from filelock import FileLock
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     uri = check_store(cfg)
@@ -134,6 +135,8 @@ def connect(cfg: TrackingConfig):
     db = sqlite_path(uri)
     # Creating a sqlite store runs migrations, and creating the experiment is check-then-act:
     # two processes doing either at once fail, so both happen under a lock beside the database.
+    # A tracking server's clients share no lock: one that loses the creation race reads the
+    # experiment the other created.
     guard = FileLock(str(db.parent / ".mlflow-store.lock"), timeout=600) if db is not None else contextlib.nullcontext()
     try:
         with guard:
@@ -141,7 +144,12 @@ def connect(cfg: TrackingConfig):
             experiment = client.get_experiment_by_name(cfg.experiment)
             if experiment is None:
                 location = cfg.artifact_root.resolve().as_uri() if db is not None else None
-                experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+                try:
+                    experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+                except MlflowException as err:
+                    if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    experiment_id = client.get_experiment_by_name(cfg.experiment).experiment_id
             else:
                 experiment_id = experiment.experiment_id
     except Exception as err:  # MLflow raises several types for an unusable store
