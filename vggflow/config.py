@@ -149,8 +149,7 @@ class StageConfig(Section):
 
 def _default_stages() -> list[StageConfig]:
     return [
-        StageConfig(unfreeze_from="block5", learning_rate=1e-3),
-        StageConfig(unfreeze_from="block4", learning_rate=3e-4),
+        StageConfig(unfreeze_from="block5", learning_rate=1e-4, epochs=20),
     ]
 
 
@@ -162,8 +161,11 @@ class FinetuneConfig(Section):
     patience: int = Field(
         10, ge=1, description="Early stopping on validation loss within a stage; the cosine settles in its last epochs."
     )
+    # Validation loss, not accuracy: on a small validation split accuracy moves in steps of one
+    # image and ties or flips on noise, while the loss ranks every prediction's confidence too; it
+    # is also what early stopping keeps the best epoch by, so a stage is chosen by what it kept.
     selection_metric: Literal["val_accuracy", "val_loss"] = Field(
-        "val_accuracy", description="Chooses the freeze configuration (head-only included)."
+        "val_loss", description="Chooses the freeze configuration (head-only included)."
     )
     min_improvement: float = Field(
         0.0, ge=0, description="A stage must beat the best so far by more than this, else later stages are skipped."
@@ -179,7 +181,7 @@ class FinetuneConfig(Section):
     warmup_epochs: int = Field(1, ge=0, description="Linear warm-up from 0 (cosine); at most a stage's epochs.")
     final_lr_fraction: float = Field(0.0, ge=0, le=1, description="Where the cosine ends, as a fraction of the peak.")
     block_lr_multiplier: float = Field(
-        0.03, gt=0, le=1, description="Discriminative rates: the top unfrozen block learns at this × the head's rate..."
+        1.0, gt=0, le=1, description="Discriminative rates: the top unfrozen block learns at this × the head's rate..."
     )
     lower_block_lr_decay: float = Field(0.3, gt=0, le=1, description="...and each block below it this much slower.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay; 0 = Adam.")
