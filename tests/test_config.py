@@ -94,7 +94,14 @@ def test_duplicate_stage_names_are_refused():
 
 
 def test_flat_params_cover_every_leaf():
-    params = Config().flat_params()
+    params = Config(
+        finetune={
+            "stages": [
+                {"unfreeze_from": "block5", "learning_rate": 1e-3},
+                {"unfreeze_from": "block4", "learning_rate": 3e-4},
+            ]
+        }
+    ).flat_params()
     assert params["finetune.stages.1.unfreeze_from"] == "block4"
     assert params["registry.thresholds.accuracy"] == "0.5"
     assert params["tracking.uri"] == "sqlite:///mlflow/mlflow.db"

@@ -67,7 +67,7 @@ def test_prefix_cache_plan_only_uses_untouched_blocks():
         "block4": None,
         "all": None,
     }
-    small_budget = FinetuneConfig(prefix_cache_max_gb=0.001)  # 1 MB
+    small_budget = FinetuneConfig(stages=three, prefix_cache_max_gb=0.001)  # 1 MB
     assert plan_prefix_caches(small_budget, 224, 100)["block4"] is None
 
 
