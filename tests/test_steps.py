@@ -80,6 +80,15 @@ def test_choose_freeze_configuration_head_included_and_ties_keep_earlier():
     assert not is_better(float("nan"), 0.1, "val_accuracy")
 
 
+def test_by_default_the_lower_validation_loss_wins_over_a_higher_accuracy():
+    # The benchmark's case: a fine-tuned block5 more confident where it is right, one image behind.
+    head, block5 = stage("head", 0.797, 0.790), stage("block5", 0.791, 0.719)
+    default = FinetuneConfig()
+    assert default.selection_metric == "val_loss"
+    assert [s.unfreeze_from for s in default.stages] == ["block5"]
+    assert choose_freeze_configuration(TrainedStages(results=[head, block5]), default.selection_metric).stage == "block5"
+
+
 def test_score_matches_hand_computed_values():
     y_true = np.array([0, 0, 1, 1, 2, 2])
     y_pred = np.array([0, 1, 1, 1, 2, -1])  # -1: a label outside the class list
