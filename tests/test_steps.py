@@ -86,7 +86,8 @@ def test_by_default_the_lower_validation_loss_wins_over_a_higher_accuracy():
     default = FinetuneConfig()
     assert default.selection_metric == "val_loss"
     assert [s.unfreeze_from for s in default.stages] == ["block5"]
-    assert choose_freeze_configuration(TrainedStages(results=[head, block5]), default.selection_metric).stage == "block5"
+    chosen = choose_freeze_configuration(TrainedStages(results=[head, block5]), default.selection_metric)
+    assert chosen.stage == "block5"
 
 
 def test_score_matches_hand_computed_values():
