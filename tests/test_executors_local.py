@@ -40,16 +40,16 @@ def test_a_local_sweep_trains_each_configuration_as_a_nested_run(
     assert sorted(t.data.params["sweep.head.learning_rate"] for t in trials) == ["0.001", "0.01"]
     assert {t.data.tags["vggflow.pid"] for t in trials} == {str(os.getpid())}  # one after another, here
     for trial in trials:
-        assert trial.info.status == "FINISHED" and "best_val_accuracy" in trial.data.metrics
+        assert trial.info.status == "FINISHED" and "best_val_loss" in trial.data.metrics  # the selection metric
         heads = client.search_runs([trial.info.experiment_id], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")
         assert [h.data.tags["vggflow.stage"] for h in heads] == ["head"]
     parent = client.get_run(summary.run_id)
     best = int(parent.data.params["sweep.best_trial"])
     table = mlflow.artifacts.load_dict(f"runs:/{summary.run_id}/sweep/trials.json")["trials"]
     assert [row["won"] for row in table].index(True) == best
-    # The winner is the trial with the best validation accuracy (the earlier one on a tie).
-    scores = [row["val_accuracy"] for row in table]
-    assert best == scores.index(max(scores))
+    # The winner is the trial with the lowest validation loss (the earlier one on a tie).
+    losses = [row["val_loss"] for row in table]
+    assert best == losses.index(min(losses))
     assert summary.freeze_configuration["stage"] == "head" and summary.model_version
 
 
